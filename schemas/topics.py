@@ -1,0 +1,124 @@
+"""Every topic of the platform: its name, key, messages, producers and consumers.
+
+This registry is the single source of :mod:`schemas.asyncapi` (the AsyncAPI 3 document) and of
+the topic list the services create. Names follow ``<domain>.<stage>.v<N>``; dead letters are
+``<topic>.dlq``; the key of event and insight topics is the tenant, so each firm's records stay
+in order on one partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from schemas.control import ApiKey, Grant, Tenant
+from schemas.events import EVENT_MODELS, CleanEvent
+from schemas.insights import (
+    Benchmark,
+    ClusterAssignment,
+    Correlation,
+    DeadLetter,
+    Prediction,
+    Statistics,
+    TextInsight,
+)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    description: str
+    key: str
+    messages: tuple[type[BaseModel], ...]
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    compacted: bool = False
+    tags: tuple[str, ...] = field(default=())
+
+
+def dlq(topic: str) -> str:
+    """The dead-letter topic of ``topic``."""
+    return f"{topic}.dlq"
+
+
+EVENTS_RAW = "events.raw.v1"
+EVENTS_CLEAN = "events.clean.v1"
+INSIGHTS_STATISTICS = "insights.statistics.v1"
+INSIGHTS_CORRELATION = "insights.correlation.v1"
+INSIGHTS_CLUSTERS = "insights.clusters.v1"
+INSIGHTS_BENCHMARKS = "insights.benchmarks.v1"
+INSIGHTS_PREDICTIONS = "insights.predictions.v1"
+INSIGHTS_TEXT = "insights.text.v1"
+CONTROL_TENANTS = "control.tenants.v1"
+CONTROL_KEYS = "control.keys.v1"
+CONTROL_GRANTS = "control.grants.v1"
+
+INSIGHT_TOPICS: dict[str, str] = {
+    "statistics": INSIGHTS_STATISTICS,
+    "correlation": INSIGHTS_CORRELATION,
+    "cluster_assignment": INSIGHTS_CLUSTERS,
+    "benchmark": INSIGHTS_BENCHMARKS,
+    "prediction": INSIGHTS_PREDICTIONS,
+    "text_insight": INSIGHTS_TEXT,
+}
+"""Insight type -> its topic."""
+
+TENANT_KEY = "tenant id (UTF-8): every record of one firm on one partition, in order"
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(
+        EVENTS_RAW,
+        "Validated partner events as published, before cleaning.",
+        TENANT_KEY,
+        tuple(EVENT_MODELS.values()),
+        producers=("ingest",),
+        consumers=("clean", "storage"),
+    ),
+    TopicSpec(
+        dlq(EVENTS_RAW),
+        "Records refused on the way in (ingest) or by cleaning, with original content and reason.",
+        TENANT_KEY + "; empty when the tenant is unknown",
+        (DeadLetter,),
+        producers=("ingest", "clean"),
+        consumers=("storage",),
+    ),
+    TopicSpec(
+        EVENTS_CLEAN,
+        "Cleaned events: de-duplicated, filled by policy, canonical units, quality flags.",
+        TENANT_KEY,
+        (CleanEvent,),
+        producers=("clean",),
+        consumers=("analytics", "ml", "nlp", "storage"),
+    ),
+    TopicSpec(
+        dlq(EVENTS_CLEAN),
+        "Clean events that analytics, ml or nlp could not process.",
+        TENANT_KEY,
+        (DeadLetter,),
+        producers=("analytics", "ml", "nlp"),
+        consumers=("storage",),
+    ),
+    TopicSpec(INSIGHTS_STATISTICS, "Windowed describe() per firm and metric.", TENANT_KEY + " (owner)",
+              (Statistics,), producers=("analytics",), consumers=("subscribers", "storage")),
+    TopicSpec(INSIGHTS_CORRELATION, "Windowed correlations between a firm's metrics.", TENANT_KEY + " (owner)",
+              (Correlation,), producers=("analytics",), consumers=("subscribers", "storage")),
+    TopicSpec(INSIGHTS_CLUSTERS, "The cluster of similar firms each firm belongs to.", TENANT_KEY + " (owner)",
+              (ClusterAssignment,), producers=("analytics",), consumers=("subscribers", "storage")),
+    TopicSpec(INSIGHTS_BENCHMARKS, "Industry benchmarks that passed the k-firms and dominance thresholds.",
+              "'network' (cross-firm aggregates have no single owner)",
+              (Benchmark,), producers=("analytics",), consumers=("subscribers", "storage")),
+    TopicSpec(INSIGHTS_PREDICTIONS, "Model predictions per firm.", TENANT_KEY + " (owner)",
+              (Prediction,), producers=("ml",), consumers=("subscribers", "storage")),
+    TopicSpec(INSIGHTS_TEXT, "Classification, sentiment and key terms of texts.", TENANT_KEY + " (owner)",
+              (TextInsight,), producers=("nlp",), consumers=("subscribers", "storage")),
+    TopicSpec(CONTROL_TENANTS, "Registry of tenants (compacted).", "tenant id",
+              (Tenant,), producers=("cli",), consumers=("ingest", "analytics"), compacted=True),
+    TopicSpec(CONTROL_KEYS, "API keys as SHA-256 digests (compacted).", "key id",
+              (ApiKey,), producers=("cli",), consumers=("ingest",), compacted=True),
+    TopicSpec(CONTROL_GRANTS, "Sharing agreements and their revocations (compacted).", "grant id",
+              (Grant,), producers=("cli", "ingest"), consumers=("ingest",), compacted=True),
+)
+
+TOPIC_BY_NAME: dict[str, TopicSpec] = {spec.name: spec for spec in TOPICS}
+COMPACTED_TOPICS: frozenset[str] = frozenset(spec.name for spec in TOPICS if spec.compacted)

@@ -1,0 +1,31 @@
+"""A Faust app factory on the platform settings, for services whose state earns Faust's cost
+(tables, windows, changelog recovery) — typically at the rate of pre-aggregated partials."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.codec import register_faust_codec
+from shared.settings import XietongSettings
+
+
+def create_faust_app(
+    service: str, settings: XietongSettings, *, store: str | None = None, **options: Any
+) -> Any:
+    """One ``faust.App`` per service: consumer group = service name, RocksDB tables by default
+    (``store="memory://"`` in unit tests), the platform's JSON codec."""
+    import faust  # imported here: Faust is heavy and most processes never need it
+
+    register_faust_codec()
+    broker = ",".join(f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(","))
+    return faust.App(
+        service,
+        broker=broker,
+        store=store or f"rocksdb://{settings.state_dir}/{service}",
+        value_serializer="xietong-json",
+        key_serializer="raw",
+        topic_partitions=settings.kafka_partitions,
+        topic_replication_factor=settings.kafka_replication_factor,
+        web_enabled=False,
+        **options,
+    )

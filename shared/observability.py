@@ -1,0 +1,57 @@
+"""Health, readiness and Prometheus metrics over HTTP for every service.
+
+``/healthz`` says the process is alive, ``/readyz`` runs the service's readiness check (e.g. the
+broker answers), ``/metrics`` is the Prometheus text format. These three are the only
+unauthenticated endpoints of the platform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from shared.codec import json_response
+
+ReadinessCheck = Callable[[], Awaitable[str | None]]
+"""Returns None when ready, or the reason it is not."""
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+
+def add_health_routes(
+    app: web.Application,
+    service: str,
+    ready: ReadinessCheck,
+    registry: CollectorRegistry = REGISTRY,
+) -> None:
+    async def healthz(_: web.Request) -> web.Response:
+        return json_response({"status": "ok", "service": service})
+
+    async def readyz(_: web.Request) -> web.Response:
+        problem = await ready()
+        if problem is None:
+            return json_response({"status": "ready", "service": service})
+        return json_response({"status": "not ready", "service": service, "reason": problem}, status=503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+
+async def serve_health(
+    service: str, host: str, port: int, ready: ReadinessCheck
+) -> web.AppRunner:
+    """Start a small HTTP server with only the health routes (for worker services)."""
+    app = web.Application()
+    add_health_routes(app, service, ready)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

@@ -1,0 +1,52 @@
+"""Settings from the environment, one prefix (``XIETONG_``) for the whole platform.
+
+Settings are built by :func:`load_settings` (or a service's own ``load_*`` function) when a
+process starts, never at import time, so tests can override any of them. Secrets are
+``SecretStr`` and come only from the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class XietongSettings(BaseSettings):
+    """What every service needs: where Kafka and S3 are, how to batch, how to log."""
+
+    model_config = SettingsConfigDict(env_prefix="XIETONG_", frozen=True, extra="ignore")
+
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Comma-separated host:port list of the Kafka brokers."
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_partitions: int = Field(6, ge=1, description="Partitions of topics the platform creates.")
+    kafka_replication_factor: int = Field(1, ge=1)
+    kafka_linger_ms: int = Field(5, ge=0, description="Producer linger: how long a batch may wait.")
+    kafka_max_batch_bytes: int = Field(
+        256 * 1024,
+        description="Producer batch size. aiokafka's 16 KiB default stalls the producer under load.",
+    )
+    kafka_fetch_max_records: int = Field(5000, ge=1, description="Records per getmany batch.")
+    kafka_fetch_timeout_ms: int = Field(200, ge=1, description="How long getmany waits for records.")
+
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint; None means AWS itself.")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    http_host: str = Field("127.0.0.1", description="Where health, metrics and APIs listen.")
+    state_dir: str = Field(".run/state", description="Local state (RocksDB tables, file-drop memory).")
+
+
+def load_settings(**overrides: object) -> XietongSettings:
+    """Read the environment now; keyword arguments win over it (handy in tests)."""
+    return XietongSettings(**overrides)  # type: ignore[arg-type]
