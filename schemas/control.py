@@ -49,7 +49,9 @@ class Grant(Contract):
     insight_types: list[str] = Field(min_length=1, description="Insight types shared.")
     purpose: str = Field("", description="Why the data is shared (kept for the audit trail).")
     created_at: AwareDatetime
-    expires_at: AwareDatetime | None = Field(None, description="End of the agreement; None: until revoked.")
+    expires_at: AwareDatetime | None = Field(
+        None, description="End of the agreement; None: until revoked."
+    )
     revoked_at: AwareDatetime | None = None
 
     def active_at(self, moment: AwareDatetime) -> bool:

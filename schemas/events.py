@@ -37,7 +37,9 @@ CurrencyCode = Annotated[
 Quantity = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-def missing(policy: Literal["default", "carry_forward", "refuse"], value: Any = None) -> dict[str, Any]:
+def missing(
+    policy: Literal["default", "carry_forward", "refuse"], value: Any = None
+) -> dict[str, Any]:
     """JSON Schema extension that declares how the clean service fills a missing field."""
     rule: dict[str, Any] = {"policy": policy}
     if policy == "default":
@@ -63,7 +65,9 @@ class SalesOrderLine(Contract):
     product_sku: str = Field(min_length=1, description="The seller's product code.")
     quantity: Quantity = Field(description="Quantity sold, in `unit`.")
     unit: str | None = Field(
-        None, description="Unit of `quantity` (pcs, kg, t, m, l ...).", json_schema_extra=missing("default", "pcs")
+        None,
+        description="Unit of `quantity` (pcs, kg, t, m, l ...).",
+        json_schema_extra=missing("default", "pcs"),
     )
     unit_price: float | None = Field(
         None,
@@ -75,8 +79,12 @@ class SalesOrderLine(Contract):
     currency: CurrencyCode | None = Field(
         None, description="Currency of `unit_price`.", json_schema_extra=missing("default", "CNY")
     )
-    region: str | None = Field(None, description="Sales region.", json_schema_extra=missing("default", "unknown"))
-    channel: str | None = Field(None, description="Sales channel (direct, distributor, online ...).")
+    region: str | None = Field(
+        None, description="Sales region.", json_schema_extra=missing("default", "unknown")
+    )
+    channel: str | None = Field(
+        None, description="Sales channel (direct, distributor, online ...)."
+    )
 
 
 class InventoryLevel(Contract):
@@ -85,13 +93,23 @@ class InventoryLevel(Contract):
     site_id: str = Field(min_length=1, description="Warehouse or plant.")
     product_sku: str = Field(min_length=1, description="The firm's product code.")
     on_hand: Quantity = Field(description="Quantity on hand, in `unit`.")
-    unit: str | None = Field(None, description="Unit of the quantities.", json_schema_extra=missing("default", "pcs"))
-    reserved: Quantity | None = Field(None, description="Quantity reserved for orders.", json_schema_extra=missing("default", 0))
-    reorder_point: Quantity | None = Field(
-        None, description="Level at which the firm reorders.", json_schema_extra=missing("carry_forward")
+    unit: str | None = Field(
+        None, description="Unit of the quantities.", json_schema_extra=missing("default", "pcs")
     )
-    unit_cost: float | None = Field(None, ge=0, allow_inf_nan=False, description="Cost per unit in `currency`.")
-    currency: CurrencyCode | None = Field(None, description="Currency of `unit_cost`.", json_schema_extra=missing("default", "CNY"))
+    reserved: Quantity | None = Field(
+        None, description="Quantity reserved for orders.", json_schema_extra=missing("default", 0)
+    )
+    reorder_point: Quantity | None = Field(
+        None,
+        description="Level at which the firm reorders.",
+        json_schema_extra=missing("carry_forward"),
+    )
+    unit_cost: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Cost per unit in `currency`."
+    )
+    currency: CurrencyCode | None = Field(
+        None, description="Currency of `unit_cost`.", json_schema_extra=missing("default", "CNY")
+    )
 
 
 class PurchaseOrder(Contract):
@@ -102,9 +120,19 @@ class PurchaseOrder(Contract):
     supplier_id: str = Field(min_length=1, description="The buyer's id of the supplier.")
     product_sku: str = Field(min_length=1, description="What is ordered.")
     quantity: Quantity = Field(description="Quantity ordered, in `unit`.")
-    unit: str | None = Field(None, description="Unit of `quantity`.", json_schema_extra=missing("default", "pcs"))
-    unit_price: float | None = Field(None, ge=0, allow_inf_nan=False, description="Agreed price per unit.", json_schema_extra=missing("refuse"))
-    currency: CurrencyCode | None = Field(None, description="Currency of `unit_price`.", json_schema_extra=missing("default", "CNY"))
+    unit: str | None = Field(
+        None, description="Unit of `quantity`.", json_schema_extra=missing("default", "pcs")
+    )
+    unit_price: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Agreed price per unit.",
+        json_schema_extra=missing("refuse"),
+    )
+    currency: CurrencyCode | None = Field(
+        None, description="Currency of `unit_price`.", json_schema_extra=missing("default", "CNY")
+    )
     promised_date: date | None = Field(None, description="Delivery date the supplier promised.")
 
 
@@ -115,8 +143,12 @@ class SupplierDelivery(Contract):
     supplier_id: str = Field(min_length=1, description="Who delivered.")
     product_sku: str = Field(min_length=1, description="What was delivered.")
     delivered_quantity: Quantity = Field(description="Quantity received, in `unit`.")
-    unit: str | None = Field(None, description="Unit of the quantities.", json_schema_extra=missing("default", "pcs"))
-    rejected_quantity: Quantity | None = Field(None, description="Quantity refused at inspection.", json_schema_extra=missing("default", 0))
+    unit: str | None = Field(
+        None, description="Unit of the quantities.", json_schema_extra=missing("default", "pcs")
+    )
+    rejected_quantity: Quantity | None = Field(
+        None, description="Quantity refused at inspection.", json_schema_extra=missing("default", 0)
+    )
     promised_date: date | None = Field(None, description="Date promised in the order.")
     delivered_date: date = Field(description="Date the goods arrived.")
 
@@ -127,9 +159,15 @@ class ProductionOutput(Contract):
     line_id: str = Field(min_length=1, description="Production line or work centre.")
     product_sku: str = Field(min_length=1, description="What was produced.")
     quantity: Quantity = Field(description="Good units produced, in `unit`.")
-    unit: str | None = Field(None, description="Unit of the quantities.", json_schema_extra=missing("default", "pcs"))
-    scrap_quantity: Quantity | None = Field(None, description="Units scrapped.", json_schema_extra=missing("default", 0))
-    machine_hours: Quantity | None = Field(None, description="Machine hours used.", json_schema_extra=missing("carry_forward"))
+    unit: str | None = Field(
+        None, description="Unit of the quantities.", json_schema_extra=missing("default", "pcs")
+    )
+    scrap_quantity: Quantity | None = Field(
+        None, description="Units scrapped.", json_schema_extra=missing("default", 0)
+    )
+    machine_hours: Quantity | None = Field(
+        None, description="Machine hours used.", json_schema_extra=missing("carry_forward")
+    )
     energy_kwh: Quantity | None = Field(None, description="Energy used, kWh.")
 
 
@@ -138,16 +176,24 @@ class Workforce(Contract):
 
     site_id: str = Field(min_length=1, description="Site or department.")
     headcount: int = Field(ge=0, description="People employed at the end of the period.")
-    hours_worked: Quantity | None = Field(None, description="Hours worked in the period.", json_schema_extra=missing("refuse"))
-    absence_hours: Quantity | None = Field(None, description="Hours of absence in the period.", json_schema_extra=missing("default", 0))
-    overtime_hours: Quantity | None = Field(None, description="Overtime hours in the period.", json_schema_extra=missing("default", 0))
+    hours_worked: Quantity | None = Field(
+        None, description="Hours worked in the period.", json_schema_extra=missing("refuse")
+    )
+    absence_hours: Quantity | None = Field(
+        None, description="Hours of absence in the period.", json_schema_extra=missing("default", 0)
+    )
+    overtime_hours: Quantity | None = Field(
+        None, description="Overtime hours in the period.", json_schema_extra=missing("default", 0)
+    )
     period_days: int = Field(1, ge=1, le=366, description="Length of the period in days.")
 
 
 class MarketPrice(Contract):
     """An observed market price of a commodity or product (external data)."""
 
-    commodity: str = Field(min_length=1, description="What is priced (steel-hrc, copper, pp-resin ...).")
+    commodity: str = Field(
+        min_length=1, description="What is priced (steel-hrc, copper, pp-resin ...)."
+    )
     market: str = Field(min_length=1, description="Where: an exchange, a region or a platform.")
     price: float = Field(ge=0, allow_inf_nan=False, description="Price per `unit` in `currency`.")
     currency: CurrencyCode = Field(description="Currency of `price`.")
@@ -165,7 +211,9 @@ class TextDocument(Contract):
     title: str | None = Field(None, description="Headline or subject, if any.")
     text: str = Field(min_length=1, max_length=100_000, description="The text itself.")
     author_ref: str | None = Field(None, description="Pseudonymous reference to the author.")
-    subject_ref: str | None = Field(None, description="Customer, supplier or product the text is about.")
+    subject_ref: str | None = Field(
+        None, description="Customer, supplier or product the text is about."
+    )
 
 
 # --------------------------------------------------------------------------- the envelope
@@ -174,7 +222,9 @@ class TextDocument(Contract):
 class Source(Contract):
     """Where an event came from, so any figure can be traced back to an ERP record."""
 
-    system: str = Field(min_length=1, description="Emitting system: sdk, http, csv, erp-sap, odoo, debezium ...")
+    system: str = Field(
+        min_length=1, description="Emitting system: sdk, http, csv, erp-sap, odoo, debezium ..."
+    )
     record_id: str | None = Field(None, description="Id of the originating record in that system.")
     operation: Literal["create", "update", "delete", "snapshot"] = Field(
         "create",
@@ -185,7 +235,9 @@ class Source(Contract):
 class EventEnvelope(Contract):
     """Fields every event has, whatever its type."""
 
-    event_id: UUID = Field(description="Unique id, the idempotency key: resending it is not a new event.")
+    event_id: UUID = Field(
+        description="Unique id, the idempotency key: resending it is not a new event."
+    )
     tenant: TenantId
     type: str = Field(description="Event type, e.g. sales_order_line.")
     schema_version: int = Field(ge=1, description="Version of the payload contract.")
@@ -203,8 +255,12 @@ def _event_model(type_name: str, version: int, payload: type[Contract]) -> type[
         name,
         __base__=EventEnvelope,
         __doc__=f"A `{type_name}` event, payload version {version}: {payload.__doc__}",
-        type=(Literal[type_name], Field(description="Event type.")),  # type: ignore[valid-type]
-        schema_version=(Literal[version], Field(description="Version of the payload contract.")),  # type: ignore[valid-type]
+        # Literal of a runtime value: the discriminators of this (type, version) pair.
+        type=(Literal[type_name], Field(description="Event type.")),  # type: ignore[arg-type]
+        schema_version=(
+            Literal[version],  # type: ignore[arg-type]
+            Field(description="Version of the payload contract."),
+        ),
         payload=(payload, Field(description=payload.__doc__ or "")),
     )
     return model
@@ -243,7 +299,11 @@ class UnknownEventType(LookupError):
 
 def model_for(type_name: object, version: object) -> type[EventEnvelope]:
     """The envelope model of ``(type, version)``; raises :class:`UnknownEventType`."""
-    model = EVENT_MODELS.get((type_name, version)) if isinstance(type_name, str) and isinstance(version, int) else None
+    model = (
+        EVENT_MODELS.get((type_name, version))
+        if isinstance(type_name, str) and isinstance(version, int)
+        else None
+    )
     if model is None:
         raise UnknownEventType(type_name, version)
     return model
@@ -263,9 +323,15 @@ def payload_fields(type_name: str, version: int | None = None) -> dict[str, Any]
 class QualityFlags(Contract):
     """What cleaning did to an event, so consumers can weigh or filter it."""
 
-    filled: list[str] = Field(default_factory=list, description="Fields filled by their missing-value policy.")
-    converted: list[str] = Field(default_factory=list, description="Fields converted to canonical units or currency.")
-    outliers: list[str] = Field(default_factory=list, description="Metrics flagged by the robust z-score.")
+    filled: list[str] = Field(
+        default_factory=list, description="Fields filled by their missing-value policy."
+    )
+    converted: list[str] = Field(
+        default_factory=list, description="Fields converted to canonical units or currency."
+    )
+    outliers: list[str] = Field(
+        default_factory=list, description="Metrics flagged by the robust z-score."
+    )
 
 
 class CleanEvent(EventEnvelope):
@@ -276,5 +342,7 @@ class CleanEvent(EventEnvelope):
     """
 
     payload: dict[str, Any] = Field(description="The payload with canonical values.")
-    metrics: dict[str, float] = Field(default_factory=dict, description="Numeric measures derived from the payload.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Numeric measures derived from the payload."
+    )
     quality: QualityFlags = Field(default_factory=QualityFlags, description="What cleaning did.")

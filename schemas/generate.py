@@ -30,8 +30,8 @@ def schema_files() -> dict[str, type[BaseModel]]:
     for (type_name, version), model in EVENT_MODELS.items():
         files[f"json/events/{type_name}.v{version}.json"] = model
     files["json/events/clean_event.v1.json"] = CleanEvent
-    for type_name, model in INSIGHT_MODELS.items():
-        files[f"json/insights/{type_name}.v1.json"] = model
+    for type_name, insight_model in INSIGHT_MODELS.items():
+        files[f"json/insights/{type_name}.v1.json"] = insight_model
     files["json/insights/dead_letter.v1.json"] = DeadLetter
     files["json/control/tenant.v1.json"] = Tenant
     files["json/control/api_key.v1.json"] = ApiKey
@@ -132,7 +132,8 @@ def render() -> dict[str, str]:
     """Relative path -> file content, for every generated file."""
     files = schema_files()
     out = {
-        path: json.dumps(json_schema(path, model), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+        path: json.dumps(json_schema(path, model), indent=2, ensure_ascii=False, sort_keys=True)
+        + "\n"
         for path, model in files.items()
     }
     out["asyncapi.yaml"] = yaml.safe_dump(

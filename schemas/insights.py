@@ -26,12 +26,20 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 class Provenance(Contract):
     """Where an insight comes from: enough to reproduce or audit it."""
 
-    window_start: AwareDatetime | None = Field(None, description="Start of the event-time window (inclusive).")
-    window_end: AwareDatetime | None = Field(None, description="End of the event-time window (exclusive).")
-    contributing_partners: int = Field(ge=0, description="Distinct firms whose events went into it.")
+    window_start: AwareDatetime | None = Field(
+        None, description="Start of the event-time window (inclusive)."
+    )
+    window_end: AwareDatetime | None = Field(
+        None, description="End of the event-time window (exclusive)."
+    )
+    contributing_partners: int = Field(
+        ge=0, description="Distinct firms whose events went into it."
+    )
     event_count: int = Field(ge=0, description="Events that went into it.")
     source_topics: list[str] = Field(description="Topics read to make it.")
-    schema_versions: dict[str, int] = Field(description="Event type -> payload schema version read.")
+    schema_versions: dict[str, int] = Field(
+        description="Event type -> payload schema version read."
+    )
     service: str = Field(description="Producing service.")
     service_version: str = Field(description="Version of the producing service.")
     produced_at: AwareDatetime = Field(description="When it was computed.")
@@ -42,7 +50,9 @@ class Insight(Contract):
 
     insight_id: UUID = Field(default_factory=uuid4, description="Unique id of this insight.")
     type: str = Field(description="Insight type.")
-    tenant: TenantId = Field(description=f"Owner: the firm it is about, or '{NETWORK_TENANT}' for cross-firm aggregates.")
+    tenant: TenantId = Field(
+        description=f"Owner: the firm it is about, or '{NETWORK_TENANT}' for cross-firm aggregates."
+    )
     visibility: Literal["private", "public"] = Field(
         "private", description="private: owner and grantees only; public: every partner."
     )
@@ -56,7 +66,9 @@ class Statistics(Insight):
     metric: str = Field(description="Metric name, e.g. sales.amount_cny.")
     count: int = Field(ge=0)
     mean: FiniteFloat | None = None
-    std: FiniteFloat | None = Field(None, description="Sample standard deviation (ddof=1), as pandas.")
+    std: FiniteFloat | None = Field(
+        None, description="Sample standard deviation (ddof=1), as pandas."
+    )
     min: FiniteFloat | None = None
     p25: FiniteFloat | None = None
     p50: FiniteFloat | None = None
@@ -69,7 +81,9 @@ class Correlation(Insight):
 
     type: Literal["correlation"] = "correlation"
     metrics: list[str] = Field(description="Metric names, the order of the matrix.")
-    matrix: list[list[FiniteFloat | None]] = Field(description="Correlation matrix; null where undefined.")
+    matrix: list[list[FiniteFloat | None]] = Field(
+        description="Correlation matrix; null where undefined."
+    )
 
 
 class ClusterAssignment(Insight):
@@ -80,7 +94,9 @@ class ClusterAssignment(Insight):
     k: int = Field(ge=1, description="Number of clusters, chosen by silhouette.")
     silhouette: FiniteFloat | None = Field(None, description="Mean silhouette of the fit.")
     features: list[str] = Field(description="KPIs the firms were compared on.")
-    profiles: list[dict[str, FiniteFloat]] = Field(description="Per cluster: mean KPI values in original units.")
+    profiles: list[dict[str, FiniteFloat]] = Field(
+        description="Per cluster: mean KPI values in original units."
+    )
     cluster_sizes: list[int] = Field(description="Firms per cluster.")
     model_version: str = Field(description="Id of the fit (refit time and data hash).")
 
@@ -97,7 +113,9 @@ class Benchmark(Insight):
     industry: str
     region: str
     firms: int = Field(ge=1, description="Distinct contributing firms (at least k).")
-    quantiles: dict[str, FiniteFloat] = Field(description="p10, p25, p50, p75, p90 of per-firm values.")
+    quantiles: dict[str, FiniteFloat] = Field(
+        description="p10, p25, p50, p75, p90 of per-firm values."
+    )
     mean: FiniteFloat
 
 
@@ -108,7 +126,9 @@ class Prediction(Insight):
     target: str = Field(description="What is predicted.")
     model_name: str
     model_version: str
-    subject_event_id: UUID | None = Field(None, description="The event the prediction was made for.")
+    subject_event_id: UUID | None = Field(
+        None, description="The event the prediction was made for."
+    )
     value: FiniteFloat | None = Field(None, description="Regression output.")
     label: str | None = Field(None, description="Classification output.")
     probability: FiniteFloat | None = Field(None, ge=0, le=1)
@@ -122,7 +142,9 @@ class TextInsight(Insight):
     language: Literal["en", "zh"]
     label: str | None = None
     label_probability: FiniteFloat | None = Field(None, ge=0, le=1)
-    sentiment: FiniteFloat | None = Field(None, ge=-1, le=1, description="-1 negative .. 1 positive.")
+    sentiment: FiniteFloat | None = Field(
+        None, ge=-1, le=1, description="-1 negative .. 1 positive."
+    )
     key_terms: list[str] = Field(default_factory=list)
 
 
@@ -146,14 +168,20 @@ class FieldError(Contract):
 class DeadLetter(Contract):
     """A record the platform could not process: the original bytes, why, and where from."""
 
-    original: str = Field(description="The original record as received (UTF-8 text, or base64 if binary).")
+    original: str = Field(
+        description="The original record as received (UTF-8 text, or base64 if binary)."
+    )
     original_encoding: Literal["utf-8", "base64"] = "utf-8"
     reason: str = Field(description="Summary of why it was refused.")
     errors: list[FieldError] = Field(default_factory=list, description="Per-field reasons.")
     tenant: str | None = Field(None, description="The tenant it came from, where known.")
-    source_topic: str | None = Field(None, description="Topic it was read from (None for HTTP/file input).")
+    source_topic: str | None = Field(
+        None, description="Topic it was read from (None for HTTP/file input)."
+    )
     source_partition: int | None = None
     source_offset: int | None = None
-    source_ref: str | None = Field(None, description="Other origin: request id and index, file name and line ...")
+    source_ref: str | None = Field(
+        None, description="Other origin: request id and index, file name and line ..."
+    )
     service: str = Field(description="Service that refused it.")
     failed_at: AwareDatetime = Field(description="When it was refused.")

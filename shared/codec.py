@@ -39,7 +39,9 @@ def decode(data: bytes | bytearray | memoryview | str) -> Any:
 DecodeError = orjson.JSONDecodeError
 
 
-def json_response(value: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    value: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     """An aiohttp response encoded with the platform codec."""
     return web.Response(
         body=encode(value), status=status, content_type="application/json", headers=headers
@@ -50,7 +52,7 @@ def register_faust_codec() -> None:
     """Make ``"xietong-json"`` available as a Faust ``value_serializer``."""
     from faust.serializers import codecs
 
-    class FaustJsonCodec(codecs.Codec):  # type: ignore[misc]
+    class FaustJsonCodec(codecs.Codec):
         def _dumps(self, obj: Any) -> bytes:
             return encode(obj)
 

@@ -55,7 +55,9 @@ def issue_api_key(tenant: str, label: str = "") -> tuple[str, ApiKey]:
     """A new key: the plaintext (show it once) and the record to store (digest only)."""
     key_id = new_id()
     secret = secrets.token_urlsafe(32)
-    record = ApiKey(key_id=key_id, tenant=tenant, sha256=digest(secret), label=label, created_at=now())
+    record = ApiKey(
+        key_id=key_id, tenant=tenant, sha256=digest(secret), label=label, created_at=now()
+    )
     return f"{KEY_PREFIX}_{key_id}_{secret}", record
 
 
@@ -81,7 +83,10 @@ def may_read(
     if reader == owner or visibility == "public":
         return True
     return any(
-        g.grantee == reader and g.owner == owner and insight_type in g.insight_types and g.active_at(at)
+        g.grantee == reader
+        and g.owner == owner
+        and insight_type in g.insight_types
+        and g.active_at(at)
         for g in grants
     )
 
@@ -109,13 +114,17 @@ class ControlWriter:
         await self.stop()
 
     async def put_tenant(self, tenant: Tenant) -> None:
-        await self._publisher.publish(CONTROL_TENANTS, [OutRecord(tenant.tenant.encode(), encode(tenant))])
+        await self._publisher.publish(
+            CONTROL_TENANTS, [OutRecord(tenant.tenant.encode(), encode(tenant))]
+        )
 
     async def put_key(self, key: ApiKey) -> None:
         await self._publisher.publish(CONTROL_KEYS, [OutRecord(key.key_id.encode(), encode(key))])
 
     async def put_grant(self, grant: Grant) -> None:
-        await self._publisher.publish(CONTROL_GRANTS, [OutRecord(grant.grant_id.encode(), encode(grant))])
+        await self._publisher.publish(
+            CONTROL_GRANTS, [OutRecord(grant.grant_id.encode(), encode(grant))]
+        )
 
 
 class ControlRegistry:
@@ -208,14 +217,18 @@ class ControlRegistry:
                 except (ValidationError, ValueError):
                     log.error(
                         "unreadable control record skipped",
-                        extra={"topic": tp.topic, "partition": tp.partition, "offset": record.offset},
+                        extra={
+                            "topic": tp.topic,
+                            "partition": tp.partition,
+                            "offset": record.offset,
+                        },
                     )
         async with self._changed:
             self.version += 1
             self._changed.notify_all()
 
     async def wait_changed(self, seen_version: int, timeout: float) -> int:
-        """Wait until the registry moved past ``seen_version`` (or ``timeout``); return the version."""
+        """Wait until the registry moved past ``seen_version`` (or ``timeout``); return it."""
         async with self._changed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Literal
 
 from aiokafka import ConsumerRecord
 from pydantic import ValidationError
@@ -40,16 +41,17 @@ def dead_letter(
     source_ref: str | None = None,
 ) -> DeadLetter:
     """Build the dead-letter record; binary input is kept as base64, text as it was."""
+    encoding: Literal["utf-8", "base64"] = "utf-8"
     if isinstance(original, str):
-        text, encoding = original, "utf-8"
+        text = original
     else:
         try:
-            text, encoding = original.decode("utf-8"), "utf-8"
+            text = original.decode("utf-8")
         except UnicodeDecodeError:
             text, encoding = base64.b64encode(original).decode("ascii"), "base64"
     return DeadLetter(
         original=text,
-        original_encoding=encoding,  # type: ignore[arg-type]
+        original_encoding=encoding,
         reason=reason,
         errors=list(errors),
         tenant=tenant,
@@ -67,7 +69,10 @@ def dead_letter_record(letter: DeadLetter) -> OutRecord:
     return OutRecord(
         key=letter.tenant.encode() if letter.tenant else None,
         value=encode(letter),
-        headers=(("xietong-reason", letter.reason[:200].encode()), ("xietong-service", letter.service.encode())),
+        headers=(
+            ("xietong-reason", letter.reason[:200].encode()),
+            ("xietong-service", letter.service.encode()),
+        ),
     )
 
 
@@ -78,20 +83,31 @@ def split_valid_events(
     good: list[tuple[ConsumerRecord[bytes, bytes], EventEnvelope]] = []
     bad: list[DeadLetter] = []
     for record in records:
-        coordinates = {
-            "service": service,
-            "tenant": record.key.decode("utf-8", "replace") if record.key else None,
-            "source_topic": record.topic,
-            "source_partition": record.partition,
-            "source_offset": record.offset,
-        }
         try:
-            data = decode(record.value)
+            data = decode(record.value or b"")
             if not isinstance(data, dict):
                 raise TypeError("an event must be a JSON object")
             good.append((record, validate_event(data)))
         except ValidationError as error:
-            bad.append(dead_letter(record.value, "invalid event", errors=field_errors(error), **coordinates))  # type: ignore[arg-type]
+            bad.append(_refuse(record, service, "invalid event", field_errors(error)))
         except (DecodeError, TypeError, UnknownEventType) as error:
-            bad.append(dead_letter(record.value or b"", str(error), **coordinates))  # type: ignore[arg-type]
+            bad.append(_refuse(record, service, str(error)))
     return good, bad
+
+
+def _refuse(
+    record: ConsumerRecord[bytes, bytes],
+    service: str,
+    reason: str,
+    errors: Sequence[FieldError] = (),
+) -> DeadLetter:
+    return dead_letter(
+        record.value or b"",
+        reason,
+        errors=errors,
+        service=service,
+        tenant=record.key.decode("utf-8", "replace") if record.key else None,
+        source_topic=record.topic,
+        source_partition=record.partition,
+        source_offset=record.offset,
+    )

@@ -127,9 +127,15 @@ class BatchPublisher:
             if appended is None:  # the batch is full: ship it and start another
                 futures.append(await self.producer.send_batch(builder, topic, partition=partition))
                 builder = builders[partition] = self.producer.create_batch()
-                if builder.append(
-                    key=record.key, value=record.value, timestamp=None, headers=list(record.headers)
-                ) is None:
+                if (
+                    builder.append(
+                        key=record.key,
+                        value=record.value,
+                        timestamp=None,
+                        headers=list(record.headers),
+                    )
+                    is None
+                ):
                     raise ValueError(f"record of {len(record.value)} bytes exceeds the batch size")
         for partition, builder in builders.items():
             if builder.record_count():

@@ -33,7 +33,9 @@ def add_health_routes(
         problem = await ready()
         if problem is None:
             return json_response({"status": "ready", "service": service})
-        return json_response({"status": "not ready", "service": service, "reason": problem}, status=503)
+        return json_response(
+            {"status": "not ready", "service": service, "reason": problem}, status=503
+        )
 
     async def metrics(_: web.Request) -> web.Response:
         response = web.Response(body=generate_latest(registry))
@@ -45,9 +47,7 @@ def add_health_routes(
     app.router.add_get("/metrics", metrics)
 
 
-async def serve_health(
-    service: str, host: str, port: int, ready: ReadinessCheck
-) -> web.AppRunner:
+async def serve_health(service: str, host: str, port: int, ready: ReadinessCheck) -> web.AppRunner:
     """Start a small HTTP server with only the health routes (for worker services)."""
     app = web.Application()
     add_health_routes(app, service, ready)

@@ -18,9 +18,15 @@ def s3_client(settings: XietongSettings) -> AbstractAsyncContextManager[Any]:
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         region_name=settings.s3_region,
-        aws_access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
+        aws_access_key_id=settings.s3_access_key_id.get_secret_value()
+        if settings.s3_access_key_id
+        else None,
         aws_secret_access_key=(
-            settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+            settings.s3_secret_access_key.get_secret_value()
+            if settings.s3_secret_access_key
+            else None
         ),
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}),
+        config=Config(
+            s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}
+        ),
     )

@@ -22,7 +22,9 @@ class XietongSettings(BaseSettings):
         "127.0.0.1:9092", description="Comma-separated host:port list of the Kafka brokers."
     )
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")
+    kafka_sasl_mechanism: str | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
+    )
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: str | None = None
@@ -31,10 +33,12 @@ class XietongSettings(BaseSettings):
     kafka_linger_ms: int = Field(5, ge=0, description="Producer linger: how long a batch may wait.")
     kafka_max_batch_bytes: int = Field(
         256 * 1024,
-        description="Producer batch size. aiokafka's 16 KiB default stalls the producer under load.",
+        description="Producer batch size (aiokafka's 16 KiB default stalls under load).",
     )
     kafka_fetch_max_records: int = Field(5000, ge=1, description="Records per getmany batch.")
-    kafka_fetch_timeout_ms: int = Field(200, ge=1, description="How long getmany waits for records.")
+    kafka_fetch_timeout_ms: int = Field(
+        200, ge=1, description="How long getmany waits for records."
+    )
 
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint; None means AWS itself.")
     s3_region: str = "us-east-1"
@@ -44,7 +48,9 @@ class XietongSettings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     http_host: str = Field("127.0.0.1", description="Where health, metrics and APIs listen.")
-    state_dir: str = Field(".run/state", description="Local state (RocksDB tables, file-drop memory).")
+    state_dir: str = Field(
+        ".run/state", description="Local state (RocksDB tables, file-drop memory)."
+    )
 
 
 def load_settings(**overrides: object) -> XietongSettings:

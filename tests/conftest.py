@@ -3,7 +3,8 @@ data directories — or the ones named by the environment, so the same suite run
 cluster:
 
 - ``XIETONG_TEST_KAFKA_BOOTSTRAP`` — use this Kafka instead of starting one;
-- ``XIETONG_TEST_S3_ENDPOINT``, ``XIETONG_TEST_S3_ACCESS_KEY_ID``, ``XIETONG_TEST_S3_SECRET_ACCESS_KEY``.
+- ``XIETONG_TEST_S3_ENDPOINT``, ``XIETONG_TEST_S3_ACCESS_KEY_ID``,
+  ``XIETONG_TEST_S3_SECRET_ACCESS_KEY``.
 
 Both start lazily: unit tests that ask for neither never start anything.
 """

@@ -195,7 +195,7 @@ def kafka_metadata_answers(port: int, timeout: float = 2.0) -> bool:
                     return False
                 data += chunk
             got_id, error_code = struct.unpack(">ih", data[:6])
-            return got_id == correlation_id and error_code == 0
+            return bool(got_id == correlation_id and error_code == 0)
     except OSError:
         return False
 
@@ -248,7 +248,9 @@ def start_kafka(
             return known
         stop_pid(known.pid)
     if not port_is_free(port):
-        raise RuntimeError(f"port {port} is taken by something else; choose another with KAFKA_PORT")
+        raise RuntimeError(
+            f"port {port} is taken by something else; choose another with KAFKA_PORT"
+        )
     controller_port = free_port()
     while controller_port == port:
         controller_port = free_port()
@@ -294,7 +296,9 @@ def start_kafka(
         if kafka_metadata_answers(port):
             return instance
         if not pid_alive(pid):
-            raise RuntimeError(f"Kafka exited during start-up; see {log_file} and {instance.log_file}")
+            raise RuntimeError(
+                f"Kafka exited during start-up; see {log_file} and {instance.log_file}"
+            )
         time.sleep(0.2)
     stop_pid(pid)
     raise RuntimeError(f"Kafka did not answer on {port} within {timeout}s; see {instance.log_file}")
@@ -336,7 +340,7 @@ def s3_answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
             sock.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            return sock.recv(12).startswith(b"HTTP/1.")
+            return bool(sock.recv(12).startswith(b"HTTP/1."))
     except OSError:
         return False
 
@@ -377,7 +381,11 @@ def start_seaweedfs(
     ]
     (data_dir / "data").mkdir(exist_ok=True)
     # weed reads the S3 credentials from the environment; they never touch the command line.
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key_id, "AWS_SECRET_ACCESS_KEY": secret_access_key}
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": access_key_id,
+        "AWS_SECRET_ACCESS_KEY": secret_access_key,
+    }
     log_file = data_dir / "weed.log"
     pid = _spawn(cmd, log_file, env=env)
     instance = SeaweedInstance(
@@ -398,7 +406,9 @@ def start_seaweedfs(
             raise RuntimeError(f"SeaweedFS exited during start-up; see {log_file}")
         time.sleep(0.2)
     stop_pid(pid)
-    raise RuntimeError(f"SeaweedFS S3 did not answer on {s3_port} within {timeout}s; see {log_file}")
+    raise RuntimeError(
+        f"SeaweedFS S3 did not answer on {s3_port} within {timeout}s; see {log_file}"
+    )
 
 
 def stop(instance: KafkaInstance | SeaweedInstance) -> None:
@@ -448,14 +458,18 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         kafka = start_kafka(port=port, data_dir=RUN_DIR / "kafka")
         _write_state(_dev_state("kafka"), kafka)
-        print(f"kafka ready on {kafka.bootstrap_servers} after {time.monotonic() - started:.1f}s "
-              f"(log: {kafka.log_file})")
+        print(
+            f"kafka ready on {kafka.bootstrap_servers} after {time.monotonic() - started:.1f}s "
+            f"(log: {kafka.log_file})"
+        )
     elif args.action == "s3-up":
         port = int(os.environ.get("S3_PORT", "8333"))
         s3 = start_seaweedfs(s3_port=port, data_dir=RUN_DIR / "s3")
         _write_state(_dev_state("s3"), s3)
-        print(f"seaweedfs S3 ready on {s3.endpoint_url} (credentials in .run/local.env; "
-              f"log: {s3.log_file})")
+        print(
+            f"seaweedfs S3 ready on {s3.endpoint_url} (credentials in .run/local.env; "
+            f"log: {s3.log_file})"
+        )
     elif args.action in ("kafka-down", "s3-down"):
         kind = args.action.split("-")[0]
         state = _dev_state(kind)

@@ -49,8 +49,11 @@ def test_asyncapi_lists_every_topic_with_key_producers_and_consumers() -> None:
     assert addresses == {spec.name for spec in TOPICS}
     for spec in TOPICS:
         assert spec.producers and spec.consumers
-        actions = {op["action"] for op in document["operations"].values()
-                   if document["channels"][op["channel"]["$ref"].split("/")[-1]]["address"] == spec.name}
+        actions = {
+            op["action"]
+            for op in document["operations"].values()
+            if document["channels"][op["channel"]["$ref"].split("/")[-1]]["address"] == spec.name
+        }
         assert actions == {"send", "receive"}
     for message in document["components"]["messages"].values():
         assert message["bindings"]["kafka"]["key"]["type"] == "string"
@@ -68,8 +71,14 @@ def test_topic_names_follow_the_convention() -> None:
 def test_a_valid_event_of_every_type_parses() -> None:
     assert validate_event(sales_event()).payload.quantity == 10.0
     assert {name for name, _ in PAYLOADS} >= {
-        "sales_order_line", "inventory_level", "purchase_order", "supplier_delivery",
-        "production_output", "workforce", "market_price", "text_document",
+        "sales_order_line",
+        "inventory_level",
+        "purchase_order",
+        "supplier_delivery",
+        "production_output",
+        "workforce",
+        "market_price",
+        "text_document",
     }
 
 
@@ -118,10 +127,17 @@ def test_adding_an_optional_field_is_compatible() -> None:
     [
         (lambda s: s["properties"].pop("tenant"), "tenant: removed"),
         (lambda s: s["required"].append("corrects"), "corrects: optional field made required"),
-        (lambda s: (s["properties"].__setitem__("x", {"type": "string"}), s["required"].append("x")),
-         "x: new required field"),
-        (lambda s: s["properties"].__setitem__("schema_version", {"type": "string"}),
-         "schema_version: no longer accepts"),
+        (
+            lambda s: (
+                s["properties"].__setitem__("x", {"type": "string"}),
+                s["required"].append("x"),
+            ),
+            "x: new required field",
+        ),
+        (
+            lambda s: s["properties"].__setitem__("schema_version", {"type": "string"}),
+            "schema_version: no longer accepts",
+        ),
     ],
 )
 def test_breaking_changes_are_reported(change, expected: str) -> None:  # type: ignore[no-untyped-def]

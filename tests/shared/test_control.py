@@ -6,7 +6,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from schemas.control import Grant, Tenant
-from shared.control import ControlRegistry, ControlWriter, issue_api_key, may_read, new_id, parse_api_key
+from shared.control import (
+    ControlRegistry,
+    ControlWriter,
+    issue_api_key,
+    may_read,
+    new_id,
+    parse_api_key,
+)
 from shared.settings import XietongSettings
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -25,7 +32,12 @@ def grant(**changes: object) -> Grant:
 
 
 def test_owner_and_public_are_always_readable_others_need_an_active_grant() -> None:
-    rule = {"owner": "acme", "visibility": "private", "insight_type": "statistics", "at": T0 + timedelta(days=1)}
+    rule = {
+        "owner": "acme",
+        "visibility": "private",
+        "insight_type": "statistics",
+        "at": T0 + timedelta(days=1),
+    }
     assert may_read("acme", grants=[], **rule)  # type: ignore[arg-type]
     assert not may_read("rival", grants=[], **rule)  # type: ignore[arg-type]
     assert may_read("rival", grants=[], **{**rule, "visibility": "public"})  # type: ignore[arg-type]
@@ -48,7 +60,9 @@ async def test_registry_sees_tenants_keys_and_revocations(settings: XietongSetti
     tenant = f"t{new_id()}"
     plaintext, key = issue_api_key(tenant)
     async with ControlWriter(settings) as writer, ControlRegistry(settings) as registry:
-        await writer.put_tenant(Tenant(tenant=tenant, name="Acme", industry="fasteners", created_at=T0))
+        await writer.put_tenant(
+            Tenant(tenant=tenant, name="Acme", industry="fasteners", created_at=T0)
+        )
         await writer.put_key(key)
         async with asyncio.timeout(20):
             while registry.authenticate(plaintext) is None:

@@ -27,7 +27,9 @@ from tests.factories import sales_event
 pytestmark = pytest.mark.integration
 
 
-async def consume_all(settings: XietongSettings, topic: str, count: int, group: str | None = None) -> list:
+async def consume_all(
+    settings: XietongSettings, topic: str, count: int, group: str | None = None
+) -> list:
     """Read ``count`` records of ``topic`` from the beginning (fails after 30 s)."""
     got: list = []
     async with started(create_consumer(settings, group, topic)) as consumer:
@@ -124,16 +126,22 @@ async def test_committed_offsets_resume_where_the_group_stopped(
     await ensure_topics(settings, [topic], partitions=1)
     events = [sales_event(seq=i) for i in range(10)]
     async with started(create_producer(settings)) as producer:
-        await BatchPublisher(producer).publish(topic, [OutRecord(b"acme", encode(e)) for e in events[:6]])
+        await BatchPublisher(producer).publish(
+            topic, [OutRecord(b"acme", encode(e)) for e in events[:6]]
+        )
 
     async def handle_one_batch(batch: Batch) -> None:
         stop.set()
 
     stop = asyncio.Event()
     async with started(create_consumer(settings, group, topic)) as consumer:
-        await asyncio.wait_for(run_batch_loop(consumer, handle_one_batch, stop, max_records=6, timeout_ms=200), 30)
+        await asyncio.wait_for(
+            run_batch_loop(consumer, handle_one_batch, stop, max_records=6, timeout_ms=200), 30
+        )
 
     async with started(create_producer(settings)) as producer:
-        await BatchPublisher(producer).publish(topic, [OutRecord(b"acme", encode(e)) for e in events[6:]])
+        await BatchPublisher(producer).publish(
+            topic, [OutRecord(b"acme", encode(e)) for e in events[6:]]
+        )
     rest = await consume_all(settings, topic, 4, group=group)
     assert [decode(r.value)["event_id"] for r in rest] == [e["event_id"] for e in events[6:]]

@@ -1,0 +1,223 @@
+"""Simulated partner firms: realistic operational events for demos, tests and benchmarks.
+
+Each :class:`Firm` has an industry, a region, a size and its own price level, so statistics,
+benchmarks and clusters have structure to find. :func:`firm_events` yields one firm's events
+in event-time order; a small share can be made deliberately bad (``bad_rate``) so the demo
+shows refusals and dead letters. Everything is generated from a seed: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+INDUSTRIES = {
+    "fasteners": ("BOLT-M8", "NUT-M8", "WASHER-8"),
+    "steel": ("HRC-2MM", "REBAR-12", "WIRE-5"),
+    "electronics": ("PCB-4L", "MCU-32", "CAP-10UF"),
+}
+REGIONS = ("east", "south", "north")
+
+FEEDBACK = {
+    "en": [
+        ("Delivery was fast and the quality is excellent.", "customer_feedback"),
+        ("The last shipment arrived late and two boxes were damaged.", "customer_feedback"),
+        ("Supplier confirms a price increase of 5% from next month.", "supplier_note"),
+        ("Steel prices rose sharply this week on strong demand.", "news"),
+    ],
+    "zh": [
+        ("交货很快，质量很好。", "customer_feedback"),
+        ("上一批货晚到了三天，有两箱损坏。", "customer_feedback"),
+        ("供应商通知下月起价格上涨百分之五。", "supplier_note"),
+        ("本周钢材价格因需求旺盛大幅上涨。", "news"),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Firm:
+    tenant: str
+    name: str
+    industry: str
+    region: str
+    size: float  # scales volumes: 0.5 small .. 3 large
+    price_level: float  # scales prices around the industry's
+
+    @property
+    def products(self) -> tuple[str, ...]:
+        return INDUSTRIES[self.industry]
+
+
+def make_firms(count: int = 8, seed: int = 7) -> list[Firm]:
+    """``count`` firms spread over industries and regions (deterministic for a seed)."""
+    rng = random.Random(seed)
+    industries = list(INDUSTRIES)
+    firms = []
+    for i in range(count):
+        industry = industries[i % len(industries)]
+        firms.append(
+            Firm(
+                tenant=f"{industry[:5]}-{i:02d}",
+                name=f"{industry.title()} Works {i:02d}",
+                industry=industry,
+                region=REGIONS[(i // len(industries)) % len(REGIONS)],
+                size=round(rng.uniform(0.5, 3.0), 2),
+                price_level=round(rng.uniform(0.8, 1.25), 3),
+            )
+        )
+    return firms
+
+
+def envelope(
+    firm: Firm, type_name: str, moment: datetime, payload: dict[str, Any], record_id: str
+) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "tenant": firm.tenant,
+        "type": type_name,
+        "schema_version": 1,
+        "occurred_at": moment.isoformat(),
+        "source": {"system": "simulator", "record_id": record_id},
+        "payload": payload,
+    }
+
+
+def firm_events(
+    firm: Firm,
+    *,
+    start: datetime | None = None,
+    step: timedelta = timedelta(minutes=5),
+    seed: int = 1,
+    bad_rate: float = 0.0,
+) -> Iterator[dict[str, Any]]:
+    """An endless, event-time ordered stream of one firm's events."""
+    rng = random.Random(f"{firm.tenant}-{seed}")
+    moment = start or datetime.now(UTC).replace(microsecond=0)
+    base_price = {"fasteners": 0.8, "steel": 4200.0, "electronics": 35.0}[firm.industry]
+    on_hand = {sku: 5000 * firm.size for sku in firm.products}
+    seq = 0
+    while True:
+        seq += 1
+        moment += step * rng.uniform(0.5, 1.5)
+        sku = rng.choice(firm.products)
+        hour_factor = 1.3 if 8 <= moment.hour < 18 else 0.6
+        roll = rng.random()
+        if roll < 0.55:
+            quantity = max(1.0, round(rng.lognormvariate(3, 0.6) * firm.size * hour_factor))
+            on_hand[sku] = max(0.0, on_hand[sku] - quantity)
+            event = envelope(
+                firm,
+                "sales_order_line",
+                moment,
+                {
+                    "order_id": f"SO-{seq:07d}",
+                    "customer_id": f"C-{rng.randint(1, 40):03d}",
+                    "product_sku": sku,
+                    "quantity": quantity,
+                    "unit": "pcs" if firm.industry != "steel" else "t",
+                    "unit_price": round(base_price * firm.price_level * rng.uniform(0.9, 1.1), 2),
+                    "currency": "CNY" if rng.random() < 0.8 else "USD",
+                    "region": firm.region,
+                },
+                f"SO-{seq:07d}/1",
+            )
+        elif roll < 0.7:
+            on_hand[sku] += round(rng.uniform(200, 800) * firm.size)
+            event = envelope(
+                firm,
+                "inventory_level",
+                moment,
+                {
+                    "site_id": f"WH-{firm.region}",
+                    "product_sku": sku,
+                    "on_hand": round(on_hand[sku], 1),
+                    "unit": "pcs" if firm.industry != "steel" else "t",
+                    "unit_cost": round(base_price * 0.7, 2),
+                    "currency": "CNY",
+                },
+                f"INV-{seq}",
+            )
+        elif roll < 0.82:
+            produced = round(rng.uniform(300, 900) * firm.size)
+            event = envelope(
+                firm,
+                "production_output",
+                moment,
+                {
+                    "line_id": f"L{rng.randint(1, 3)}",
+                    "product_sku": sku,
+                    "quantity": produced,
+                    "scrap_quantity": round(produced * rng.uniform(0.005, 0.04 / firm.price_level)),
+                    "machine_hours": round(rng.uniform(6, 8), 1),
+                },
+                f"PRD-{seq}",
+            )
+        elif roll < 0.9:
+            headcount = int(40 * firm.size + rng.randint(-3, 3))
+            event = envelope(
+                firm,
+                "workforce",
+                moment,
+                {
+                    "site_id": f"PLANT-{firm.region}",
+                    "headcount": headcount,
+                    "hours_worked": round(headcount * 8 * rng.uniform(0.9, 1.0), 1),
+                    "absence_hours": round(headcount * 8 * rng.uniform(0.01, 0.08), 1),
+                },
+                f"WF-{seq}",
+            )
+        elif roll < 0.96:
+            event = envelope(
+                firm,
+                "market_price",
+                moment,
+                {
+                    "commodity": {
+                        "fasteners": "steel-wire",
+                        "steel": "steel-hrc",
+                        "electronics": "copper",
+                    }[firm.industry],
+                    "market": "SHFE",
+                    "price": round(base_price * 1000 * rng.uniform(0.95, 1.05), 2)
+                    if firm.industry != "steel"
+                    else round(base_price * rng.uniform(0.95, 1.05), 2),
+                    "currency": "CNY",
+                    "unit": "t",
+                },
+                f"MKT-{seq}",
+            )
+        else:
+            language = "zh" if rng.random() < 0.5 else "en"
+            text, kind = rng.choice(FEEDBACK[language])
+            event = envelope(
+                firm,
+                "text_document",
+                moment,
+                {
+                    "kind": kind,
+                    "language": language,
+                    "text": text,
+                },
+                f"TXT-{seq}",
+            )
+        if bad_rate and rng.random() < bad_rate:
+            event = spoil(event, rng)
+        yield event
+
+
+def spoil(event: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """Make a record invalid the way real exports go wrong."""
+    spoiled = {**event, "payload": dict(event["payload"])}
+    how = rng.randrange(3)
+    if how == 0:
+        spoiled["occurred_at"] = spoiled["occurred_at"][:19]  # lost its UTC offset
+    elif how == 1:
+        first = next(iter(spoiled["payload"]))
+        spoiled["payload"][first + "_x"] = spoiled["payload"].pop(first)  # misspelled column
+    else:
+        spoiled["payload"]["quantity"] = "twelve"
+    return spoiled
