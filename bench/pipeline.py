@@ -1,0 +1,563 @@
+"""R2, R4, R5 and peak memory: our services as processes against raw stand-ins.
+
+Everything here runs as child processes (``python -m services.<name>`` and ``python -m
+bench.raw``), configured through the environment as in production, so each has its own peak
+RSS and the load generator in this process is the same for both sides.
+
+- R4: ingest gateway records/s / a bare aiohttp handler answering 202 — same NDJSON requests
+  (one tenant's events per request, its API key), same connections.
+- R2: HTTP ingest -> ``events.raw.v1`` -> clean -> ``events.clean.v1`` -> analytics, events/s
+  from the first request to the moment every stage's consumer group has committed the whole
+  input / the same chain of raw stand-ins (bare gateway producing with aiokafka, then two
+  :func:`bench.hops.baseline_hop` processes), timed the same way.
+- R5: at half the pipeline's measured capacity, latency from the HTTP request to the clean
+  event's append time on ``events.clean.v1`` (two hops: ingest and clean; analytics emits
+  window aggregates, not one record per event, so no per-event time exists past clean) /
+  two times the latency of one raw hop at the same offered rate.
+- Peak RSS of ingest, clean and analytics after the R2 and R5 load / their raw stand-ins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from bench import ours
+from bench.loadgen import Request, post_all, post_paced
+from bench.processes import Child, spawn, wait_for_port
+from bench.results import Row, Side, paired
+from bench.workload import TENANTS, create_topics, make_events, unique_topic
+from deploy.local.infra import free_port
+from shared.kafka import connection_config, started
+from shared.settings import XietongSettings
+
+if TYPE_CHECKING:
+    from bench.harness import Options, Progress
+
+SERVICES = ("ingest", "clean", "analytics")
+HOPS_TO_CLEAN = 2
+LATENCY_EVENTS_PER_REQUEST = 10
+LATENCY_CONNECTIONS = 64
+"""Enough connections that a paced request never waits for a free one at half capacity."""
+
+
+def _rows(options: Options) -> dict[str, Row]:
+    n = options.events
+    return {
+        "R2": Row(
+            "R2",
+            "HTTP->ingest->clean->analytics / raw chain, same hops (events/s)",
+            target=">= 0.5",
+            events=n,
+        ),
+        "R4": Row(
+            "R4",
+            "ingest gateway / bare aiohttp 202, same load (records/s)",
+            target=">= 0.5",
+            events=n,
+        ),
+        "R5.p50": Row(
+            "R5.p50",
+            "HTTP->clean latency p50 at half capacity / 2 x raw hop (ms)",
+            target="<= 3",
+            events=n,
+        ),
+        "R5.p99": Row(
+            "R5.p99",
+            "HTTP->clean latency p99 at half capacity / 2 x raw hop (ms)",
+            target="<= 3",
+            events=n,
+        ),
+        "rss.ingest": Row("rss.ingest", "peak RSS under R2 load / bare gateway (MiB)", events=n),
+        "rss.clean": Row("rss.clean", "peak RSS under R2 load / raw hop process (MiB)", events=n),
+        "rss.analytics": Row(
+            "rss.analytics", "peak RSS under R2 load / raw hop process (MiB)", events=n
+        ),
+    }
+
+
+def _unavailable(rows: dict[str, Row], keys: Sequence[str], reason: str, status: str) -> None:
+    for key in keys:
+        if rows[key].status == "ok" and rows[key].numerator is None:
+            rows[key].status, rows[key].reason = status, reason  # type: ignore[assignment]
+
+
+async def pipeline_rows(settings: XietongSettings, options: Options, say: Progress) -> list[Row]:
+    rows = _rows(options)
+    missing = [name for name in SERVICES if not ours.service_exists(name)]
+    workdir = Path(tempfile.mkdtemp(prefix="xietong-bench-services-"))
+    try:
+        if "ingest" in missing:
+            _unavailable(rows, list(rows), "services.ingest does not exist yet", "not available")
+            return list(rows.values())
+        await create_platform_topics(settings)
+        keys = await register_tenants(settings)
+        try:
+            await gateway_row(rows["R4"], settings, options, say, keys, workdir)
+        except Exception as error:
+            _unavailable(rows, ["R4"], f"{type(error).__name__}: {error}", "error")
+        if missing:
+            reason = f"services.{', services.'.join(missing)} not there yet"
+            _unavailable(rows, list(rows), reason, "not available")
+            return list(rows.values())
+        try:
+            await chain_rows(rows, settings, options, say, keys, workdir)
+        except Exception as error:
+            _unavailable(rows, list(rows), f"{type(error).__name__}: {error}", "error")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return list(rows.values())
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+async def create_platform_topics(settings: XietongSettings) -> None:
+    """The platform's topics, created before any service does, with broker append times on the
+    event topics (that is where R5 reads when a record was appended)."""
+    from schemas.topics import COMPACTED_TOPICS, EVENTS_CLEAN, EVENTS_RAW, TOPICS
+
+    admin = AIOKafkaAdminClient(**connection_config(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = []
+        for spec in TOPICS:
+            if spec.name in existing:
+                continue
+            configs = {}
+            if spec.name in COMPACTED_TOPICS:
+                configs["cleanup.policy"] = "compact"
+            if spec.name in (EVENTS_RAW, EVENTS_CLEAN):
+                configs["message.timestamp.type"] = "LogAppendTime"
+            new.append(
+                NewTopic(
+                    spec.name,
+                    settings.kafka_partitions,
+                    settings.kafka_replication_factor,
+                    topic_configs=configs,
+                )
+            )
+        if new:
+            await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+async def register_tenants(settings: XietongSettings) -> dict[str, str]:
+    """Every bench tenant with an API key, on the control topics the gateway reads."""
+    from schemas.control import Tenant
+    from shared.control import ControlWriter, issue_api_key
+
+    keys = {}
+    async with ControlWriter(settings) as writer:
+        for tenant in TENANTS:
+            await writer.put_tenant(
+                Tenant(
+                    tenant=tenant,
+                    name=tenant,
+                    industry="fasteners",
+                    region="east",
+                    created_at=datetime.now(UTC),
+                )
+            )
+            plaintext, record = issue_api_key(tenant, label="bench")
+            await writer.put_key(record)
+            keys[tenant] = plaintext
+    return keys
+
+
+def build_requests(
+    events: Sequence[dict[str, Any]], keys: dict[str, str], per_request: int
+) -> list[Request]:
+    """NDJSON bodies of one tenant's events each, with that tenant's key."""
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        by_tenant.setdefault(event["tenant"], []).append(event)
+    chunks = {
+        tenant: [batch[i : i + per_request] for i in range(0, len(batch), per_request)]
+        for tenant, batch in by_tenant.items()
+    }
+    requests = []
+    for round_robin in range(max(len(c) for c in chunks.values())):
+        for tenant, tenant_chunks in chunks.items():
+            if round_robin < len(tenant_chunks):
+                chunk = tenant_chunks[round_robin]
+                requests.append(
+                    Request(
+                        headers={
+                            "Content-Type": "application/x-ndjson",
+                            "Authorization": f"Bearer {keys[tenant]}",
+                        },
+                        body=b"\n".join(orjson.dumps(e) for e in chunk),
+                        events=len(chunk),
+                        event_ids=tuple(e["event_id"] for e in chunk),
+                    )
+                )
+    return requests
+
+
+def _env(settings: XietongSettings, workdir: Path, **extra: str) -> dict[str, str]:
+    return {
+        "XIETONG_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "XIETONG_KAFKA_PARTITIONS": str(settings.kafka_partitions),
+        "XIETONG_LOG_LEVEL": "WARNING",
+        "XIETONG_LOG_FORMAT": "text",
+        "XIETONG_STATE_DIR": str(workdir / "state"),
+        **extra,
+    }
+
+
+def start_service(name: str, settings: XietongSettings, workdir: Path) -> tuple[Child, int]:
+    port = free_port()
+    env = _env(settings, workdir / name, **{f"XIETONG_{name.upper()}_HTTP_PORT": str(port)})
+    return spawn(name, f"services.{name}", [], env, workdir / "logs"), port
+
+
+def start_raw(name: str, args: list[str], settings: XietongSettings, workdir: Path) -> Child:
+    return spawn(name, "bench.raw", args, _env(settings, workdir / name), workdir / "logs")
+
+
+@contextlib.contextmanager
+def stopping(children: list[Child]) -> Iterator[list[Child]]:
+    try:
+        yield children
+    finally:
+        for child in children:
+            child.stop()
+
+
+def _check(result_refused: list[str], side: str) -> None:
+    if result_refused:
+        raise RuntimeError(
+            f"{side}: {len(result_refused)} requests refused, e.g. {result_refused[0]}"
+        )
+
+
+# --------------------------------------------------------------------------- R4
+
+
+async def gateway_row(
+    row: Row,
+    settings: XietongSettings,
+    options: Options,
+    say: Progress,
+    keys: dict[str, str],
+    workdir: Path,
+) -> None:
+    ingest, ingest_port = start_service("ingest", settings, workdir)
+    bare_port = free_port()
+    bare = start_raw("bare-gateway", ["gateway", "--port", str(bare_port)], settings, workdir)
+    ours_rates: list[float] = []
+    bare_rates: list[float] = []
+    with stopping([ingest, bare]):
+        await wait_for_port(ingest, ingest_port)
+        await wait_for_port(bare, bare_port)
+        urls = {
+            "ingest": f"http://127.0.0.1:{ingest_port}/v1/events",
+            "bare": f"http://127.0.0.1:{bare_port}/v1/events",
+        }
+        for round_no in range(options.warmup + options.repeats):
+            requests = build_requests(make_events(options.events), keys, options.events_per_request)
+            order = ("ingest", "bare") if round_no % 2 == 0 else ("bare", "ingest")
+            rates = {}
+            for side in order:
+                result = await post_all(urls[side], requests, connections=options.connections)
+                _check(result.refused, side)
+                rates[side] = result.rate
+            say(
+                f"gateway round {round_no}: ingest {rates['ingest']:,.0f} "
+                f"bare {rates['bare']:,.0f} records/s"
+            )
+            if round_no >= options.warmup:
+                ours_rates.append(rates["ingest"])
+                bare_rates.append(rates["bare"])
+    paired(
+        row,
+        Side("ingest gateway", "records/s", ours_rates),
+        Side("bare aiohttp 202", "records/s", bare_rates),
+    )
+
+
+# --------------------------------------------------------------------------- R2, R5, RSS
+
+
+async def _ends(consumer: AIOKafkaConsumer, topic: str) -> dict[TopicPartition, int]:
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic) or set()
+    return dict(await consumer.end_offsets([TopicPartition(topic, p) for p in partitions]))
+
+
+async def wait_drained(
+    settings: XietongSettings,
+    stages: Sequence[tuple[str, str]],
+    expected_in_first: int,
+    children: Sequence[Child],
+    timeout: float,
+) -> float:
+    """Wall time at which the first stage's input holds ``expected_in_first`` records and every
+    ``(group, input topic)`` stage has committed all of its input."""
+    admin = AIOKafkaAdminClient(**connection_config(settings))
+    consumer = AIOKafkaConsumer(**connection_config(settings), enable_auto_commit=False)
+    await admin.start()
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            done = True
+            for index, (group, topic) in enumerate(stages):
+                ends = await _ends(consumer, topic)
+                if index == 0 and sum(ends.values()) < expected_in_first:
+                    done = False
+                    break
+                committed = await admin.list_consumer_group_offsets(group)
+                if any(
+                    end > 0 and (committed.get(tp) is None or committed[tp].offset < end)
+                    for tp, end in ends.items()
+                ):
+                    done = False
+                    break
+            if done:
+                return time.time()
+            for child in children:
+                if not child.alive():
+                    raise RuntimeError(f"{child.name} exited:\n{child.tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stages {stages} not drained after {timeout:.0f}s")
+            await asyncio.sleep(0.05)
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def _total(settings: XietongSettings, topic: str) -> int:
+    consumer = AIOKafkaConsumer(**connection_config(settings), enable_auto_commit=False)
+    async with started(consumer):
+        return sum((await _ends(consumer, topic)).values())
+
+
+async def append_times(
+    settings: XietongSettings,
+    topic: str,
+    since: dict[TopicPartition, int],
+    ids: set[str],
+    timeout: float,
+) -> dict[str, float]:
+    """event id -> broker append time of its record in ``topic`` (from offsets ``since``)."""
+    found: dict[str, float] = {}
+    consumer = AIOKafkaConsumer(**connection_config(settings), enable_auto_commit=False)
+    async with started(consumer):
+        consumer.assign(list(since))
+        for tp, offset in since.items():
+            consumer.seek(tp, offset)
+        deadline = time.monotonic() + timeout
+        while len(found) < len(ids) and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    event_id = orjson.loads(record.value).get("event_id")
+                    if event_id in ids:
+                        found[event_id] = record.timestamp / 1000.0
+    if len(found) < len(ids):
+        raise TimeoutError(f"{topic}: {len(found)} of {len(ids)} events arrived")
+    return found
+
+
+def _percentiles(latencies_ms: list[float]) -> tuple[float, float]:
+    ordered = sorted(latencies_ms)
+    cuts = statistics.quantiles(ordered, n=100, method="inclusive")
+    return cuts[49], cuts[98]
+
+
+async def raw_hop_latency(
+    settings: XietongSettings,
+    source: str,
+    target: str,
+    events: Sequence[dict[str, Any]],
+    rate: float,
+) -> tuple[float, float]:
+    """p50, p99 (ms) from a plain producer's send to the raw hop's output append, at ``rate``."""
+    consumer = AIOKafkaConsumer(**connection_config(settings), enable_auto_commit=False)
+    async with started(consumer):
+        since = await _ends(consumer, target)
+    sent_at: dict[str, float] = {}
+    async with started(AIOKafkaProducer(**connection_config(settings))) as producer:
+        clock = time.monotonic()
+        futures = []
+        for index, event in enumerate(events):
+            delay = clock + index / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent_at[event["event_id"]] = time.time()
+            futures.append(
+                await producer.send(source, orjson.dumps(event), key=event["tenant"].encode())
+            )
+        await asyncio.gather(*futures)
+    arrived = await append_times(settings, target, since, set(sent_at), timeout=60)
+    return _percentiles([(arrived[i] - sent_at[i]) * 1000 for i in sent_at])
+
+
+async def pipeline_latency(
+    settings: XietongSettings, url: str, requests: list[Request], rate: float, connections: int
+) -> tuple[float, float]:
+    """p50, p99 (ms) from the HTTP request to the clean event's append on ``events.clean.v1``."""
+    from schemas.topics import EVENTS_CLEAN
+
+    consumer = AIOKafkaConsumer(**connection_config(settings), enable_auto_commit=False)
+    async with started(consumer):
+        since = await _ends(consumer, EVENTS_CLEAN)
+    result = await post_paced(url, requests, rate=rate, connections=connections)
+    _check(result.refused, "ingest")
+    arrived = await append_times(settings, EVENTS_CLEAN, since, set(result.sent_at), timeout=60)
+    return _percentiles([(arrived[i] - result.sent_at[i]) * 1000 for i in result.sent_at])
+
+
+async def chain_rows(
+    rows: dict[str, Row],
+    settings: XietongSettings,
+    options: Options,
+    say: Progress,
+    keys: dict[str, str],
+    workdir: Path,
+) -> None:
+    from schemas.topics import EVENTS_CLEAN, EVENTS_RAW
+
+    raw_a, raw_b, raw_c = (unique_topic(f"chain-{i}") for i in "abc")
+    await create_topics(settings, [raw_a, raw_b, raw_c], partitions=options.partitions)
+    group_b, group_c = (f"bench-chain-{uuid.uuid4().hex[:8]}" for _ in "bc")
+    services = {name: start_service(name, settings, workdir) for name in SERVICES}
+    bare_port = free_port()
+    raw = {
+        "gateway": start_raw(
+            "chain-gateway",
+            ["gateway", "--port", str(bare_port), "--target", raw_a],
+            settings,
+            workdir,
+        ),
+        "hop1": start_raw(
+            "chain-hop1",
+            ["hop", "--source", raw_a, "--target", raw_b, "--group", group_b],
+            settings,
+            workdir,
+        ),
+        "hop2": start_raw(
+            "chain-hop2",
+            ["hop", "--source", raw_b, "--target", raw_c, "--group", group_c],
+            settings,
+            workdir,
+        ),
+    }
+    children = [child for child, _ in services.values()] + list(raw.values())
+    stages = {
+        "pipeline": [(_group("clean"), EVENTS_RAW), (_group("analytics"), EVENTS_CLEAN)],
+        "chain": [(group_b, raw_a), (group_c, raw_b)],
+    }
+    first_topic = {"pipeline": EVENTS_RAW, "chain": raw_a}
+    with stopping(children):
+        ingest, ingest_port = services["ingest"]
+        await wait_for_port(ingest, ingest_port)
+        for name in ("clean", "analytics"):
+            await wait_for_port(*services[name])
+        await wait_for_port(raw["gateway"], bare_port)
+        urls = {
+            "pipeline": f"http://127.0.0.1:{ingest_port}/v1/events",
+            "chain": f"http://127.0.0.1:{bare_port}/v1/events",
+        }
+        rates: dict[str, list[float]] = {"pipeline": [], "chain": []}
+        for round_no in range(options.warmup + options.repeats):
+            requests = build_requests(make_events(options.events), keys, options.events_per_request)
+            order = ("pipeline", "chain") if round_no % 2 == 0 else ("chain", "pipeline")
+            measured = {}
+            for side in order:
+                base = await _total(settings, first_topic[side])
+                result = await post_all(urls[side], requests, connections=options.connections)
+                _check(result.refused, side)
+                end = await wait_drained(
+                    settings, stages[side], base + options.events, children, options.timeout
+                )
+                measured[side] = options.events / max(end - result.started, 1e-3)
+            say(
+                f"pipeline round {round_no}: ours {measured['pipeline']:,.0f} "
+                f"raw chain {measured['chain']:,.0f} events/s"
+            )
+            if round_no >= options.warmup:
+                for side in rates:
+                    rates[side].append(measured[side])
+        paired(
+            rows["R2"],
+            Side("pipeline", "events/s", rates["pipeline"]),
+            Side("raw chain", "events/s", rates["chain"]),
+        )
+
+        # R5 at half the pipeline's capacity, the same offered rate for the raw hop.
+        rate = max(50.0, statistics.median(rates["pipeline"]) / 2)
+        count = max(200, min(options.events, int(rate * 4)))
+        p50s: dict[str, list[float]] = {"pipeline": [], "raw": []}
+        p99s: dict[str, list[float]] = {"pipeline": [], "raw": []}
+        for round_no in range(options.warmup + options.repeats):
+            events = make_events(count)
+            order = ("pipeline", "raw") if round_no % 2 == 0 else ("raw", "pipeline")
+            for side in order:
+                if side == "pipeline":
+                    requests = build_requests(events, keys, LATENCY_EVENTS_PER_REQUEST)
+                    p50, p99 = await pipeline_latency(
+                        settings, urls["pipeline"], requests, rate, LATENCY_CONNECTIONS
+                    )
+                else:
+                    one50, one99 = await raw_hop_latency(settings, raw_a, raw_b, events, rate)
+                    p50, p99 = one50 * HOPS_TO_CLEAN, one99 * HOPS_TO_CLEAN
+                if round_no >= options.warmup:
+                    p50s[side].append(p50)
+                    p99s[side].append(p99)
+                say(
+                    f"latency round {round_no} at {rate:,.0f} ev/s: {side} p50 {p50:.1f} ms "
+                    f"p99 {p99:.1f} ms{' (x2 hops)' if side == 'raw' else ''}"
+                )
+        paired(
+            rows["R5.p50"],
+            Side("pipeline p50", "ms", p50s["pipeline"]),
+            Side(f"{HOPS_TO_CLEAN} x raw hop p50", "ms", p50s["raw"]),
+        )
+        paired(
+            rows["R5.p99"],
+            Side("pipeline p99", "ms", p99s["pipeline"]),
+            Side(f"{HOPS_TO_CLEAN} x raw hop p99", "ms", p99s["raw"]),
+        )
+
+        for name, stand_in in (("ingest", "gateway"), ("clean", "hop1"), ("analytics", "hop2")):
+            ours_rss = services[name][0].peak_rss_mib()
+            raw_rss = raw[stand_in].peak_rss_mib()
+            row = rows[f"rss.{name}"]
+            if ours_rss is None or raw_rss is None:
+                row.status, row.reason = "error", "peak RSS unreadable (/proc)"
+                continue
+            paired(
+                row,
+                Side(f"services.{name}", "MiB", [ours_rss]),
+                Side(f"bench.raw {stand_in}", "MiB", [raw_rss]),
+            )
+            row.status = "info"
+
+
+def _group(service: str) -> str:
+    """The consumer group a service's settings name by default (``<service>_group_id``)."""
+    import importlib
+
+    module = importlib.import_module(f"services.{service}.settings")
+    settings_type = getattr(module, f"{service.capitalize()}Settings")
+    field = settings_type.model_fields.get(f"{service}_group_id")
+    return str(field.default) if field is not None else service
