@@ -1,0 +1,1 @@
+"""The clean service: raw partner events in, canonical clean events out (see :mod:`.app`)."""

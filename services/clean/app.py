@@ -1,0 +1,366 @@
+"""The clean hop: raw partner events in, canonical clean events out.
+
+Consumes ``events.raw.v1`` (event envelopes as ingest published them, key = tenant) in the
+consumer group ``clean``. Produces ``events.clean.v1`` (:class:`schemas.events.CleanEvent`,
+key = tenant) and dead letters to ``events.raw.v1.dlq`` (:mod:`shared.deadletter`: the original
+bytes, the reason, the source topic, partition and offset).
+
+The work is an aiokafka batch loop, not Faust: one ``getmany`` batch -> one pure
+:func:`services.clean.handlers.clean_batch` over the whole batch -> every output appended to
+per-partition producer batches and all acknowledgements awaited together -> commit.
+
+Delivery semantics: **at-least-once consumption, effectively-once output.** Offsets are
+committed only after every clean record and dead letter of the batch is acknowledged
+(``acks=all``, idempotent producer), so a crash re-reads the uncommitted batch. Re-reading
+produces no duplicate clean events because de-duplication state is rebuilt from the output:
+
+- *The clean topic is the changelog.* A clean record goes to the same partition number of the
+  clean topic as its raw record came from (raw and clean must have the same partition count;
+  the hop creates the clean topic that way and refuses to start otherwise). Partition ``p`` of
+  the clean topic therefore holds exactly what was emitted for raw partition ``p``.
+- *Restore on assignment.* When the group assigns raw partition ``p`` (a rebalance listener),
+  the hop pauses it, reads clean partition ``p`` back over the horizon (records produced within
+  ``clean_dedupe_horizon_days`` and at most ``clean_dedupe_max_ids`` of them) up to its end
+  offset, and rebuilds the seen ``event_id`` set, the carry-forward values and the outlier
+  windows from it; only then are raw records of ``p`` cleaned. Anything acknowledged before a
+  crash is thus known to the next owner, and its raw record, read again, is a duplicate.
+- *Revocation* waits for the in-flight batch's acknowledgements before the partition moves on,
+  so the next owner's restore sees them. A commit refused because of the rebalance is only
+  logged: the batch is read again and dropped as duplicates.
+
+Dead letters are at-least-once: a record refused just before a crash may be dead-lettered twice.
+An unexpected error (a failed publish, a failed restore) is logged with the batch's
+coordinates and stops the worker without committing, rather than skip data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from prometheus_client import Counter, Histogram
+
+from schemas.topics import EVENTS_CLEAN, EVENTS_RAW, dlq
+from services.clean.handlers import CleanRules, CleanState, clean_batch
+from services.clean.settings import CleanSettings, load_clean_settings
+from shared.codec import decode
+from shared.kafka import BatchPublisher, OutRecord, create_consumer, create_producer, ensure_topics
+from shared.settings import XietongSettings
+
+log = logging.getLogger(__name__)
+
+RECORDS_IN = Counter("xietong_clean_records_in_total", "Raw records consumed by the clean hop.")
+RECORDS_OUT = Counter("xietong_clean_records_out_total", "Clean events produced.")
+DEAD_LETTERS = Counter(
+    "xietong_clean_dead_letters_total", "Records sent to the dead-letter topic.", ["reason"]
+)
+DUPLICATES = Counter(
+    "xietong_clean_duplicates_total", "Records dropped: their event_id was already cleaned."
+)
+RESTORED = Counter(
+    "xietong_clean_restored_records_total", "Clean records read back to rebuild the state."
+)
+BATCH_SECONDS = Histogram(
+    "xietong_clean_batch_seconds",
+    "Clean, publish and commit one getmany batch.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
+
+@dataclass
+class HopStatus:
+    """What the hop tells the outside (readiness, tests, the benchmark)."""
+
+    started: bool = False
+    restoring: set[int] = field(default_factory=set)
+    assigned: set[int] = field(default_factory=set)
+    records_in: int = 0
+    records_out: int = 0
+    dead_letters: int = 0
+    duplicates: int = 0
+    restored: int = 0
+    batches: int = 0
+
+    def problem(self) -> str | None:
+        """None when ready, else why not (for ``/readyz``)."""
+        if not self.started:
+            return "starting"
+        if self.restoring:
+            return f"restoring partitions {sorted(self.restoring)}"
+        return None
+
+
+async def send_to_partition(
+    producer: AIOKafkaProducer, topic: str, partition: int, records: Sequence[OutRecord]
+) -> list[asyncio.Future[Any]]:
+    """Append ``records`` to producer batches for one explicit partition; return the futures.
+
+    :class:`shared.kafka.BatchPublisher` partitions by key; the clean topic must mirror the
+    source partition instead, whatever partitioner the producer of the raw topic used.
+    """
+    futures: list[asyncio.Future[Any]] = []
+    builder = producer.create_batch()
+    for record in records:
+        if builder.append(key=record.key, value=record.value, timestamp=None) is None:
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
+            builder = producer.create_batch()
+            if builder.append(key=record.key, value=record.value, timestamp=None) is None:
+                raise ValueError(f"record of {len(record.value)} bytes exceeds the batch size")
+    if builder.record_count():
+        futures.append(await producer.send_batch(builder, topic, partition=partition))
+    return futures
+
+
+class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One running clean hop: the consumer loop and its rebalance listener."""
+
+    def __init__(
+        self,
+        settings: CleanSettings,
+        *,
+        source: str,
+        target: str,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        restorer: AIOKafkaConsumer,
+        status: HopStatus,
+    ) -> None:
+        self.settings = settings
+        self.source, self.target, self.dead_topic = source, target, dlq(source)
+        self.consumer, self.producer, self.restorer = consumer, producer, restorer
+        self.publisher = BatchPublisher(producer)
+        self.state = CleanState(CleanRules.from_settings(settings))
+        self.status = status
+        self.ready: set[int] = set()  # source partitions whose state is restored
+        self.failure: BaseException | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------------ rebalance listener
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._idle.wait()  # the in-flight batch is acknowledged before others take over
+        for tp in revoked:
+            if tp.topic == self.source:
+                self.ready.discard(tp.partition)
+                self.state.drop(tp.partition)
+                self.status.assigned.discard(tp.partition)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        mine = sorted(tp for tp in assigned if tp.topic == self.source)
+        if not mine:
+            return
+        self.consumer.pause(*mine)
+        numbers = [tp.partition for tp in mine]
+        self.status.restoring.update(numbers)
+        try:
+            await self.restore(numbers)
+        except BaseException as error:  # aiokafka only logs listener errors: stop the loop
+            self.failure = error
+            log.exception("restoring the clean state failed", extra={"partitions": numbers})
+            raise
+        finally:
+            self.status.restoring.difference_update(numbers)
+        self.ready.update(numbers)
+        self.status.assigned.update(numbers)
+        current = self.consumer.assignment()
+        self.consumer.resume(*(tp for tp in mine if tp in current))
+
+    async def restore(self, partitions: Sequence[int]) -> int:
+        """Rebuild the state of ``partitions`` from the clean topic; return records read."""
+        for number in partitions:
+            self.state.drop(number)
+        tps = [TopicPartition(self.target, number) for number in partitions]
+        restorer = self.restorer
+        ends = await restorer.end_offsets(tps)
+        begins = await restorer.beginning_offsets(tps)
+        horizon_ms = int(self.settings.clean_dedupe_horizon_days * 86400 * 1000)
+        since = await restorer.offsets_for_times(
+            {tp: max(0, int(time.time() * 1000) - horizon_ms) for tp in tps}
+        )
+        starts: dict[TopicPartition, int] = {}
+        for tp in tps:
+            found = since.get(tp)
+            start = max(
+                begins[tp],
+                ends[tp] - self.settings.clean_dedupe_max_ids,
+                found.offset if found is not None else ends[tp],
+            )
+            if start < ends[tp]:
+                starts[tp] = start
+        remaining = set(starts)
+        restorer.assign(list(remaining))
+        for tp, start in starts.items():
+            restorer.seek(tp, start)
+        count = 0
+        remember = self.state.remember
+        while remaining:
+            batch = await restorer.getmany(*remaining, timeout_ms=500, max_records=10_000)
+            for tp, records in batch.items():
+                end = ends[tp]
+                for record in records:
+                    if record.offset < end and record.value is not None:
+                        remember(tp.partition, decode(record.value))
+                        count += 1
+            for tp in list(remaining):
+                if await restorer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        restorer.assign([])
+        self.state.evict(partitions)
+        RESTORED.inc(count)
+        self.status.restored += count
+        log.info(
+            "clean state restored",
+            extra={"partitions": list(partitions), "records": count, "topic": self.target},
+        )
+        return count
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+        self.status.started = True
+        while not stop.is_set():
+            batch = await self.consumer.getmany(
+                timeout_ms=settings.kafka_fetch_timeout_ms,
+                max_records=settings.kafka_fetch_max_records,
+            )
+            if self.failure is not None:
+                raise RuntimeError("the clean state could not be restored") from self.failure
+            if batch:
+                await self.handle(batch)
+
+    async def handle(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Clean one batch, publish everything, await all acks, then commit."""
+        started = time.perf_counter()
+        ready: dict[TopicPartition, list[Any]] = {}
+        for tp, records in batch.items():
+            if tp.partition in self.ready:
+                ready[tp] = records
+            elif tp in self.consumer.assignment():  # fetched before its restore: read it later
+                self.consumer.seek(tp, records[0].offset)
+        if not ready:
+            return
+        try:
+            result = clean_batch(chain.from_iterable(ready.values()), self.state)
+            self._idle.clear()
+            try:
+                futures: list[asyncio.Future[Any]] = []
+                for partition, records in result.clean.items():
+                    futures += await send_to_partition(
+                        self.producer, self.target, partition, records
+                    )
+                if result.dead:
+                    futures += await self.publisher.enqueue(self.dead_topic, result.dead)
+                await asyncio.gather(*futures)
+            finally:
+                self._idle.set()
+        except Exception:
+            coordinates = {
+                f"{tp.topic}[{tp.partition}]": [records[0].offset, records[-1].offset]
+                for tp, records in ready.items()
+            }
+            log.exception(
+                "clean batch failed; stopping without commit", extra={"batch": coordinates}
+            )
+            raise
+        try:
+            await self.consumer.commit(
+                {tp: records[-1].offset + 1 for tp, records in ready.items()}
+            )
+        except (CommitFailedError, IllegalStateError) as error:
+            log.warning(
+                "commit refused after a rebalance; the batch will be read again as duplicates",
+                extra={"error": str(error)},
+            )
+        count_in = sum(len(records) for records in ready.values())
+        count_out = result.clean_count
+        RECORDS_IN.inc(count_in)
+        RECORDS_OUT.inc(count_out)
+        DUPLICATES.inc(result.duplicates)
+        for reason, count in result.dead_reasons.items():
+            DEAD_LETTERS.labels(reason).inc(count)
+        status = self.status
+        status.records_in += count_in
+        status.records_out += count_out
+        status.duplicates += result.duplicates
+        status.dead_letters += len(result.dead)
+        status.batches += 1
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+
+
+async def prepare_topics(settings: XietongSettings, source: str, target: str) -> int:
+    """Create missing topics (clean and dead letters with the raw partition count) and check
+    that raw and clean partitions match; return that count."""
+    await ensure_topics(settings, [source])
+    probe = create_producer(settings)
+    await probe.start()
+    try:
+        partitions = len(await probe.partitions_for(source))
+        await ensure_topics(settings, [target, dlq(source)], partitions=partitions)
+        clean_partitions = len(await probe.partitions_for(target))
+    finally:
+        await probe.stop()
+    if clean_partitions != partitions:
+        raise RuntimeError(
+            f"{target} has {clean_partitions} partitions and {source} {partitions}: the clean "
+            "topic mirrors the raw one partition by partition, so the counts must be equal"
+        )
+    return partitions
+
+
+async def run_clean(
+    settings: XietongSettings,
+    stop: asyncio.Event,
+    *,
+    source: str = EVENTS_RAW,
+    target: str = EVENTS_CLEAN,
+    group_id: str | None = None,
+    status: HopStatus | None = None,
+) -> HopStatus:
+    """Run the clean hop from ``source`` to ``target`` until ``stop`` is set.
+
+    Returns when the current batch is published and committed after ``stop``; raises (without
+    committing) on an unexpected error. ``status`` (optional) is updated as the hop runs.
+    """
+    if not isinstance(settings, CleanSettings):
+        settings = load_clean_settings(**settings.model_dump())
+    status = status if status is not None else HopStatus()
+    await prepare_topics(settings, source, target)
+    producer = create_producer(settings)
+    consumer = create_consumer(settings, group_id or settings.clean_group_id)
+    restorer = create_consumer(settings, None, enable_auto_commit=False)
+    await producer.start()
+    try:
+        await restorer.start()
+        try:
+            hop = CleanHop(
+                settings,
+                source=source,
+                target=target,
+                consumer=consumer,
+                producer=producer,
+                restorer=restorer,
+                status=status,
+            )
+            consumer.subscribe([source], listener=hop)
+            await consumer.start()
+            try:
+                await hop.run(stop)
+            finally:
+                await consumer.stop()
+        finally:
+            await restorer.stop()
+    finally:
+        try:
+            await producer.stop()
+        except KafkaError:
+            log.exception("producer did not stop cleanly")
+    return status

@@ -1,0 +1,620 @@
+"""The cleaning rules as plain functions over a consumed batch; no broker in this module.
+
+:func:`clean_batch` takes the records of one ``getmany`` and the per-partition
+:class:`CleanState`, and returns the clean records to produce (grouped by source partition) and
+the dead letters. For each record, in order:
+
+1. **validate** against the contract (``model_for(type, version).model_validate`` — exactly what
+   :func:`schemas.events.validate_event` does); undecodable or invalid -> dead letter;
+2. **de-duplicate** by ``event_id`` against the ids the partition remembers (:class:`SeenIds`);
+3. **fill** missing values by the contract's ``x-missing`` policy: ``default`` values are written
+   before conversion (they are stated in canonical units and CNY), ``refuse`` -> dead letter,
+   ``carry_forward`` takes the tenant's last canonical value for the same entity (e.g. the SKU)
+   after conversion; with no earlier value the field stays empty (and metrics that need it are
+   left out);
+4. **convert** prices to CNY (rate table from the settings; an unknown currency -> dead letter),
+   units to canonical ones (kg, l, m, pcs; per-unit prices follow the unit) and ``occurred_at``
+   to UTC;
+5. derive the **metrics** analytics works on and flag **outliers** by a robust (modified) z-score
+   ``0.6745 * (x - median) / MAD`` over the tenant's last ``window`` values of the metric, once at
+   least ``min_history`` values exist. When more than half of the window equals its median (MAD
+   is 0) the mean absolute deviation is used instead, ``(x - median) / (1.253314 * MeanAD)``; when
+   every value of the window is the same, any different value is an outlier.
+
+Corrections (``source.operation`` update or delete, referencing ``corrects``) are cleaned the
+same way and passed through, but they restate an earlier fact rather than add an observation, so
+they are not outlier-scored and feed neither the rolling windows nor the carry-forward values.
+
+Everything the state holds can be rebuilt from the clean events themselves
+(:meth:`CleanState.remember`), which is how the app restores it after a restart.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right, insort
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from typing import Any, Literal, Protocol
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from schemas.events import PAYLOADS, UnknownEventType, model_for
+from schemas.insights import FieldError
+from services.clean.settings import CleanSettings
+from shared.codec import DecodeError, decode, encode
+from shared.deadletter import dead_letter, dead_letter_record, field_errors
+from shared.kafka import OutRecord
+
+SERVICE = "clean"
+CORRECTIONS = frozenset({"update", "delete"})
+_ZERO = timedelta(0)
+
+# --------------------------------------------------------------------------- rules and tables
+
+
+@dataclass(frozen=True)
+class CleanRules:
+    """The knobs of cleaning, taken from :class:`CleanSettings`."""
+
+    rates: Mapping[str, float]
+    horizon_seconds: float = 7 * 86400.0
+    max_ids: int = 1_000_000
+    window: int = 200
+    min_history: int = 20
+    threshold: float = 3.5
+
+    @classmethod
+    def from_settings(cls, settings: CleanSettings) -> CleanRules:
+        return cls(
+            rates=dict(settings.clean_currency_rates),
+            horizon_seconds=settings.clean_dedupe_horizon_days * 86400.0,
+            max_ids=settings.clean_dedupe_max_ids,
+            window=settings.clean_outlier_window,
+            min_history=settings.clean_outlier_min_history,
+            threshold=settings.clean_outlier_threshold,
+        )
+
+
+UNITS: dict[str, tuple[str, float]] = {
+    "kg": ("kg", 1.0),
+    "kgs": ("kg", 1.0),
+    "g": ("kg", 0.001),
+    "t": ("kg", 1000.0),
+    "ton": ("kg", 1000.0),
+    "tons": ("kg", 1000.0),
+    "tonne": ("kg", 1000.0),
+    "tonnes": ("kg", 1000.0),
+    "l": ("l", 1.0),
+    "ml": ("l", 0.001),
+    "m": ("m", 1.0),
+    "cm": ("m", 0.01),
+    "mm": ("m", 0.001),
+    "pcs": ("pcs", 1.0),
+    "pc": ("pcs", 1.0),
+    "piece": ("pcs", 1.0),
+    "pieces": ("pcs", 1.0),
+}
+"""Unit as written (case-insensitive) -> (canonical unit, factor to multiply quantities by).
+Units not listed (kWh, box, set ...) are kept as they are."""
+
+
+def canonical_unit(unit: str) -> tuple[str, float] | None:
+    """``"T"`` -> ``("kg", 1000.0)``; None for a unit with no canonical form."""
+    return UNITS.get(unit.strip().lower())
+
+
+def to_cny(amount: float, currency: str, rates: Mapping[str, float]) -> float:
+    """Convert ``amount`` of ``currency`` to yuan; KeyError when no rate is known."""
+    return amount * rates[currency]
+
+
+Metrics = dict[str, float]
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return part / whole if whole > 0 else None
+
+
+def _sales_metrics(p: Mapping[str, Any]) -> Metrics:
+    m = {"sales.quantity": float(p["quantity"])}
+    if p["unit_price"] is not None:
+        m["sales.amount_cny"] = p["quantity"] * p["unit_price"]
+    return m
+
+
+def _inventory_metrics(p: Mapping[str, Any]) -> Metrics:
+    m = {"inventory.on_hand": float(p["on_hand"])}
+    if p["unit_cost"] is not None:
+        m["inventory.value_cny"] = p["on_hand"] * p["unit_cost"]
+    return m
+
+
+def _purchase_metrics(p: Mapping[str, Any]) -> Metrics:
+    m = {"purchasing.quantity": float(p["quantity"])}
+    if p["unit_price"] is not None:
+        m["purchasing.amount_cny"] = p["quantity"] * p["unit_price"]
+    return m
+
+
+def _delivery_metrics(p: Mapping[str, Any]) -> Metrics:
+    m = {"delivery.quantity": float(p["delivered_quantity"])}
+    rate = _ratio(p["rejected_quantity"] or 0.0, p["delivered_quantity"])
+    if rate is not None:
+        m["delivery.reject_rate"] = rate
+    if p["promised_date"] is not None:
+        m["delivery.delay_days"] = float((p["delivered_date"] - p["promised_date"]).days)
+    return m
+
+
+def _production_metrics(p: Mapping[str, Any]) -> Metrics:
+    m = {"production.quantity": float(p["quantity"])}
+    scrap = p["scrap_quantity"] or 0.0
+    rate = _ratio(scrap, p["quantity"] + scrap)
+    if rate is not None:
+        m["production.scrap_rate"] = rate
+    return m
+
+
+def _workforce_metrics(p: Mapping[str, Any]) -> Metrics:
+    m = {"workforce.headcount": float(p["headcount"])}
+    worked = p["hours_worked"]
+    if worked is not None:
+        m["workforce.hours_worked"] = float(worked)
+        rate = _ratio(p["absence_hours"] or 0.0, worked + (p["absence_hours"] or 0.0))
+        if rate is not None:
+            m["workforce.absence_rate"] = rate
+    return m
+
+
+def _market_metrics(p: Mapping[str, Any]) -> Metrics:
+    return {"market.price_cny": float(p["price"])}
+
+
+def _no_metrics(p: Mapping[str, Any]) -> Metrics:
+    return {}
+
+
+@dataclass(frozen=True)
+class TypeShape:
+    """What cleaning needs to know about an event type beyond its contract."""
+
+    entity: tuple[str, ...]
+    """Payload fields naming the entity whose last value ``carry_forward`` uses (with the
+    canonical unit where there is one: a price per kg is no price per piece)."""
+    quantities: tuple[str, ...] = ()
+    """Fields measured in ``unit``: multiplied by the unit's factor."""
+    prices: tuple[str, ...] = ()
+    """Fields priced in ``currency`` per ``unit``: to CNY, divided by the unit's factor."""
+    metrics: Callable[[Mapping[str, Any]], Metrics] = _no_metrics
+
+
+SHAPES: dict[str, TypeShape] = {
+    "sales_order_line": TypeShape(
+        ("product_sku", "unit"), ("quantity",), ("unit_price",), _sales_metrics
+    ),
+    "inventory_level": TypeShape(
+        ("site_id", "product_sku", "unit"),
+        ("on_hand", "reserved", "reorder_point"),
+        ("unit_cost",),
+        _inventory_metrics,
+    ),
+    "purchase_order": TypeShape(
+        ("supplier_id", "product_sku", "unit"), ("quantity",), ("unit_price",), _purchase_metrics
+    ),
+    "supplier_delivery": TypeShape(
+        ("supplier_id", "product_sku", "unit"),
+        ("delivered_quantity", "rejected_quantity"),
+        (),
+        _delivery_metrics,
+    ),
+    "production_output": TypeShape(
+        ("line_id", "product_sku", "unit"),
+        ("quantity", "scrap_quantity"),
+        (),
+        _production_metrics,
+    ),
+    "workforce": TypeShape(("site_id",), (), (), _workforce_metrics),
+    "market_price": TypeShape(("commodity", "market"), (), ("price",), _market_metrics),
+    "text_document": TypeShape(()),
+}
+_GENERIC = TypeShape(())
+
+
+@dataclass(frozen=True)
+class FillRule:
+    field: str
+    policy: Literal["default", "carry_forward", "refuse"]
+    value: Any = None
+
+
+@cache
+def fill_rules(type_name: str, version: int) -> tuple[FillRule, ...]:
+    """The ``x-missing`` policies the contract declares for ``(type, version)``."""
+    rules: list[FillRule] = []
+    for name, info in PAYLOADS[(type_name, version)].model_fields.items():
+        extra = info.json_schema_extra
+        rule = extra.get("x-missing") if isinstance(extra, dict) else None
+        if isinstance(rule, dict):
+            rules.append(FillRule(name, rule["policy"], rule.get("value")))  # type: ignore[arg-type]
+    return tuple(rules)
+
+
+@cache
+def _fill_plan(type_name: str, version: int) -> tuple[tuple[FillRule, ...], tuple[str, ...]]:
+    """(default and refuse rules, carry-forward fields): the two moments fills happen."""
+    rules = fill_rules(type_name, version)
+    early = tuple(rule for rule in rules if rule.policy != "carry_forward")
+    carried = tuple(rule.field for rule in rules if rule.policy == "carry_forward")
+    return early, carried
+
+
+# --------------------------------------------------------------------------- state
+
+
+class RollingWindow:
+    """The last ``size`` values of one tenant's metric, kept in arrival order and sorted.
+
+    Sorted, the median is an index away and the MAD test needs two bisections, so scoring a
+    value costs about a microsecond instead of a sort per value.
+    """
+
+    __slots__ = ("arrival", "ordered")
+
+    def __init__(self) -> None:
+        self.arrival: deque[float] = deque()
+        self.ordered: list[float] = []
+
+    def push(self, value: float, size: int) -> None:
+        if len(self.arrival) >= size:
+            oldest = self.arrival.popleft()
+            del self.ordered[bisect_left(self.ordered, oldest)]
+        self.arrival.append(value)
+        insort(self.ordered, value)
+
+    def is_outlier(self, value: float, min_history: int, threshold: float) -> bool:
+        """Is ``|0.6745 (value - median) / MAD| > threshold`` against the values held?"""
+        s = self.ordered
+        n = len(s)
+        if n < min_history:
+            return False
+        half = n // 2
+        median = s[half] if n % 2 else (s[half - 1] + s[half]) / 2
+        distance = abs(value - median)
+        if distance == 0:
+            return False
+        if 2 * (bisect_right(s, median) - bisect_left(s, median)) > n:  # MAD is 0
+            mean_ad = sum(abs(v - median) for v in s) / n
+            return mean_ad == 0 or distance / (1.253314 * mean_ad) > threshold
+        # |z| > threshold  <=>  MAD < bound; count the deviations below the bound.
+        bound = 0.6745 * distance / threshold
+        below = bisect_left(s, median + bound) - bisect_right(s, median - bound)
+        if below > half:
+            return True  # the middle deviation(s) lie below the bound
+        if below < half or n % 2:
+            return False
+        deviations = sorted(abs(v - median) for v in s)  # even n, straddling: rare, exact
+        mad = (deviations[half - 1] + deviations[half]) / 2
+        return 0.6745 * distance / mad > threshold
+
+    def __len__(self) -> int:
+        return len(self.arrival)
+
+
+def robust_z(value: float, history: Sequence[float]) -> float:
+    """The modified z-score of ``value`` against ``history`` (reference; used by tests)."""
+    ordered = sorted(history)
+    n = len(ordered)
+    median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+    deviations = sorted(abs(v - median) for v in ordered)
+    mad = (deviations[(n - 1) // 2] + deviations[n // 2]) / 2
+    if mad > 0:
+        return 0.6745 * (value - median) / mad
+    mean_ad = sum(deviations) / n
+    if mean_ad > 0:
+        return (value - median) / (1.253314 * mean_ad)
+    return 0.0 if value == median else math.copysign(math.inf, value - median)
+
+
+class SeenIds:
+    """Event ids a partition has let through, forgotten oldest-first.
+
+    An id leaves when the set holds more than ``max_ids`` or when its event time has fallen
+    more than the horizon behind the latest event time seen (checked in arrival order).
+    """
+
+    __slots__ = ("ids", "order", "watermark")
+
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+        self.order: deque[tuple[float, int]] = deque()
+        self.watermark = -math.inf
+
+    def __contains__(self, event_id: int) -> bool:
+        return event_id in self.ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, event_id: int, at: float) -> None:
+        if event_id not in self.ids:
+            self.ids.add(event_id)
+            self.order.append((at, event_id))
+            if at > self.watermark:
+                self.watermark = at
+
+    def evict(self, horizon_seconds: float, max_ids: int) -> None:
+        order, ids = self.order, self.ids
+        oldest = self.watermark - horizon_seconds
+        while order and (len(order) > max_ids or order[0][0] < oldest):
+            ids.discard(order.popleft()[1])
+
+
+CarryKey = tuple[str, str, tuple[Any, ...], str]
+
+
+@dataclass
+class PartitionState:
+    """What cleaning remembers for one source partition (its tenants live only there)."""
+
+    seen: SeenIds = field(default_factory=SeenIds)
+    carry: dict[CarryKey, Any] = field(default_factory=dict)
+    windows: dict[tuple[str, str], RollingWindow] = field(default_factory=dict)
+
+
+@dataclass
+class CleanState:
+    """Per-partition state of the hop; partitions come and go with the consumer group."""
+
+    rules: CleanRules
+    partitions: dict[int, PartitionState] = field(default_factory=dict)
+
+    def partition(self, number: int) -> PartitionState:
+        state = self.partitions.get(number)
+        if state is None:
+            state = self.partitions[number] = PartitionState()
+        return state
+
+    def drop(self, number: int) -> None:
+        self.partitions.pop(number, None)
+
+    def remember(self, number: int, event: Mapping[str, Any]) -> None:
+        """Replay one clean event (decoded) into the state of partition ``number``."""
+        state = self.partition(number)
+        at = datetime.fromisoformat(event["occurred_at"]).timestamp()
+        state.seen.add(UUID(event["event_id"]).int, at)
+        if event["source"].get("operation") in CORRECTIONS:
+            return
+        tenant, type_name, payload = event["tenant"], event["type"], event["payload"]
+        if (type_name, event["schema_version"]) in PAYLOADS:
+            carried = _fill_plan(type_name, event["schema_version"])[1]
+            if carried:
+                entity = tuple(payload.get(name) for name in SHAPES.get(type_name, _GENERIC).entity)
+                for name in carried:
+                    if payload.get(name) is not None:
+                        state.carry[(tenant, type_name, entity, name)] = payload[name]
+        size = self.rules.window
+        for metric, value in event["metrics"].items():
+            window = state.windows.get((tenant, metric))
+            if window is None:
+                window = state.windows[(tenant, metric)] = RollingWindow()
+            window.push(value, size)
+
+    def evict(self, numbers: Iterable[int]) -> None:
+        for number in numbers:
+            state = self.partitions.get(number)
+            if state is not None:
+                state.seen.evict(self.rules.horizon_seconds, self.rules.max_ids)
+
+
+# --------------------------------------------------------------------------- the batch
+
+
+class RawRecord(Protocol):
+    """What :func:`clean_batch` reads of a consumed record (aiokafka's ``ConsumerRecord``)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+DeadReason = Literal["undecodable", "invalid", "refused_missing", "unknown_currency"]
+
+
+@dataclass
+class CleanedBatch:
+    """The outcome of one batch: what to produce and what happened."""
+
+    clean: dict[int, list[OutRecord]] = field(default_factory=dict)
+    """Source partition -> clean records (produced to the same partition of the clean topic)."""
+    dead: list[OutRecord] = field(default_factory=list)
+    dead_reasons: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+
+    @property
+    def clean_count(self) -> int:
+        return sum(len(records) for records in self.clean.values())
+
+
+def _dead_letter(
+    record: RawRecord, reason: str, errors: Sequence[FieldError] = (), tenant: str | None = None
+) -> OutRecord:
+    if tenant is None and record.key:
+        tenant = record.key.decode("utf-8", "replace")
+    return dead_letter_record(
+        dead_letter(
+            record.value or b"",
+            reason,
+            service=SERVICE,
+            errors=errors,
+            tenant=tenant,
+            source_topic=record.topic,
+            source_partition=record.partition,
+            source_offset=record.offset,
+        )
+    )
+
+
+def clean_batch(records: Iterable[RawRecord], state: CleanState) -> CleanedBatch:
+    """Clean one consumed batch in order, updating ``state``; see the module docstring."""
+    rules = state.rules
+    rates, window_size = rules.rates, rules.window
+    min_history, threshold = rules.min_history, rules.threshold
+    result = CleanedBatch()
+    clean, dead, reasons = result.clean, result.dead, result.dead_reasons
+    for record in records:
+        # 1. decode and validate, exactly as schemas.events.validate_event
+        if record.value is None:
+            dead.append(_dead_letter(record, "empty record (tombstone)"))
+            reasons["undecodable"] += 1
+            continue
+        try:
+            data = decode(record.value)
+            if not isinstance(data, dict):
+                raise TypeError("an event must be a JSON object")
+            event = model_for(data.get("type"), data.get("schema_version")).model_validate(data)
+        except ValidationError as error:
+            dead.append(_dead_letter(record, "invalid event", field_errors(error)))
+            reasons["invalid"] += 1
+            continue
+        except (DecodeError, TypeError, UnknownEventType) as error:
+            dead.append(_dead_letter(record, str(error)))
+            reasons["undecodable" if not isinstance(error, UnknownEventType) else "invalid"] += 1
+            continue
+
+        # 2. de-duplicate
+        partition = state.partition(record.partition)
+        event_id = event.event_id.int
+        if event_id in partition.seen:
+            result.duplicates += 1
+            continue
+
+        tenant, type_name = event.tenant, event.type
+        shape = SHAPES.get(type_name, _GENERIC)
+        payload: dict[str, Any] = dict(event.payload.__dict__)
+        filled: list[str] = []
+        converted: list[str] = []
+
+        # 3a. defaults (stated in canonical units and CNY) and refusals
+        early, carried = _fill_plan(type_name, event.schema_version)
+        refused: list[FieldError] = []
+        for rule in early:
+            if payload[rule.field] is None:
+                if rule.policy == "default":
+                    payload[rule.field] = rule.value
+                    filled.append(rule.field)
+                else:
+                    refused.append(
+                        FieldError(
+                            field=f"payload.{rule.field}",
+                            reason="missing, and the contract refuses a record without it",
+                        )
+                    )
+        if refused:
+            dead.append(_dead_letter(record, "missing value refused by policy", refused, tenant))
+            reasons["refused_missing"] += 1
+            continue
+
+        # 4. conversions: currency to CNY, unit to its canonical form
+        if shape.prices:
+            currency = payload.get("currency")
+            if currency is not None and currency != "CNY":
+                rate = rates.get(currency)
+                if rate is None:
+                    no_rate = FieldError(field="payload.currency", reason="no exchange rate to CNY")
+                    dead.append(
+                        _dead_letter(record, f"unknown currency {currency}", [no_rate], tenant)
+                    )
+                    reasons["unknown_currency"] += 1
+                    continue
+                for name in shape.prices:
+                    if payload[name] is not None:
+                        payload[name] *= rate
+                        converted.append(name)
+                payload["currency"] = "CNY"
+                converted.append("currency")
+        unit = payload.get("unit")
+        if unit is not None:
+            canonical = UNITS.get(unit.lower())
+            if canonical is not None:
+                name, factor = canonical
+                if name != unit:
+                    payload["unit"] = name
+                    converted.append("unit")
+                if factor != 1.0:
+                    for name in shape.quantities:
+                        if payload[name] is not None:
+                            payload[name] *= factor
+                            converted.append(name)
+                    for name in shape.prices:
+                        if payload[name] is not None:
+                            payload[name] /= factor
+                            if name not in converted:
+                                converted.append(name)
+
+        # 3b. carry forward, in canonical values, per tenant and entity
+        correction = event.source.operation in CORRECTIONS
+        if carried:
+            entity = tuple(payload[name] for name in shape.entity)
+            carry = partition.carry
+            for name in carried:
+                key = (tenant, type_name, entity, name)
+                if payload[name] is None:
+                    previous = carry.get(key)
+                    if previous is not None:
+                        payload[name] = previous
+                        filled.append(name)
+                elif not correction:
+                    carry[key] = payload[name]
+
+        # 5. metrics and outlier flags
+        metrics = shape.metrics(payload)
+        outliers: list[str] = []
+        for metric, value in list(metrics.items()):
+            if not math.isfinite(value):
+                del metrics[metric]
+            elif not correction:
+                window = partition.windows.get((tenant, metric))
+                if window is None:
+                    window = partition.windows[(tenant, metric)] = RollingWindow()
+                if window.is_outlier(value, min_history, threshold):
+                    outliers.append(metric)
+                window.push(value, window_size)
+
+        occurred_at = event.occurred_at
+        if occurred_at.utcoffset() != _ZERO:
+            occurred_at = occurred_at.astimezone(UTC)
+            converted.append("occurred_at")
+
+        partition.seen.add(event_id, occurred_at.timestamp())
+        encoded = encode(
+            {
+                "event_id": event.event_id,
+                "tenant": tenant,
+                "type": type_name,
+                "schema_version": event.schema_version,
+                "occurred_at": occurred_at,
+                "source": event.source.__dict__,
+                "corrects": event.corrects,
+                "payload": payload,
+                "metrics": metrics,
+                "quality": {"filled": filled, "converted": converted, "outliers": outliers},
+            }
+        )
+        out = clean.get(record.partition)
+        if out is None:
+            out = clean[record.partition] = []
+        out.append(OutRecord(tenant.encode(), encoded))
+    state.evict(clean)
+    return result

@@ -1,0 +1,50 @@
+"""Settings of the clean service (environment prefix ``XIETONG_``: ``XIETONG_CLEAN_HTTP_PORT``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import XietongSettings
+
+DEFAULT_RATES_CNY: dict[str, float] = {
+    "CNY": 1.0,
+    "USD": 7.10,
+    "EUR": 7.70,
+    "JPY": 0.047,
+    "KRW": 0.0051,
+    "GBP": 9.00,
+    "HKD": 0.91,
+}
+"""Yuan per unit of each currency; an operator replaces them with the day's reference rates."""
+
+
+class CleanSettings(XietongSettings):
+    """What the clean hop needs beyond the platform settings."""
+
+    clean_http_port: int = Field(8082, ge=0, le=65535, description="Health and metrics port.")
+    clean_group_id: str = Field("clean", min_length=1, description="Consumer group of the hop.")
+    clean_currency_rates: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_RATES_CNY),
+        description="CNY per unit of currency (JSON in the environment). A currency without a "
+        "rate cannot be converted and its record goes to the dead-letter topic.",
+    )
+    clean_dedupe_horizon_days: float = Field(
+        7.0, gt=0, description="How far back in event time an event_id is remembered."
+    )
+    clean_dedupe_max_ids: int = Field(
+        1_000_000, ge=1, description="Most event ids remembered per partition."
+    )
+    clean_outlier_window: int = Field(
+        200, ge=3, description="Recent values per tenant and metric the robust z-score uses."
+    )
+    clean_outlier_min_history: int = Field(
+        20, ge=3, description="Values a tenant's metric needs before outliers are flagged."
+    )
+    clean_outlier_threshold: float = Field(
+        3.5, gt=0, description="|modified z| above this is an outlier."
+    )
+
+
+def load_clean_settings(**overrides: object) -> CleanSettings:
+    """Read the environment now; keyword arguments win over it."""
+    return CleanSettings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,303 @@
+"""The clean hop against the real local Kafka broker."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from schemas.events import CleanEvent
+from schemas.insights import DeadLetter
+from schemas.topics import dlq
+from services.clean.app import HopStatus, run_clean
+from services.clean.settings import CleanSettings, load_clean_settings
+from shared.codec import decode, encode
+from shared.kafka import (
+    BatchPublisher,
+    OutRecord,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+    started,
+)
+from shared.settings import XietongSettings
+from tests.factories import sales_event
+
+pytestmark = pytest.mark.integration
+
+TENANTS = ("acme", "bolt-works", "zhongshan_steel", "delta")
+
+
+@pytest.fixture
+def clean_settings(settings: XietongSettings) -> CleanSettings:
+    return load_clean_settings(**{**settings.model_dump(), "kafka_fetch_max_records": 100})
+
+
+@pytest.fixture
+def topics(unique_name: Callable[[str], str]) -> tuple[str, str]:
+    return unique_name("raw"), unique_name("clean")
+
+
+async def publish(settings: XietongSettings, topic: str, events: list[Any]) -> None:
+    """Publish dicts (encoded) or raw bytes, keyed by tenant, as ingest does."""
+    records = []
+    for event in events:
+        if isinstance(event, bytes):
+            records.append(OutRecord(b"acme", event))
+        else:
+            records.append(OutRecord(event["tenant"].encode(), encode(event)))
+    async with started(create_producer(settings)) as producer:
+        await BatchPublisher(producer).publish(topic, records)
+
+
+async def total_records(settings: XietongSettings, topic: str) -> int:
+    async with started(create_consumer(settings, None)) as consumer:
+        tps = [TopicPartition(topic, p) for p in await partitions(consumer, topic)]
+        ends = await consumer.end_offsets(tps)
+        begins = await consumer.beginning_offsets(tps)
+    return sum(ends[tp] - begins[tp] for tp in tps)
+
+
+async def partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    async with asyncio.timeout(10):
+        while True:
+            found = consumer.partitions_for_topic(topic)
+            if found:
+                return sorted(found)
+            await consumer._client.force_metadata_update()  # a topic just created
+
+
+async def read_all(
+    settings: XietongSettings, topic: str, count: int
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Read ``count`` records of ``topic`` from the beginning (fails after 60 s)."""
+    got: list[ConsumerRecord[bytes, bytes]] = []
+    async with started(create_consumer(settings, None, topic)) as consumer:
+        async with asyncio.timeout(60):
+            while len(got) < count:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    got.extend(records)
+    return got
+
+
+class Hop:
+    """A clean hop running in a task; ``await hop.stop()`` drains, commits and returns."""
+
+    def __init__(self, settings: CleanSettings, source: str, target: str, group: str) -> None:
+        self.stop_event = asyncio.Event()
+        self.status = HopStatus()
+        self.task = asyncio.create_task(
+            run_clean(
+                settings,
+                self.stop_event,
+                source=source,
+                target=target,
+                group_id=group,
+                status=self.status,
+            )
+        )
+
+    async def until(self, condition: Callable[[HopStatus], bool], timeout: float = 60) -> None:
+        async with asyncio.timeout(timeout):
+            while not condition(self.status):
+                if self.task.done():
+                    self.task.result()
+                    raise AssertionError("the hop stopped")
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> HopStatus:
+        self.stop_event.set()
+        return await asyncio.wait_for(self.task, 30)
+
+
+def by_id(records: list[ConsumerRecord[bytes, bytes]]) -> dict[str, CleanEvent]:
+    events = [CleanEvent.model_validate_json(record.value) for record in records]
+    return {str(event.event_id): event for event in events}
+
+
+async def test_events_come_out_clean_with_canonical_values_and_metrics(
+    clean_settings: CleanSettings, topics: tuple[str, str]
+) -> None:
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    dollars_per_tonne = sales_event(
+        "acme", seq=1, quantity=2, unit_price=500, unit="t", currency="USD"
+    )
+    no_region = sales_event("acme", seq=2, quantity=3, unit_price=10)
+    no_price = sales_event("bolt-works", seq=3, quantity=4, unit_price=None)
+    carried = sales_event("acme", seq=4, quantity=1, unit_price=None, unit="kg")
+    shanghai = sales_event("bolt-works", seq=5, quantity=5, unit_price=2, occurred_at=None)
+    shanghai["occurred_at"] = "2026-11-01T16:00:00+08:00"
+    events = [dollars_per_tonne, no_region, no_price, carried, shanghai]
+    await publish(clean_settings, raw, events)
+
+    hop = Hop(clean_settings, raw, clean, f"clean-{uuid.uuid4().hex[:8]}")
+    try:
+        got = by_id(await read_all(clean_settings, clean, len(events)))
+    finally:
+        status = await hop.stop()
+
+    assert set(got) == {e["event_id"] for e in events}
+    first = got[dollars_per_tonne["event_id"]]
+    assert first.payload["unit"] == "kg" and first.payload["quantity"] == 2000
+    assert first.payload["currency"] == "CNY"
+    assert first.payload["unit_price"] == pytest.approx(500 * 7.10 / 1000)
+    assert first.metrics == pytest.approx(
+        {"sales.quantity": 2000, "sales.amount_cny": 2 * 500 * 7.10}
+    )
+    assert set(first.quality.converted) == {"unit", "quantity", "unit_price", "currency"}
+    assert first.quality.filled == ["region"]  # the factory leaves region out
+
+    assert got[no_region["event_id"]].payload["region"] == "unknown"
+    assert "region" in got[no_region["event_id"]].quality.filled
+
+    no_price_out = got[no_price["event_id"]]  # nothing to carry forward yet for this tenant
+    assert (
+        no_price_out.payload["unit_price"] is None
+        and "sales.amount_cny" not in no_price_out.metrics
+    )
+
+    carried_out = got[carried["event_id"]]  # the tenant's last price of the SKU, in CNY per kg
+    assert carried_out.payload["unit_price"] == pytest.approx(500 * 7.10 / 1000)
+    assert "unit_price" in carried_out.quality.filled
+    assert carried_out.metrics["sales.amount_cny"] == pytest.approx(500 * 7.10 / 1000)
+
+    utc = got[shanghai["event_id"]]
+    assert utc.occurred_at.isoformat() == "2026-11-01T08:00:00+00:00"
+    assert "occurred_at" in utc.quality.converted
+    assert status.records_in == len(events) and status.records_out == len(events)
+
+
+async def test_an_event_id_published_twice_comes_out_once(
+    clean_settings: CleanSettings, topics: tuple[str, str]
+) -> None:
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    events = [sales_event(TENANTS[i % 4], seq=i) for i in range(300)]
+    retried = events[::3]
+    await publish(clean_settings, raw, events[:150] + retried + events[150:] + retried)
+
+    hop = Hop(clean_settings, raw, clean, f"clean-{uuid.uuid4().hex[:8]}")
+    try:
+        await hop.until(lambda s: s.records_in == len(events) + 2 * len(retried))
+    finally:
+        status = await hop.stop()
+
+    assert status.duplicates == 2 * len(retried)
+    assert await total_records(clean_settings, clean) == len(events)
+    got = by_id(await read_all(clean_settings, clean, len(events)))
+    assert set(got) == {e["event_id"] for e in events}
+
+
+async def test_a_restart_mid_stream_neither_loses_nor_double_counts(
+    clean_settings: CleanSettings, topics: tuple[str, str]
+) -> None:
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    group = f"clean-{uuid.uuid4().hex[:8]}"
+    first = [sales_event(TENANTS[i % 4], seq=i) for i in range(1200)]
+    second = [sales_event(TENANTS[i % 4], seq=i) for i in range(1200, 2000)]
+    await publish(clean_settings, raw, first)
+
+    hop = Hop(clean_settings, raw, clean, group)
+    try:
+        await hop.until(lambda s: s.batches >= 3)
+    finally:
+        stopped = await hop.stop()
+    assert 0 < stopped.records_in <= len(first)
+
+    await publish(clean_settings, raw, second + first[:100])  # and a client retrying some
+    hop = Hop(clean_settings, raw, clean, group)
+    try:
+        await hop.until(lambda s: s.records_out + stopped.records_out >= len(first) + len(second))
+        await hop.until(lambda s: s.duplicates >= 100)
+    finally:
+        await hop.stop()
+
+    assert await total_records(clean_settings, clean) == len(first) + len(second)
+    got = by_id(await read_all(clean_settings, clean, len(first) + len(second)))
+    assert set(got) == {e["event_id"] for e in first + second}
+
+
+async def test_a_crash_between_publish_and_commit_creates_no_duplicates(
+    clean_settings: CleanSettings, topics: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first worker publishes everything but never commits (as if it died each time just
+    before committing); the second reads the whole raw topic again and must emit nothing new."""
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    group = f"clean-{uuid.uuid4().hex[:8]}"
+    events = [sales_event(TENANTS[i % 4], seq=i, quantity=1 + i % 7) for i in range(600)]
+    await publish(clean_settings, raw, events)
+
+    async def no_commit(self: AIOKafkaConsumer, offsets: Any = None) -> None:
+        return None
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AIOKafkaConsumer, "commit", no_commit)
+        hop = Hop(clean_settings, raw, clean, group)
+        try:
+            await hop.until(lambda s: s.records_out == len(events))
+        finally:
+            await hop.stop()
+
+    hop = Hop(clean_settings, raw, clean, group)
+    try:
+        await hop.until(lambda s: s.records_in == len(events))
+    finally:
+        status = await hop.stop()
+    assert status.restored == len(events)
+    assert status.duplicates == len(events) and status.records_out == 0
+    assert await total_records(clean_settings, clean) == len(events)
+
+
+async def test_bad_records_go_to_the_dead_letter_topic_and_the_hop_goes_on(
+    clean_settings: CleanSettings, topics: tuple[str, str]
+) -> None:
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    good_before, good_after = sales_event(seq=1), sales_event(seq=2)
+    no_quantity = sales_event(seq=3)
+    del no_quantity["payload"]["quantity"]
+    unknown_currency = sales_event(seq=4, currency="XAU")
+    purchase_without_price = {
+        **sales_event(seq=5),
+        "type": "purchase_order",
+        "payload": {"po_id": "PO-1", "supplier_id": "S-1", "product_sku": "BOLT-M8", "quantity": 5},
+    }
+    events: list[Any] = [
+        good_before,
+        b"{not json",
+        no_quantity,
+        unknown_currency,
+        purchase_without_price,
+        good_after,
+    ]
+    await publish(clean_settings, raw, events)
+
+    hop = Hop(clean_settings, raw, clean, f"clean-{uuid.uuid4().hex[:8]}")
+    try:
+        got = by_id(await read_all(clean_settings, clean, 2))
+        letters = [
+            DeadLetter.model_validate_json(record.value)
+            for record in await read_all(clean_settings, dlq(raw), 4)
+        ]
+    finally:
+        status = await hop.stop()
+
+    assert set(got) == {good_before["event_id"], good_after["event_id"]}
+    assert status.dead_letters == 4
+    by_offset = {letter.source_offset: letter for letter in letters}
+    assert sorted(by_offset) == [1, 2, 3, 4]  # all on one partition: the tenant is the key
+    assert all(letter.source_topic == raw and letter.service == "clean" for letter in letters)
+    assert by_offset[1].original == "{not json"
+    assert any(error.field == "payload.quantity" for error in by_offset[2].errors)
+    assert by_offset[3].reason == "unknown currency XAU"
+    assert decode(by_offset[3].original)["event_id"] == unknown_currency["event_id"]
+    assert [error.field for error in by_offset[4].errors] == ["payload.unit_price"]
+    assert Counter(letter.tenant for letter in letters) == Counter({"acme": 4})
