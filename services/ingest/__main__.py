@@ -1,0 +1,31 @@
+"""``python -m services.ingest``: run the HTTP gateway until SIGTERM / SIGINT.
+
+On a signal aiohttp stops accepting connections, lets running requests finish (their records
+are acknowledged before they answer), then the ``cleanup_ctx`` stops the registry and flushes and
+closes the producer.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.ingest.app import SERVICE, create_app
+from services.ingest.settings import load_ingest_settings
+from shared.logs import configure_logging
+
+
+def main() -> None:
+    settings = load_ingest_settings()
+    configure_logging(SERVICE, settings.log_level, settings.log_format)
+    web.run_app(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.ingest_http_port,
+        access_log=None,
+        shutdown_timeout=30,
+        handle_signals=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The ingest HTTP gateway: partner firms publish events here, and read the insights they may see.
+
+Consumes: HTTP requests (``POST /v1/events`` as a JSON array, NDJSON or CSV; see
+:mod:`services.ingest.handlers`) and, to authenticate them, the control topics
+(``control.tenants.v1``, ``control.keys.v1``, ``control.grants.v1``) through a
+:class:`~shared.control.ControlRegistry` that every replica rebuilds from the compacted topics.
+With ``ingest_with_insights`` it also serves the insight and sharing routes of
+:mod:`services.ingest.insights`.
+
+Produces: accepted events to ``events.raw.v1`` (key: the tenant of the API key, never a tenant
+from the body) and refused records, with their original content and reasons, to
+``events.raw.v1.dlq``.
+
+Delivery semantics: **at-least-once, acknowledged before answering.** A request's records are
+appended to per-partition batches and sent together by an idempotent ``acks=all`` producer; the
+``202`` is answered only after Kafka acknowledged every one of them. If Kafka does not, the
+answer is ``503`` and the client retries. A retry (or any re-sent batch) publishes the same
+``event_id`` again — for CSV without an ``event_id`` column the id is derived from
+``(tenant, sha256(body), row)``, so it repeats too — and **the clean service drops repeated
+event ids** (its de-duplication survives restarts). The gateway itself keeps no state: any
+replica can take any request.
+
+Routes: ``POST /v1/events``; ``GET /healthz``, ``/readyz`` (broker answers a metadata request),
+``/metrics`` (Prometheus), ``/openapi.json`` (OpenAPI 3.1) — these four need no key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from schemas.topics import EVENTS_RAW, dlq
+from services.ingest.auth import REGISTRY_KEY, require_api_key
+from services.ingest.handlers import (
+    MAX_BODY_KEY,
+    METRICS_KEY,
+    PUBLISHER_KEY,
+    GatewayMetrics,
+    answer_errors,
+    count_requests,
+    post_events,
+)
+from services.ingest.openapi import build_openapi
+from services.ingest.settings import IngestSettings
+from shared.codec import json_response
+from shared.control import ControlRegistry
+from shared.kafka import BatchPublisher, create_producer, ensure_topics
+from shared.observability import add_health_routes
+
+SERVICE = "ingest"
+SETTINGS_KEY = web.AppKey("settings", IngestSettings)
+
+
+async def kafka_clients(app: web.Application) -> AsyncIterator[None]:
+    """Own the producer and the control registry for the life of the app."""
+    settings = app[SETTINGS_KEY]
+    await ensure_topics(settings, [EVENTS_RAW, dlq(EVENTS_RAW)])
+    producer = create_producer(settings)
+    await producer.start()
+    try:
+        registry = ControlRegistry(settings)
+        await registry.start()
+        try:
+            app[PUBLISHER_KEY] = BatchPublisher(producer)
+            app[REGISTRY_KEY] = registry
+            yield
+        finally:
+            await registry.stop()
+    finally:
+        await producer.stop()
+
+
+def create_app(settings: IngestSettings) -> web.Application:
+    """The gateway app; Kafka clients start with it (``cleanup_ctx``) and stop with it."""
+    metrics = GatewayMetrics.create()
+    app = web.Application(middlewares=[count_requests, answer_errors, require_api_key])
+    app[SETTINGS_KEY] = settings
+    app[METRICS_KEY] = metrics
+    app[MAX_BODY_KEY] = settings.ingest_max_body_bytes
+    app.cleanup_ctx.append(kafka_clients)
+
+    async def ready() -> str | None:
+        if PUBLISHER_KEY not in app:
+            return "starting"
+        try:
+            async with asyncio.timeout(5):
+                await app[PUBLISHER_KEY].producer.client.fetch_all_metadata()
+        except Exception as error:  # any failure to reach the broker means "not ready"
+            return f"Kafka unreachable: {error!r}"
+        return None
+
+    async def openapi(_: web.Request) -> web.Response:
+        """The OpenAPI 3.1 document of this gateway."""
+        return json_response(build_openapi(app, settings))
+
+    add_health_routes(app, SERVICE, ready, registry=metrics.registry)
+    app.router.add_post("/v1/events", post_events)
+    app.router.add_get("/openapi.json", openapi)
+    if settings.ingest_with_insights:
+        # The insight routes' own startup needs the registry: it is appended after ours.
+        from services.ingest.insights import setup_insight_routes
+
+        setup_insight_routes(app)
+    return app

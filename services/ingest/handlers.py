@@ -1,0 +1,357 @@
+"""The work of ``POST /v1/events``: read the body as a stream, parse it, validate, publish, answer.
+
+The content type decides the parser:
+
+- ``application/json`` — a JSON array of events; a body that is not JSON or not an array is a
+  whole-request error (400); an element that is not an event is refused on its own;
+- ``application/x-ndjson`` (also ``application/ndjson``, ``application/jsonl``) — one event per
+  line; a line that is not JSON is refused on its own, blank lines are skipped; a refusal's
+  ``index`` is the 0-based line number;
+- ``text/csv`` — see :mod:`services.ingest.csvmap`; the event type comes from ``?type=`` and
+  ``?version=`` (422 when they name no contract), a refusal's ``index`` is the 0-based data row.
+
+For JSON and NDJSON the type is per record, so a record of an unknown type or version is a
+per-record refusal (``field: "type"``), not a 422: the other records of the request still go in.
+
+The body is read chunk by chunk into one buffer and the size limit is enforced while reading
+(413 as soon as it is exceeded, or at once when ``Content-Length`` says so). Records are parsed
+with orjson and validated in one pass; the accepted ones and the dead letters of the refused
+ones are published together and the answer (202) is sent only after Kafka acknowledged all of
+them (``acks=all``). The answer: ``{accepted, refused, refusals: [{index, field, reason}],
+request_id}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.ingest.auth import authenticated_tenant
+from services.ingest.csvmap import CsvError, parse_csv, resolve_type
+from services.ingest.intake import (
+    ForeignTenant,
+    Incoming,
+    Intake,
+    publish_intake,
+    validate_records,
+)
+from shared.codec import DecodeError, decode, encode, json_response
+from shared.kafka import BatchPublisher
+
+log = logging.getLogger(__name__)
+
+JSON_TYPES = frozenset({"application/json"})
+NDJSON_TYPES = frozenset(
+    {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
+)
+CSV_TYPES = frozenset({"text/csv"})
+CHUNK_BYTES = 256 * 1024
+
+
+# --------------------------------------------------------------------------- answers (documented)
+
+
+class Refusal(BaseModel):
+    """One reason one record was refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: int = Field(description="Position of the record: array index, NDJSON line, CSV row.")
+    field: str = Field(description="Dotted path of the field, or '' for the whole record.")
+    reason: str = Field(description="What is wrong, in words a partner can act on.")
+
+
+class IngestAnswer(BaseModel):
+    """202: what happened to every record of the request, after Kafka acknowledged them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    accepted: int = Field(ge=0, description="Records published to events.raw.v1.")
+    refused: int = Field(ge=0, description="Records refused (and sent to events.raw.v1.dlq).")
+    refusals: list[Refusal] = Field(description="Why each refused record was refused.")
+    request_id: str = Field(description="Id of this request, also in the X-Request-Id header.")
+
+
+class ErrorAnswer(BaseModel):
+    """A whole-request error: nothing of the request was published."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    error: str = Field(description="What is wrong with the request as a whole.")
+    request_id: str | None = Field(None, description="Id of this request, when it has one.")
+
+
+class RequestError(Exception):
+    """A whole-request error with its HTTP status."""
+
+    def __init__(self, status: int, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class GatewayMetrics:
+    """The gateway's Prometheus metrics, in a registry of its own (one per app)."""
+
+    registry: CollectorRegistry
+    requests: Counter
+    accepted: Counter
+    refused: Counter
+    publish_seconds: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
+        registry = registry or CollectorRegistry()
+        return cls(
+            registry=registry,
+            requests=Counter(
+                "xietong_ingest_http_requests",
+                "HTTP requests by route, method and status.",
+                ["route", "method", "status"],
+                registry=registry,
+            ),
+            accepted=Counter(
+                "xietong_ingest_records_accepted",
+                "Records published to the raw topic, by body format.",
+                ["format"],
+                registry=registry,
+            ),
+            refused=Counter(
+                "xietong_ingest_records_refused",
+                "Records refused and dead-lettered, by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            publish_seconds=Histogram(
+                "xietong_ingest_publish_seconds",
+                "Time from the first send of a request's records to the last acknowledgement.",
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                registry=registry,
+            ),
+        )
+
+
+PUBLISHER_KEY = web.AppKey("publisher", BatchPublisher)
+METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
+MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+
+
+def route_name(request: web.Request) -> str:
+    """The route template (``/v1/shares/{grant_id}``), never the raw path (bounded labels)."""
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+def reason_label(reason: str) -> str:
+    """A bounded metric label: the reason up to its first colon."""
+    return reason.partition(":")[0][:60]
+
+
+# --------------------------------------------------------------------------- reading and parsing
+
+
+async def read_body(request: web.Request, limit: int) -> bytearray:
+    """The body as one buffer, refused with 413 as soon as it grows past ``limit`` bytes."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise RequestError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(CHUNK_BYTES):
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"body exceeds the limit of {limit} bytes")
+    return body
+
+
+@dataclass
+class Parsed:
+    """Records of a body, and how to recover the original text of one by its index."""
+
+    items: list[Incoming]
+    original_of: Callable[[int], bytes | str]
+    format: str
+    source_system: str = "http"
+
+
+def parse_json_array(body: bytes | bytearray) -> Parsed:
+    """A JSON array of events (400 if the body is not JSON or not an array)."""
+    try:
+        data = decode(body)
+    except DecodeError as error:
+        raise RequestError(400, f"the body is not valid JSON: {error}") from None
+    if not isinstance(data, list):
+        raise RequestError(
+            400,
+            f"the body must be a JSON array of events, not a JSON {type(data).__name__}",
+        )
+    # The original of a record is only needed if it is refused: encode it then.
+    items = [Incoming(index, b"", record) for index, record in enumerate(data)]
+    return Parsed(items, lambda index: encode(data[index]), "json")
+
+
+def parse_ndjson(body: bytes | bytearray) -> Parsed:
+    """One JSON event per line; a bad line is refused on its own, blank lines are skipped."""
+    view = memoryview(body)
+    spans: dict[int, tuple[int, int]] = {}
+    items: list[Incoming] = []
+    start, end, line = 0, len(body), 0
+    while start < end:
+        stop = body.find(b"\n", start)
+        stop = end if stop < 0 else stop
+        piece = view[start:stop]
+        try:
+            items.append(Incoming(line, b"", decode(piece)))
+            spans[line] = (start, stop)
+        except DecodeError as error:
+            if not bytes(piece).isspace() and len(piece):
+                items.append(Incoming(line, b"", None, f"invalid JSON: {error}"))
+                spans[line] = (start, stop)
+        start, line = stop + 1, line + 1
+    return Parsed(items, lambda index: bytes(body[spans[index][0] : spans[index][1]]), "ndjson")
+
+
+def parse_csv_body(body: bytes | bytearray, request: web.Request, tenant: str) -> Parsed:
+    try:
+        type_name, version = resolve_type(request.query.get("type"), request.query.get("version"))
+        items = parse_csv(body, tenant, type_name, version)
+    except CsvError as error:
+        raise RequestError(error.status, str(error)) from None
+    originals = {item.index: item.original for item in items}
+    return Parsed(items, originals.__getitem__, "csv", source_system="csv")
+
+
+def parse_body(body: bytes | bytearray, request: web.Request, tenant: str) -> Parsed:
+    """Choose the parser by content type (415 for anything else)."""
+    media = request.content_type
+    charset = (request.charset or "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):
+        raise RequestError(415, f"the body must be UTF-8, not {charset}")
+    if media in JSON_TYPES:
+        return parse_json_array(body)
+    if media in NDJSON_TYPES:
+        return parse_ndjson(body)
+    if media in CSV_TYPES:
+        return parse_csv_body(body, request, tenant)
+    known = ", ".join(sorted(JSON_TYPES | NDJSON_TYPES | CSV_TYPES))
+    raise RequestError(415, f"unsupported content type {media!r}; use one of: {known}")
+
+
+def refusals_of(intake: Intake) -> list[dict[str, Any]]:
+    return [
+        {"index": refused.index, "field": error.field, "reason": error.reason}
+        for refused in intake.refused
+        for error in refused.errors
+    ]
+
+
+# --------------------------------------------------------------------------- the handler
+
+
+async def post_events(request: web.Request) -> web.Response:
+    """Publish events: a JSON array, NDJSON or CSV (``?type=&version=``); 202 once acknowledged."""
+    request_id = request.get("request_id") or uuid.uuid4().hex
+    tenant = authenticated_tenant(request)
+    if tenant.kind == "consumer":
+        raise RequestError(403, f"tenant {tenant.tenant!r} is a consumer: it may not publish")
+    if request.content_type not in JSON_TYPES | NDJSON_TYPES | CSV_TYPES:
+        parse_body(b"", request, tenant.tenant)  # raises the precise 415 before reading
+    body = await read_body(request, request.app[MAX_BODY_KEY])
+    if not body:
+        raise RequestError(400, "the body is empty")
+    parsed = parse_body(body, request, tenant.tenant)
+    try:
+        intake = validate_records(parsed.items, tenant.tenant, source_system=parsed.source_system)
+    except ForeignTenant as error:
+        raise RequestError(403, str(error), index=error.index) from None
+    intake.refused = [
+        dataclasses.replace(refused, original=parsed.original_of(refused.index))
+        for refused in intake.refused
+    ]
+    del body, parsed  # the records are all that is needed from here on
+
+    metrics = request.app[METRICS_KEY]
+    started = time.perf_counter()
+    try:
+        await publish_intake(
+            request.app[PUBLISHER_KEY], intake, tenant.tenant, source_ref=f"http:{request_id}"
+        )
+    except (KafkaError, TimeoutError) as error:
+        log.error("publish failed", extra={"request_id": request_id, "error": repr(error)})
+        raise RequestError(
+            503, "the event bus did not acknowledge the records; nothing is lost, retry"
+        ) from None
+    metrics.publish_seconds.observe(time.perf_counter() - started)
+
+    media = request.content_type
+    fmt = "json" if media in JSON_TYPES else "ndjson" if media in NDJSON_TYPES else "csv"
+    metrics.accepted.labels(fmt).inc(len(intake.accepted))
+    for refused in intake.refused:
+        metrics.refused.labels(reason_label(refused.reason)).inc()
+    return json_response(
+        {
+            "accepted": len(intake.accepted),
+            "refused": len(intake.refused),
+            "refusals": refusals_of(intake),
+            "request_id": request_id,
+        },
+        status=202,
+        headers={"X-Request-Id": request_id},
+    )
+
+
+# --------------------------------------------------------------------------- middlewares
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: every request counted by route and status, a request id on every answer."""
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    request["request_id"] = request_id
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as error:
+        status = error.status
+        raise
+    finally:
+        request.app[METRICS_KEY].requests.labels(
+            route_name(request), request.method, str(status)
+        ).inc()
+
+
+@web.middleware
+async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """:class:`RequestError` -> its JSON answer; anything unexpected is logged, never leaked."""
+    request_id = request.get("request_id")
+    try:
+        return await handler(request)
+    except RequestError as error:
+        return json_response(
+            {"error": error.message, **error.details, "request_id": request_id},
+            status=error.status,
+            headers={"X-Request-Id": request_id or ""},
+        )
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unexpected error", extra={"request_id": request_id, "path": request.path})
+        return json_response({"error": "internal error", "request_id": request_id}, status=500)

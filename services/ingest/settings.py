@@ -1,0 +1,27 @@
+"""Settings of the ingest gateway (environment prefix ``XIETONG_``: ``XIETONG_INGEST_HTTP_PORT``,
+``XIETONG_INGEST_MAX_BODY_BYTES``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import XietongSettings
+
+
+class IngestSettings(XietongSettings):
+    """What the gateway needs beyond the platform settings."""
+
+    ingest_http_port: int = Field(8080, ge=0, le=65535, description="Port of the HTTP gateway.")
+    ingest_max_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description="Largest request body, counted while it is read (after decompression): 413.",
+    )
+    ingest_with_insights: bool = Field(
+        True, description="Also serve the insight and sharing routes (services.ingest.insights)."
+    )
+
+
+def load_ingest_settings(**overrides: object) -> IngestSettings:
+    """Read the environment now; keyword arguments win over it."""
+    return IngestSettings(**overrides)  # type: ignore[arg-type]
