@@ -292,7 +292,7 @@ async def test_bad_records_go_to_the_dead_letter_topic_and_the_hop_goes_on(
 
     assert set(got) == {good_before["event_id"], good_after["event_id"]}
     assert status.dead_letters == 4
-    by_offset = {letter.source_offset: letter for letter in letters}
+    by_offset = {letter.source_offset or 0: letter for letter in letters}
     assert sorted(by_offset) == [1, 2, 3, 4]  # all on one partition: the tenant is the key
     assert all(letter.source_topic == raw and letter.service == "clean" for letter in letters)
     assert by_offset[1].original == "{not json"
