@@ -28,7 +28,13 @@ async def main() -> None:
 
     runner = await serve_health(SERVICE, settings.http_host, settings.clean_http_port, ready)
     try:
-        await run_clean(settings, stop, status=status)
+        await run_clean(
+            settings,
+            stop,
+            source=settings.clean_source_topic,
+            target=settings.clean_target_topic,
+            status=status,
+        )
     finally:
         await runner.cleanup()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from schemas.topics import EVENTS_CLEAN, EVENTS_RAW
 from shared.settings import XietongSettings
 
 DEFAULT_RATES_CNY: dict[str, float] = {
@@ -23,6 +24,8 @@ class CleanSettings(XietongSettings):
 
     clean_http_port: int = Field(8082, ge=0, le=65535, description="Health and metrics port.")
     clean_group_id: str = Field("clean", min_length=1, description="Consumer group of the hop.")
+    clean_source_topic: str = Field(EVENTS_RAW, description="Raw events in.")
+    clean_target_topic: str = Field(EVENTS_CLEAN, description="Clean events out.")
     clean_currency_rates: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_RATES_CNY),
         description="CNY per unit of currency (JSON in the environment). A currency without a "
