@@ -1,0 +1,721 @@
+"""Insights and sharing agreements on the gateway.
+
+Routes (every one authenticated by a tenant key, see :mod:`services.ingest.auth`):
+
+- ``GET /v1/insights?type=&metric=&window_start=&owner=&limit=`` — the latest insights the caller
+  may read, newest first;
+- ``GET /v1/insights/stream?type=&metric=&owner=`` — Server-Sent Events: ``event: <type>``,
+  ``id: <insight_id>``, ``data: <json>``; ``: heartbeat`` comments keep the connection open;
+  ``event: grant_revoked`` tells the client an agreement it was reading under has ended;
+- ``POST /v1/shares`` (the caller grants), ``GET /v1/shares`` (granted by and to the caller),
+  ``DELETE /v1/shares/{grant_id}`` (the owner revokes), ``GET /v1/shares/audit`` (history).
+
+Consumes: every insight topic, with no consumer group — each gateway replica assigns all
+partitions and reads a bounded recent span (``recent_per_partition`` records per partition) into
+an in-memory cache that keeps the latest ``per_series`` insights per (owner, type, metric) and
+fans new ones out to open streams. Produces: only ``control.grants.v1`` (compacted, key: grant
+id, ``acks=all``) — a grant and its revocation are the same record, updated.
+
+Delivery: the cache is a view, not a log: SSE is at-most-once per connection (a reconnecting
+client lists ``/v1/insights`` to catch up), durable subscriptions use the SDK over Kafka.
+
+Enforcement: the one rule, :func:`shared.control.may_read`, is evaluated against the live
+:class:`~shared.control.ControlRegistry` at the moment each insight leaves — for every listed
+insight and for every SSE event when it is written, so a revocation takes effect on open streams
+as soon as the registry has read it. Grants and revocations are logged on ``xietong.audit`` as
+structured lines and stay in the compacted topic (each record holds its whole lifecycle:
+created, expiry, revoked), which is where ``/v1/shares/audit`` reads the history from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from pydantic import AwareDatetime, Field, ValidationError
+
+from schemas.control import Grant
+from schemas.events import Contract, TenantId
+from schemas.insights import (
+    INSIGHT_MODELS,
+    Benchmark,
+    ClusterAssignment,
+    Correlation,
+    Insight,
+    Prediction,
+    Statistics,
+)
+from schemas.topics import INSIGHT_TOPICS
+from services.ingest.auth import REGISTRY_KEY, api_key_of, authenticated_tenant
+from shared.codec import DecodeError, decode, encode, json_response
+from shared.control import ControlRegistry, ControlWriter, may_read, new_id, now
+from shared.deadletter import field_errors
+from shared.kafka import create_consumer, ensure_topics
+from shared.settings import XietongSettings
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("xietong.audit")
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def series_of(insight: Insight) -> str:
+    """What makes insights of one owner and type "the same series" (their metric, target...)."""
+    if isinstance(insight, Statistics):
+        return insight.metric
+    if isinstance(insight, Benchmark):
+        return f"{insight.industry}/{insight.region}/{insight.metric}"
+    if isinstance(insight, Correlation):
+        return ",".join(insight.metrics)
+    if isinstance(insight, Prediction):
+        return f"{insight.model_name}/{insight.target}"
+    if isinstance(insight, ClusterAssignment):
+        return ",".join(insight.features)
+    return ""
+
+
+def metrics_of(insight: Insight) -> tuple[str, ...]:
+    """The metric names an insight is about (what ``?metric=`` matches)."""
+    if isinstance(insight, Statistics | Benchmark):
+        return (insight.metric,)
+    if isinstance(insight, Correlation):
+        return tuple(insight.metrics)
+    if isinstance(insight, Prediction):
+        return (insight.target,)
+    if isinstance(insight, ClusterAssignment):
+        return tuple(insight.features)
+    return ()
+
+
+@dataclass(frozen=True)
+class InsightFilter:
+    """The query filters of the list and stream routes; None matches anything."""
+
+    types: frozenset[str] | None = None
+    metric: str | None = None
+    window_start: datetime | None = None
+    owner: str | None = None
+
+    def matches(self, insight: Insight) -> bool:
+        if self.types is not None and insight.type not in self.types:
+            return False
+        if self.owner is not None and insight.tenant != self.owner:
+            return False
+        if self.metric is not None and self.metric not in metrics_of(insight):
+            return False
+        return self.window_start is None or insight.provenance.window_start == self.window_start
+
+
+def parse_filter(query: Mapping[str, str], values: Callable[[str], list[str]]) -> InsightFilter:
+    """Build the filter from query parameters; raises ``ValueError`` with a readable reason.
+
+    ``type`` may be repeated or comma-separated; ``window_start`` is RFC 3339 with an offset.
+    """
+    types = {t.strip() for raw in values("type") for t in raw.split(",") if t.strip()}
+    unknown = sorted(types - INSIGHT_MODELS.keys())
+    if unknown:
+        raise ValueError(f"unknown insight type(s) {unknown}; known: {sorted(INSIGHT_MODELS)}")
+    window_start = None
+    if query.get("window_start"):
+        try:
+            window_start = datetime.fromisoformat(query["window_start"].replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError("window_start must be an RFC 3339 timestamp") from None
+        if window_start.tzinfo is None:
+            raise ValueError("window_start needs a UTC offset (e.g. 2026-11-01T00:00:00Z)")
+    return InsightFilter(
+        types=frozenset(types) or None,
+        metric=query.get("metric") or None,
+        window_start=window_start,
+        owner=query.get("owner") or None,
+    )
+
+
+def readable(reader: str, insight: Insight, grants: Iterable[Grant], at: datetime) -> bool:
+    """:func:`shared.control.may_read` applied to an insight."""
+    return may_read(
+        reader,
+        owner=insight.tenant,
+        visibility=insight.visibility,
+        insight_type=insight.type,
+        grants=grants,
+        at=at,
+    )
+
+
+def authorising_grants(
+    reader: str, insight: Insight, grants: Iterable[Grant], at: datetime
+) -> list[Grant]:
+    """The grants that let ``reader`` read ``insight`` (none needed for own or public ones)."""
+    if reader == insight.tenant or insight.visibility == "public":
+        return []
+    return [
+        g
+        for g in grants
+        if g.grantee == reader
+        and g.owner == insight.tenant
+        and insight.type in g.insight_types
+        and g.active_at(at)
+    ]
+
+
+def grant_status(grant: Grant, at: datetime) -> str:
+    if grant.revoked_at is not None and grant.revoked_at <= at:
+        return "revoked"
+    if grant.expires_at is not None and grant.expires_at <= at:
+        return "expired"
+    return "active"
+
+
+def grant_view(grant: Grant, at: datetime) -> dict[str, Any]:
+    return {**grant.model_dump(mode="json"), "status": grant_status(grant, at)}
+
+
+def grant_history(tenant: str, grants: Iterable[Grant], at: datetime) -> list[dict[str, Any]]:
+    """Every grant, expiry and revocation the tenant took part in, oldest first."""
+    entries: list[tuple[datetime, dict[str, Any]]] = []
+    for g in grants:
+        if tenant not in (g.owner, g.grantee):
+            continue
+        base = {
+            "grant_id": g.grant_id,
+            "owner": g.owner,
+            "grantee": g.grantee,
+            "insight_types": g.insight_types,
+            "purpose": g.purpose,
+        }
+        entries.append(
+            (
+                g.created_at,
+                {"action": "granted", "at": g.created_at, **base, "expires_at": g.expires_at},
+            )
+        )
+        if g.revoked_at is not None and (g.expires_at is None or g.revoked_at < g.expires_at):
+            entries.append((g.revoked_at, {"action": "revoked", "at": g.revoked_at, **base}))
+        elif g.expires_at is not None and g.expires_at <= at:
+            entries.append((g.expires_at, {"action": "expired", "at": g.expires_at, **base}))
+    entries.sort(key=lambda entry: (entry[0], entry[1]["grant_id"]))
+    return [entry for _, entry in entries]
+
+
+def sse_event(event: str, data: bytes, event_id: str | None = None) -> bytes:
+    """One Server-Sent Event frame (``data`` is one line of compact JSON)."""
+    head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
+    return head.encode() + b"data: " + data + b"\n\n"
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+@dataclass(frozen=True)
+class CachedInsight:
+    insight: Insight
+    body: bytes
+    seq: int
+
+
+class Subscription:
+    """The queue of one open stream; it is closed when the stream cannot keep up."""
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[CachedInsight | None] = asyncio.Queue(size)
+        self.closed = False
+        self.overflowed = False
+
+    def offer(self, item: CachedInsight) -> None:
+        if self.closed:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            # The reader sees the end marker after what is queued; make room if needed.
+            if self.queue.full():
+                self.queue.get_nowait()
+            self.queue.put_nowait(None)
+
+
+class InsightCache:
+    """The latest insights of every series, read from the insight topics without a group."""
+
+    def __init__(
+        self,
+        settings: XietongSettings,
+        *,
+        per_series: int = 50,
+        recent_per_partition: int = 10_000,
+        queue_size: int = 10_000,
+        topics: Iterable[str] = tuple(INSIGHT_TOPICS.values()),
+    ) -> None:
+        self.settings = settings
+        self.per_series = per_series
+        self.recent_per_partition = recent_per_partition
+        self.queue_size = queue_size
+        self.topics = tuple(topics)
+        self._series: dict[tuple[str, str, str], deque[CachedInsight]] = {}
+        self._subscriptions: set[Subscription] = set()
+        self._next: dict[TopicPartition, int] = {}
+        self._progress = asyncio.Event()
+        self._seq = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await ensure_topics(self.settings, self.topics)
+        consumer = create_consumer(self.settings, None)
+        await consumer.start()
+        self._consumer = consumer
+        try:
+            partitions = [
+                TopicPartition(topic, p)
+                for topic in self.topics
+                for p in sorted(await _partitions(consumer, topic))
+            ]
+            consumer.assign(partitions)
+            begin = await consumer.beginning_offsets(partitions)
+            end = await consumer.end_offsets(partitions)
+            for tp in partitions:
+                start = max(begin[tp], end[tp] - self.recent_per_partition)
+                consumer.seek(tp, start)
+                self._next[tp] = start
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._task = asyncio.create_task(self._tail(), name="insight-cache-tail")
+
+    async def stop(self) -> None:
+        for subscription in list(self._subscriptions):
+            subscription.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def _tail(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=self.settings.kafka_fetch_timeout_ms)
+            for tp, records in batch.items():
+                self.add_records(records)
+                self._next[tp] = records[-1].offset + 1
+            self._progress.set()
+
+    def add_records(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> None:
+        for record in records:
+            try:
+                data = decode(record.value)
+                insight = INSIGHT_MODELS[data["type"]].model_validate(data)
+            except (DecodeError, KeyError, TypeError, ValidationError):
+                log.error(
+                    "unreadable insight skipped",
+                    extra={
+                        "topic": record.topic,
+                        "partition": record.partition,
+                        "offset": record.offset,
+                    },
+                )
+                continue
+            self.add(insight)
+
+    def add(self, insight: Insight) -> None:
+        """Keep ``insight`` (unless it is a redelivery) and offer it to every open stream."""
+        key = (insight.tenant, insight.type, series_of(insight))
+        kept = self._series.get(key)
+        if kept is None:
+            kept = self._series[key] = deque(maxlen=self.per_series)
+        elif any(c.insight.insight_id == insight.insight_id for c in kept):
+            return  # at-least-once producers may deliver an insight twice
+        self._seq += 1
+        item = CachedInsight(insight, encode(insight), self._seq)
+        kept.append(item)
+        for subscription in list(self._subscriptions):
+            subscription.offer(item)
+            if subscription.closed:
+                self._subscriptions.discard(subscription)
+
+    def latest(self, keep: Callable[[Insight], bool], limit: int) -> list[CachedInsight]:
+        """Newest first, at most ``limit``."""
+        found = [c for kept in self._series.values() for c in kept if keep(c.insight)]
+        found.sort(key=lambda c: c.seq, reverse=True)
+        return found[:limit]
+
+    def subscribe(self) -> Subscription:
+        subscription = Subscription(self.queue_size)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+        subscription.closed = True
+
+    async def wait_caught_up(self, timeout: float) -> bool:
+        """Wait until everything written before this call is in the cache (False on timeout)."""
+        assert self._consumer is not None
+        end = await self._consumer.end_offsets(list(self._next))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while any(self._next[tp] < offset for tp, offset in end.items()):
+                    self._progress.clear()
+                    await self._progress.wait()
+                return True
+        return False
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    for _ in range(50):
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return set(found)
+        await consumer._client.force_metadata_update()  # a new topic: metadata lags a moment
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"insight topic {topic} has no partitions")
+
+
+# --------------------------------------------------------------------------- app wiring
+
+
+@dataclass
+class InsightRoutes:
+    """What the routes share: the cache and the grant writer (both set at startup)."""
+
+    per_series: int = 50
+    recent_per_partition: int = 10_000
+    heartbeat: float = 15.0
+    registry_timeout: float = 10.0
+    _cache: InsightCache | None = None
+    _writer: ControlWriter | None = None
+    streams: set[Subscription] = field(default_factory=set)
+
+    @property
+    def cache(self) -> InsightCache:
+        if self._cache is None:
+            raise RuntimeError("insight routes are not started")
+        return self._cache
+
+    @property
+    def writer(self) -> ControlWriter:
+        if self._writer is None:
+            raise RuntimeError("insight routes are not started")
+        return self._writer
+
+
+INSIGHTS_KEY = web.AppKey("insights", InsightRoutes)
+
+
+def setup_insight_routes(
+    app: web.Application,
+    *,
+    per_series: int = 50,
+    recent_per_partition: int = 10_000,
+    heartbeat: float = 15.0,
+) -> None:
+    """Add the insight and sharing routes, and the startup/cleanup of the cache and writer.
+
+    ``app[REGISTRY_KEY]`` must hold a started :class:`ControlRegistry` by the time the app starts
+    (set it before, or in a ``cleanup_ctx`` appended before calling this).
+    """
+    state = InsightRoutes(per_series, recent_per_partition, heartbeat)
+    app[INSIGHTS_KEY] = state
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        settings = app[REGISTRY_KEY].settings
+        cache = InsightCache(
+            settings, per_series=state.per_series, recent_per_partition=state.recent_per_partition
+        )
+        await cache.start()
+        try:
+            async with ControlWriter(settings) as writer:
+                state._cache, state._writer = cache, writer
+                yield
+        finally:
+            state._cache = state._writer = None
+            await cache.stop()
+
+    async def end_streams(_: web.Application) -> None:
+        # Before the server waits for handlers: open streams finish instead of being cut off.
+        for subscription in list(state.streams):
+            subscription.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(end_streams)
+    app.router.add_get("/v1/insights", list_insights)
+    app.router.add_get("/v1/insights/stream", stream_insights)
+    app.router.add_post("/v1/shares", create_share)
+    app.router.add_get("/v1/shares", list_shares)
+    app.router.add_get("/v1/shares/audit", share_audit)
+    app.router.add_delete("/v1/shares/{grant_id}", revoke_share)
+
+
+def _error(status: type[web.HTTPException], reason: str, **details: Any) -> web.HTTPException:
+    return status(
+        text=encode({"error": reason, **details}).decode(), content_type="application/json"
+    )
+
+
+def _filter_of(request: web.Request) -> InsightFilter:
+    try:
+        return parse_filter(request.query, lambda name: list(request.query.getall(name, [])))
+    except ValueError as error:
+        raise _error(web.HTTPBadRequest, str(error)) from None
+
+
+def _limit_of(request: web.Request) -> int:
+    raw = request.query.get("limit", str(DEFAULT_LIMIT))
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise _error(web.HTTPBadRequest, "limit must be an integer") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise _error(web.HTTPBadRequest, f"limit must be between 1 and {MAX_LIMIT}")
+    return limit
+
+
+# --------------------------------------------------------------------------- insight routes
+
+
+async def list_insights(request: web.Request) -> web.Response:
+    """The latest insights the caller may read, newest first."""
+    reader = authenticated_tenant(request).tenant
+    wanted = _filter_of(request)
+    limit = _limit_of(request)
+    registry = request.app[REGISTRY_KEY]
+    at = now()
+    grants = registry.grants_to(reader, at)
+    found = request.app[INSIGHTS_KEY].cache.latest(
+        lambda insight: wanted.matches(insight) and readable(reader, insight, grants, at), limit
+    )
+    body = b'{"count":%d,"insights":[' % len(found) + b",".join(c.body for c in found) + b"]}"
+    return web.Response(body=body, content_type="application/json")
+
+
+async def stream_insights(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events of new insights the caller may read, checked when each is sent."""
+    tenant = authenticated_tenant(request)
+    reader = tenant.tenant
+    api_key = api_key_of(request)
+    wanted = _filter_of(request)
+    state = request.app[INSIGHTS_KEY]
+    registry = request.app[REGISTRY_KEY]
+    subscription = state.cache.subscribe()
+    state.streams.add(subscription)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # proxies must not buffer a stream
+        }
+    )
+    loop = asyncio.get_running_loop()
+    # Grants this stream has delivered insights under: when one ends, the client is told.
+    used: dict[str, Grant] = {}
+    next_item: asyncio.Task[CachedInsight | None] | None = None
+    changed: asyncio.Task[int] | None = None
+    try:
+        await response.prepare(request)
+        await response.write(b": connected\nretry: 3000\n\n")
+        last_write = loop.time()
+        version = registry.version
+        while True:
+            if next_item is None:
+                next_item = asyncio.ensure_future(subscription.queue.get())
+            if changed is None:
+                changed = asyncio.ensure_future(registry.wait_changed(version, state.heartbeat))
+            done, _ = await asyncio.wait(
+                {next_item, changed}, timeout=state.heartbeat, return_when=asyncio.FIRST_COMPLETED
+            )
+            frames: list[bytes] = []
+            if changed in done:
+                version, changed = changed.result(), None
+                if registry.authenticate(api_key) is None:
+                    frames.append(
+                        sse_event("access_revoked", encode({"reason": "key or tenant revoked"}))
+                    )
+                    await response.write(b"".join(frames))
+                    break
+                at = now()
+                for grant_id, grant in list(used.items()):
+                    current = registry.grants.get(grant_id, grant)
+                    if not current.active_at(at):
+                        del used[grant_id]
+                        frames.append(sse_event("grant_revoked", encode(grant_view(current, at))))
+            if next_item in done:
+                item, next_item = next_item.result(), None
+                if item is None:
+                    reason = (
+                        "too slow: stream dropped" if subscription.overflowed else "shutting down"
+                    )
+                    frames.append(sse_event("end", encode({"reason": reason})))
+                    await response.write(b"".join(frames))
+                    break
+                if wanted.matches(item.insight):
+                    at = now()
+                    grants = registry.grants_to(reader, at)
+                    # The rule is evaluated now, at send time, against the live registry.
+                    if readable(reader, item.insight, grants, at):
+                        for grant in authorising_grants(reader, item.insight, grants, at):
+                            used.setdefault(grant.grant_id, grant)
+                        frames.append(
+                            sse_event(item.insight.type, item.body, str(item.insight.insight_id))
+                        )
+            if not frames and loop.time() - last_write >= state.heartbeat:
+                frames.append(b": heartbeat\n\n")
+            if frames:
+                await response.write(b"".join(frames))
+                last_write = loop.time()
+    except ConnectionResetError:
+        log.info("stream client went away", extra={"tenant": reader})
+    finally:
+        for task in (next_item, changed):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        state.streams.discard(subscription)
+        state.cache.unsubscribe(subscription)
+    return response
+
+
+# --------------------------------------------------------------------------- sharing routes
+
+
+class ShareRequest(Contract):
+    """Body of ``POST /v1/shares``: the caller (the owner) grants ``grantee`` some insight types."""
+
+    grantee: TenantId
+    insight_types: list[str] = Field(min_length=1)
+    expires_at: AwareDatetime | None = Field(None, description="None: until revoked.")
+    purpose: str = Field("", max_length=500)
+
+
+async def _until_registry(
+    registry: ControlRegistry, done: Callable[[], bool], timeout: float
+) -> None:
+    """Read-your-writes: wait until the registry reflects what was just published."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while not done():
+                await registry.wait_changed(registry.version, timeout)
+
+
+def _audit(action: str, actor: str, grant: Grant) -> None:
+    audit.info(
+        f"{action} {grant.grant_id}",
+        extra={
+            "audit": action,
+            "actor": actor,
+            "grant_id": grant.grant_id,
+            "owner": grant.owner,
+            "grantee": grant.grantee,
+            "insight_types": grant.insight_types,
+            "purpose": grant.purpose,
+            "expires_at": grant.expires_at.isoformat() if grant.expires_at else None,
+            "revoked_at": grant.revoked_at.isoformat() if grant.revoked_at else None,
+        },
+    )
+
+
+async def create_share(request: web.Request) -> web.Response:
+    owner = authenticated_tenant(request).tenant
+    registry = request.app[REGISTRY_KEY]
+    state = request.app[INSIGHTS_KEY]
+    try:
+        body = ShareRequest.model_validate(decode(await request.read()))
+    except DecodeError:
+        raise _error(web.HTTPBadRequest, "body must be JSON") from None
+    except ValidationError as error:
+        raise _error(
+            web.HTTPUnprocessableEntity,
+            "invalid share",
+            errors=[e.model_dump() for e in field_errors(error)],
+        ) from None
+    unknown = sorted(set(body.insight_types) - INSIGHT_MODELS.keys())
+    if unknown:
+        raise _error(web.HTTPUnprocessableEntity, f"unknown insight type(s) {unknown}")
+    if body.grantee == owner:
+        raise _error(web.HTTPUnprocessableEntity, "a tenant always reads its own insights")
+    if registry.tenant(body.grantee) is None:
+        raise _error(web.HTTPUnprocessableEntity, f"unknown grantee {body.grantee!r}")
+    at = now()
+    if body.expires_at is not None and body.expires_at <= at:
+        raise _error(web.HTTPUnprocessableEntity, "expires_at is in the past")
+    grant = Grant(
+        grant_id=new_id(),
+        owner=owner,
+        grantee=body.grantee,
+        insight_types=sorted(set(body.insight_types)),
+        purpose=body.purpose,
+        created_at=at,
+        expires_at=body.expires_at,
+    )
+    await state.writer.put_grant(grant)
+    _audit("grant.created", owner, grant)
+    await _until_registry(
+        registry, lambda: grant.grant_id in registry.grants, state.registry_timeout
+    )
+    return json_response(grant_view(grant, at), status=201)
+
+
+async def list_shares(request: web.Request) -> web.Response:
+    tenant = authenticated_tenant(request).tenant
+    registry = request.app[REGISTRY_KEY]
+    at = now()
+    grants = sorted(registry.grants.values(), key=lambda g: (g.created_at, g.grant_id))
+    return json_response(
+        {
+            "granted": [grant_view(g, at) for g in grants if g.owner == tenant],
+            "received": [grant_view(g, at) for g in grants if g.grantee == tenant],
+        }
+    )
+
+
+async def revoke_share(request: web.Request) -> web.Response:
+    tenant = authenticated_tenant(request).tenant
+    registry = request.app[REGISTRY_KEY]
+    state = request.app[INSIGHTS_KEY]
+    grant = registry.grants.get(request.match_info["grant_id"])
+    if grant is None or tenant not in (grant.owner, grant.grantee):
+        raise _error(web.HTTPNotFound, "no such grant")
+    if grant.owner != tenant:
+        raise _error(web.HTTPForbidden, "only the owner revokes a grant")
+    at = now()
+    if grant.revoked_at is not None:
+        return json_response(grant_view(grant, at))  # already revoked: nothing changes
+    revoked = grant.model_copy(update={"revoked_at": at})
+    await state.writer.put_grant(revoked)
+    _audit("grant.revoked", tenant, revoked)
+    await _until_registry(
+        registry,
+        lambda: (
+            (current := registry.grants.get(grant.grant_id)) is not None
+            and current.revoked_at is not None
+        ),
+        state.registry_timeout,
+    )
+    return json_response(grant_view(revoked, at))
+
+
+async def share_audit(request: web.Request) -> web.Response:
+    tenant = authenticated_tenant(request).tenant
+    registry = request.app[REGISTRY_KEY]
+    return json_response(
+        {"tenant": tenant, "history": grant_history(tenant, registry.grants.values(), now())}
+    )

@@ -1,0 +1,273 @@
+"""Insights and sharing on the gateway: who sees what on the list and on open SSE streams.
+
+The routes run in a minimal app (``require_api_key`` + ``setup_insight_routes``) over the real
+broker; insights are published straight to the insight topics, as analytics would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from schemas.control import Grant
+from services.ingest.auth import REGISTRY_KEY, require_api_key
+from services.ingest.insights import (
+    INSIGHTS_KEY,
+    InsightFilter,
+    grant_history,
+    parse_filter,
+    series_of,
+    setup_insight_routes,
+    sse_event,
+)
+from shared.sdk import GatewayClient, GatewayError, InsightStream, ServerSentEvent
+from shared.settings import XietongSettings
+from tests.insight_helpers import (
+    WINDOW,
+    Network,
+    benchmark,
+    network,
+    prediction,
+    publish,
+    statistics,
+)
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_filters_match_type_owner_metric_and_window() -> None:
+    stats = statistics("acme", metric="sales.qty")
+    assert InsightFilter().matches(stats)
+    assert InsightFilter(types=frozenset({"statistics"}), owner="acme").matches(stats)
+    assert not InsightFilter(types=frozenset({"prediction"})).matches(stats)
+    assert not InsightFilter(owner="rival").matches(stats)
+    assert InsightFilter(metric="sales.qty").matches(stats)
+    assert not InsightFilter(metric="sales.amount_cny").matches(stats)
+    assert InsightFilter(window_start=WINDOW).matches(stats)
+    assert not InsightFilter(window_start=WINDOW + timedelta(hours=1)).matches(stats)
+
+
+def test_parse_filter_reads_repeated_and_comma_separated_types() -> None:
+    query = {"type": "statistics", "window_start": "2026-11-01T00:00:00Z"}
+    values = {"type": ["statistics,benchmark", "prediction"]}
+    parsed = parse_filter(query, lambda name: values.get(name, []))
+    assert parsed.types == {"statistics", "benchmark", "prediction"}
+    assert parsed.window_start == WINDOW
+    with pytest.raises(ValueError, match="unknown insight type"):
+        parse_filter({}, lambda name: ["gossip"] if name == "type" else [])
+    with pytest.raises(ValueError, match="offset"):
+        parse_filter({"window_start": "2026-11-01T00:00:00"}, lambda name: [])
+
+
+def test_series_keep_metrics_apart_and_benchmarks_per_industry() -> None:
+    assert series_of(statistics("acme", "a")) != series_of(statistics("acme", "b"))
+    assert series_of(benchmark("m")) == "fasteners/cn-east/m"
+
+
+def test_history_lists_grants_revocations_and_expiries_in_order() -> None:
+    base: dict[str, Any] = {"owner": "acme", "grantee": "bank", "insight_types": ["statistics"]}
+    grants = [
+        Grant(grant_id="g0000001", created_at=T0, revoked_at=T0 + timedelta(days=2), **base),
+        Grant(
+            grant_id="g0000002",
+            created_at=T0 + timedelta(days=1),
+            expires_at=T0 + timedelta(days=3),
+            **base,
+        ),
+        Grant(
+            grant_id="g0000003",
+            owner="rival",
+            grantee="bank",
+            insight_types=["prediction"],
+            created_at=T0,
+        ),
+    ]
+    history = grant_history("acme", grants, at=T0 + timedelta(days=5))
+    assert [(h["action"], h["grant_id"]) for h in history] == [
+        ("granted", "g0000001"),
+        ("granted", "g0000002"),
+        ("revoked", "g0000001"),
+        ("expired", "g0000002"),
+    ]
+    assert [(h["action"], h["grant_id"]) for h in grant_history("bank", grants, at=T0)] == [
+        ("granted", "g0000001"),
+        ("granted", "g0000003"),
+        ("granted", "g0000002"),
+        ("revoked", "g0000001"),
+    ]
+
+
+def test_sse_frames_carry_event_id_and_one_line_of_data() -> None:
+    frame = sse_event("statistics", b'{"a":1}', "id-1")
+    assert frame == b'event: statistics\nid: id-1\ndata: {"a":1}\n\n'
+
+
+# --------------------------------------------------------------------------- over the broker
+
+
+@dataclass(frozen=True)
+class Gateway:
+    net: Network
+    url: str
+    app: web.Application
+
+    def client(self, tenant: str) -> GatewayClient:
+        return GatewayClient(self.url, self.net.keys[tenant])
+
+    def stream(self, tenant: str, **kwargs: Any) -> InsightStream:
+        return InsightStream(self.url, self.net.keys[tenant], **kwargs)
+
+    async def caught_up(self) -> None:
+        assert await self.app[INSIGHTS_KEY].cache.wait_caught_up(30)
+
+
+@pytest.fixture
+async def gateway(settings: XietongSettings) -> AsyncIterator[Gateway]:
+    async with network(settings) as net:
+        app = web.Application(middlewares=[require_api_key])
+        app[REGISTRY_KEY] = net.registry
+        setup_insight_routes(app, heartbeat=0.5)
+        async with TestServer(app, host="127.0.0.1") as server, TestClient(server) as http:
+            yield Gateway(net, str(http.make_url("")), app)
+
+
+def ids(insights: list[Any]) -> set[str]:
+    return {str(i.insight_id) for i in insights}
+
+
+@pytest.mark.integration
+async def test_list_shows_own_public_and_granted_insights_only(gateway: Gateway) -> None:
+    net = gateway.net
+    a_stats, a_pred, b_stats = statistics(net.a), prediction(net.a), statistics(net.b)
+    public = benchmark(f"m{net.a}")
+    await publish(net.writer.settings, [a_stats, a_pred, b_stats, public])
+    await gateway.caught_up()
+
+    async with (
+        gateway.client(net.a) as a,
+        gateway.client(net.b) as b,
+        gateway.client(net.bank) as bank,
+    ):
+        mine = {net.a, net.b, "network"}
+        seen_by_b = ids([i for i in await b.insights(limit=1000) if i.tenant in mine])
+        assert str(b_stats.insight_id) in seen_by_b and str(public.insight_id) in seen_by_b
+        assert not seen_by_b & ids([a_stats, a_pred])
+        assert not ids(await bank.insights(owner=net.a)) | ids(await bank.insights(owner=net.b))
+        assert ids(await bank.insights(metric=public.metric)) == ids([public])
+        assert ids(await a.insights(owner=net.a)) == ids([a_stats, a_pred])
+
+        # A lets B read its statistics, nothing else.
+        grant = await a.grant(
+            net.b,
+            ["statistics"],
+            expires_at=datetime.now(UTC) + timedelta(days=1),
+            purpose="supplier financing",
+        )
+        assert (grant.owner, grant.grantee) == (net.a, net.b)
+        assert ids(await b.insights(owner=net.a)) == ids([a_stats])
+        assert not ids(await bank.insights(owner=net.a))
+        assert ids(await b.insights(owner=net.a, types=["prediction"])) == set()
+        assert [g["grant_id"] for g in (await b.shares())["received"]] == [grant.grant_id]
+        assert [g["status"] for g in (await a.shares())["granted"]] == ["active"]
+
+        # Only the owner revokes; the grantee learns it exists, a stranger does not.
+        with pytest.raises(GatewayError, match="403"):
+            await b.revoke(grant.grant_id)
+        with pytest.raises(GatewayError, match="404"):
+            await bank.revoke(grant.grant_id)
+        revoked = await a.revoke(grant.grant_id)
+        assert revoked.revoked_at is not None
+        assert not ids(await b.insights(owner=net.a))
+        assert [(h["action"], h["grant_id"]) for h in await a.audit()] == [
+            ("granted", grant.grant_id),
+            ("revoked", grant.grant_id),
+        ]
+
+        with pytest.raises(GatewayError, match="422"):
+            await a.grant("nobody-here", ["statistics"])
+        with pytest.raises(GatewayError, match="422"):
+            await a.grant(net.b, ["gossip"])
+
+
+@pytest.mark.integration
+async def test_without_a_key_nothing_is_served(gateway: Gateway) -> None:
+    async with GatewayClient(gateway.url, "xt_deadbeef00_nope") as stranger:
+        with pytest.raises(GatewayError, match="401"):
+            await stranger.insights()
+        with pytest.raises(GatewayError, match="401"):
+            await stranger.shares()
+
+
+async def read_until(stream: InsightStream, last_id: str, seen: list[ServerSentEvent]) -> None:
+    """Collect the stream's events (insights and notices) up to the one with ``last_id``."""
+    async with asyncio.timeout(30):
+        async for event in stream.events():
+            seen.append(event)
+            if event.id == last_id:
+                return
+
+
+@pytest.mark.integration
+async def test_revocation_stops_an_open_stream_and_strangers_never_see_private_insights(
+    gateway: Gateway,
+) -> None:
+    net = gateway.net
+    settings = net.writer.settings
+    async with gateway.client(net.a) as a:
+        grant = await a.grant(net.b, ["statistics"], purpose="planning")
+
+    async with gateway.stream(net.b) as b_stream, gateway.stream(net.bank) as bank_stream:
+        # Phase 1: B reads A's statistics under the grant, not A's predictions.
+        granted, not_granted = statistics(net.a, mean=1.0), prediction(net.a)
+        await publish(settings, [granted, not_granted])
+        await gateway.caught_up()
+        marker_b, marker_public = statistics(net.b), benchmark(f"m{net.b}")
+        await publish(settings, [marker_b, marker_public])
+        b_seen: list[ServerSentEvent] = []
+        await read_until(b_stream, str(marker_b.insight_id), b_seen)
+        b_ids = {e.id for e in b_seen}
+        assert str(granted.insight_id) in b_ids
+        assert str(not_granted.insight_id) not in b_ids
+
+        # Phase 2: A revokes while the stream is open; nothing more of A reaches B.
+        async with gateway.client(net.a) as a:
+            await a.revoke(grant.grant_id)
+        after = statistics(net.a, mean=2.0)
+        await publish(settings, [after])
+        await gateway.caught_up()
+        marker_b2 = statistics(net.b, mean=3.0)
+        await publish(settings, [marker_b2])
+        b_seen_after: list[ServerSentEvent] = []
+        await read_until(b_stream, str(marker_b2.insight_id), b_seen_after)
+        assert str(after.insight_id) not in {e.id for e in b_seen_after}
+        notices = [e for e in b_seen + b_seen_after if e.event == "grant_revoked"]
+        assert [grant.grant_id in e.data for e in notices] == [True]
+
+        # The bank, granted nothing, saw only the public benchmark of all this.
+        bank_seen: list[ServerSentEvent] = []
+        await read_until(bank_stream, str(marker_public.insight_id), bank_seen)
+        private = {str(i.insight_id) for i in (granted, not_granted, marker_b, after, marker_b2)}
+        assert not private & {e.id for e in bank_seen}
+
+
+@pytest.mark.integration
+async def test_stream_yields_typed_insights_of_the_requested_types(gateway: Gateway) -> None:
+    net = gateway.net
+    async with gateway.stream(net.a, types=["prediction"]) as stream:
+        stats, pred = statistics(net.a), prediction(net.a)
+        await publish(net.writer.settings, [stats])
+        await gateway.caught_up()
+        await publish(net.writer.settings, [pred])
+        async with asyncio.timeout(30):
+            first = await anext(aiter(stream))
+    assert first == pred
