@@ -1,0 +1,1 @@
+"""The analytics service: windowed statistics, correlations, benchmarks and clusters."""

@@ -1,0 +1,540 @@
+"""The analytics service: clean events in, statistics, correlations, benchmarks and clusters out.
+
+Consumes ``events.clean.v1`` (:class:`schemas.events.CleanEvent`, key = tenant) and the tenant
+registry (``control.tenants.v1``, for each firm's industry and region). Produces
+:class:`~schemas.insights.Statistics` and :class:`~schemas.insights.Correlation` (private to the
+firm), :class:`~schemas.insights.Benchmark` (public, owner ``network``) and
+:class:`~schemas.insights.ClusterAssignment` (private to the firm) to their topics in
+:data:`schemas.topics.INSIGHT_TOPICS`, keyed by the owner tenant. Records it cannot read go to
+``events.clean.v1.dlq`` with the reason.
+
+Two loops run in one process:
+
+1. **Firm windows** (high rate; aiokafka batch loop, consumer group ``analytics``): ``getmany`` on
+   the clean topic, each event put in its event-time tumbling windows (default one hour, a daily
+   UTC window on request) per source partition (:mod:`.windows`). When a partition's watermark
+   (its largest event time minus the grace period) passes a window's end, the window closes:
+   ``describe()`` of each metric and ``corr`` of the metrics are computed with pandas and
+   published, and a summary of the window (per metric count and sum) goes to the internal
+   one-partition topic ``analytics.firm-windows.v1``, followed by the partition's new watermark.
+   An event whose window has already closed is late: it is counted
+   (``xietong_analytics_late_events_total``), logged and dropped — windows are never revised.
+2. **Network** (low rate; consumer group ``analytics-network`` on the one-partition internal
+   topic, so one replica does it): collects the firm summaries; once every source partition's
+   watermark passed a window's end, computes that window's benchmarks per industry, region and
+   metric (published only if at least ``k`` firms contributed and none makes more than ``p``
+   percent of the total), and every ``cluster_refit_windows`` complete windows refits KMeans on
+   the firms' KPI means over the recent period and sends every firm its assignment.
+
+Delivery semantics: **at-least-once, idempotent insights**. Nothing is committed before the
+insights and summaries it produced were acknowledged by Kafka (``acks=all``). Window state needs
+no store: the firm loop commits, per partition, the first offset of its oldest open window with
+the partition's stream time in the commit metadata, so a restarted (or rebalanced) worker
+re-reads exactly the span that rebuilds its open windows, and windows closed before the crash
+stay closed. The network loop, on getting its partition, re-reads the internal topic up to its
+committed offset without publishing, which rebuilds its state, then goes on. Anything
+re-published after a restart has the same deterministic ``insight_id`` (uuid5 of type, tenant,
+metric and window; of the fit for clusters) and the same content: consumers de-duplicate by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from prometheus_client import Counter
+
+from schemas.insights import Insight
+from schemas.topics import EVENTS_CLEAN, INSIGHT_TOPICS, dlq
+from services.analytics.handlers import (
+    SERVICE,
+    NetworkConfig,
+    NetworkState,
+    Origin,
+    Segment,
+    correlation_insight,
+    firm_summary,
+    service_version,
+    statistics_insights,
+    watermark_mark,
+)
+from services.analytics.settings import AnalyticsSettings, load_analytics_settings
+from services.analytics.windows import PartitionWindows, WindowEvent
+from shared.codec import decode, encode
+from shared.control import ControlRegistry
+from shared.deadletter import dead_letter, dead_letter_record
+from shared.kafka import (
+    Batch,
+    BatchPublisher,
+    OutRecord,
+    connection_config,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+    started,
+    stop_on_signals,
+)
+from shared.logs import configure_logging
+from shared.observability import serve_health
+
+log = logging.getLogger(__name__)
+
+EVENTS = Counter("xietong_analytics_events_total", "Clean events read by analytics.")
+LATE_EVENTS = Counter(
+    "xietong_analytics_late_events_total",
+    "Events dropped because their window had already closed.",
+    ["window_seconds"],
+)
+DEAD_LETTERS = Counter("xietong_analytics_dead_letters_total", "Clean records analytics refused.")
+INSIGHTS = Counter("xietong_analytics_insights_total", "Insights published.", ["type"])
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def parse_clean_event(offset: int, value: bytes | None) -> WindowEvent:
+    """The fields analytics needs of a clean event; ``ValueError`` says why it is unusable.
+
+    A light check rather than a full model validation: the clean service wrote these records
+    with the contract, and this is the service's hot path.
+    """
+    if value is None:
+        raise ValueError("empty record")
+    data = decode(value)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    tenant, event_type, version = data.get("tenant"), data.get("type"), data.get("schema_version")
+    if not isinstance(tenant, str) or not tenant:
+        raise ValueError("tenant missing")
+    if not isinstance(event_type, str) or not isinstance(version, int):
+        raise ValueError("type or schema_version missing")
+    raw_time = data.get("occurred_at")
+    if not isinstance(raw_time, str):
+        raise ValueError("occurred_at missing")
+    occurred = datetime.fromisoformat(raw_time)
+    if occurred.tzinfo is None:
+        raise ValueError("occurred_at has no UTC offset")
+    metrics = data.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise ValueError("metrics is not an object")
+    clean: dict[str, float] = {}
+    for name, number in metrics.items():
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ValueError(f"metric {name!r} is not a number")
+        clean[name] = float(number)
+    return WindowEvent(
+        offset=offset,
+        tenant=tenant,
+        time_ms=int(occurred.timestamp() * 1000),
+        event_type=event_type,
+        schema_version=version,
+        metrics=clean,
+    )
+
+
+def insight_records(insights: Sequence[Insight]) -> dict[str, list[OutRecord]]:
+    """Insights by topic, keyed by their owner."""
+    out: dict[str, list[OutRecord]] = defaultdict(list)
+    for insight in insights:
+        out[INSIGHT_TOPICS[insight.type]].append(
+            OutRecord(insight.tenant.encode(), encode(insight))
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- firm windows
+
+
+@dataclass
+class FirmWindows:
+    """The per-firm side: windows per source partition, what closes, what to commit."""
+
+    settings: AnalyticsSettings
+    source: str
+    origin: Origin
+    partitions: int = 1
+    states: dict[TopicPartition, PartitionWindows] = field(default_factory=dict)
+    restored_at: dict[TopicPartition, float] = field(default_factory=dict)
+    reported_idle: set[TopicPartition] = field(default_factory=set)
+
+    def restore(self, tp: TopicPartition, metadata: str | None) -> None:
+        self.states[tp] = PartitionWindows.restore(
+            self.settings.window_sizes, self.settings.analytics_grace_seconds * 1000, metadata
+        )
+        self.restored_at[tp] = time.monotonic()
+        self.reported_idle.discard(tp)
+
+    def drop(self, tp: TopicPartition) -> None:
+        self.states.pop(tp, None)
+        self.restored_at.pop(tp, None)
+        self.reported_idle.discard(tp)
+
+    def idle_marks(self, assigned: set[TopicPartition]) -> list[OutRecord]:
+        """Called when a ``getmany`` came back empty (caught up): report the partitions that
+        never had an event, once, so the network side does not wait for them."""
+        marks = []
+        now = time.monotonic()
+        for tp in sorted(assigned):
+            state = self.states.get(tp)
+            if state is None or state.stream_time_ms is not None or tp in self.reported_idle:
+                continue
+            if now - self.restored_at.get(tp, now) < self.settings.analytics_idle_partition_seconds:
+                continue
+            self.reported_idle.add(tp)
+            mark = watermark_mark(self.source, tp.partition, self.partitions, None)
+            marks.append(OutRecord(b"network", encode(mark)))
+        return marks
+
+    def process(self, batch: Batch, produced_at: datetime) -> dict[str, list[OutRecord]]:
+        """Everything one ``getmany`` batch produces, by topic."""
+        s = self.settings
+        out: dict[str, list[OutRecord]] = defaultdict(list)
+        for tp, records in batch.items():
+            state = self.states.get(tp)
+            if state is None:  # not restored by the listener: start from the committed offset
+                log.warning("partition without restored state", extra={"partition": tp.partition})
+                self.restore(tp, None)
+                state = self.states[tp]
+            before = state.watermark_ms
+            late: dict[int, int] = defaultdict(int)
+            for record in records:
+                try:
+                    event = parse_clean_event(record.offset, record.value)
+                except (ValueError, TypeError) as error:
+                    state.next_offset = record.offset + 1
+                    letter = dead_letter(
+                        record.value or b"",
+                        f"unreadable clean event: {error}",
+                        service=SERVICE,
+                        tenant=record.key.decode(errors="replace") if record.key else None,
+                        source_topic=tp.topic,
+                        source_partition=tp.partition,
+                        source_offset=record.offset,
+                    )
+                    out[dlq(self.source)].append(dead_letter_record(letter))
+                    DEAD_LETTERS.inc()
+                    continue
+                for size in state.add(event):
+                    late[size] += 1
+            EVENTS.inc(len(records))
+            for size, count in late.items():
+                LATE_EVENTS.labels(str(size)).inc(count)
+                log.warning(
+                    "late events dropped: their window had closed",
+                    extra={"partition": tp.partition, "window_seconds": size, "count": count},
+                )
+            summaries = out[s.analytics_firm_windows_topic]
+            for window in state.close_due():
+                insights: list[Insight] = [*statistics_insights(window, self.origin, produced_at)]
+                correlation = correlation_insight(
+                    window,
+                    self.origin,
+                    produced_at,
+                    align_s=s.analytics_correlation_align_seconds,
+                    min_points=s.analytics_correlation_min_points,
+                )
+                if correlation is not None:
+                    insights.append(correlation)
+                for topic, records_out in insight_records(insights).items():
+                    out[topic] += records_out
+                summaries.append(OutRecord(b"network", encode(firm_summary(window, self.source))))
+            watermark = state.watermark_ms
+            if watermark is not None and watermark != before:
+                mark = watermark_mark(self.source, tp.partition, self.partitions, watermark)
+                summaries.append(OutRecord(b"network", encode(mark)))
+        return out
+
+    def commit_points(self, assigned: set[TopicPartition]) -> dict[TopicPartition, tuple[int, str]]:
+        points = {}
+        for tp, state in self.states.items():
+            point = state.commit_point()
+            if tp in assigned and point is not None:
+                points[tp] = point
+        return points
+
+
+class _RestoreWindows(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Partitions handed over: drop their state, or rebuild it from the committed metadata."""
+
+    def __init__(self, worker: FirmWindows, admin: AIOKafkaAdminClient, group: str) -> None:
+        self.worker, self.admin, self.group = worker, admin, group
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        for tp in revoked:
+            self.worker.drop(tp)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if not assigned:
+            return
+        self.worker.partitions = max(self.worker.partitions, *(tp.partition + 1 for tp in assigned))
+        committed = await self.admin.list_consumer_group_offsets(
+            self.group, partitions=list(assigned)
+        )
+        for tp in assigned:
+            found = committed.get(tp)
+            metadata = found.metadata if found is not None and found.offset >= 0 else None
+            self.worker.restore(tp, metadata)
+        log.info(
+            "firm windows restored", extra={"partitions": sorted(tp.partition for tp in assigned)}
+        )
+
+
+async def run_firm_windows(
+    settings: AnalyticsSettings,
+    stop: asyncio.Event,
+    source: str,
+    publisher: BatchPublisher,
+    origin: Origin,
+) -> None:
+    worker = FirmWindows(settings, source, origin)
+    admin = AIOKafkaAdminClient(**connection_config(settings))
+    await admin.start()
+    try:
+        async with started(create_consumer(settings, settings.analytics_group_id)) as consumer:
+            consumer.subscribe(
+                [source], listener=_RestoreWindows(worker, admin, settings.analytics_group_id)
+            )
+            while not stop.is_set():
+                batch = await consumer.getmany(
+                    timeout_ms=settings.kafka_fetch_timeout_ms,
+                    max_records=settings.kafka_fetch_max_records,
+                )
+                worker.partitions = (
+                    len(consumer.partitions_for_topic(source) or ()) or worker.partitions
+                )
+                if not batch:
+                    marks = worker.idle_marks(consumer.assignment())
+                    if marks:
+                        await publisher.publish(settings.analytics_firm_windows_topic, marks)
+                    continue
+                try:
+                    out = worker.process(batch, datetime.now(UTC))
+                    await publisher.publish_many(dict(out.items()))
+                except Exception:
+                    log.exception(
+                        "firm window batch failed; stopping without commit", extra=_where(batch)
+                    )
+                    raise
+                await _commit(consumer, worker.commit_points(consumer.assignment()))
+    finally:
+        await admin.close()
+
+
+async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, Any]) -> None:
+    if not offsets:
+        return
+    try:
+        await consumer.commit(offsets)
+    except (CommitFailedError, IllegalStateError) as error:
+        # A rebalance took partitions away mid-batch: their new owner re-reads from the last
+        # commit and re-publishes the same (idempotent) insights.
+        log.warning("commit refused during a rebalance", extra={"error": str(error)})
+
+
+def _where(batch: Batch) -> dict[str, Any]:
+    return {
+        "batch": {
+            f"{tp.topic}[{tp.partition}]": [records[0].offset, records[-1].offset]
+            for tp, records in batch.items()
+        }
+    }
+
+
+# --------------------------------------------------------------------------- network
+
+
+def network_config(settings: AnalyticsSettings) -> NetworkConfig:
+    return NetworkConfig(
+        main_size_s=settings.analytics_window_seconds,
+        retain_windows=settings.analytics_retain_windows,
+        benchmark_min_firms=settings.benchmark_min_firms,
+        benchmark_max_share_percent=settings.benchmark_max_share_percent,
+        benchmark_metrics=tuple(settings.benchmark_metrics),
+        cluster_metrics=tuple(settings.cluster_metrics),
+        cluster_k_min=settings.cluster_k_min,
+        cluster_k_max=settings.cluster_k_max,
+        cluster_seed=settings.cluster_seed,
+        cluster_n_init=settings.cluster_n_init,
+        cluster_period_windows=settings.cluster_period_windows,
+        cluster_refit_windows=settings.cluster_refit_windows,
+        cluster_min_profile_firms=settings.cluster_min_profile_firms,
+    )
+
+
+def segment_lookup(registry: ControlRegistry) -> Any:
+    """Tenant -> (industry, region) from the registry; None for firms not benchmarkable."""
+
+    def segment_of(tenant: str) -> Segment | None:
+        record = registry.tenant(tenant)
+        if record is None or record.kind != "partner":
+            return None
+        if record.industry == "unknown" or record.region == "unknown":
+            return None
+        return record.industry, record.region
+
+    return segment_of
+
+
+@dataclass
+class Network:
+    settings: AnalyticsSettings
+    origin: Origin
+    registry: ControlRegistry
+    state: NetworkState | None = None
+
+    def fresh(self) -> NetworkState:
+        self.state = NetworkState(network_config(self.settings), self.origin)
+        return self.state
+
+    def process(self, values: Sequence[bytes | None], *, emit: bool) -> list[Insight]:
+        state = self.state or self.fresh()
+        segment_of = segment_lookup(self.registry)
+        insights: list[Insight] = []
+        produced_at = datetime.now(UTC)
+        for value in values:
+            try:
+                message = decode(value) if value is not None else None
+            except ValueError:
+                message = None
+            if not isinstance(message, dict):
+                log.error("unreadable firm-window record skipped")
+                continue
+            insights += state.apply(message, segment_of, emit=emit, produced_at=produced_at)
+        return insights
+
+
+class _ReplayNetwork(ConsumerRebalanceListener):  # type: ignore[misc]
+    """On getting the internal partition: rebuild the state by re-reading up to the commit."""
+
+    def __init__(self, network: Network, admin: AIOKafkaAdminClient, group: str) -> None:
+        self.network, self.admin, self.group = network, admin, group
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:
+            self.network.state = None
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if not assigned:
+            return
+        self.network.fresh()
+        committed = await self.admin.list_consumer_group_offsets(
+            self.group, partitions=list(assigned)
+        )
+        settings = self.network.settings
+        for tp in sorted(assigned):
+            found = committed.get(tp)
+            upto = found.offset if found is not None and found.offset > 0 else 0
+            if upto == 0:
+                continue
+            replayed = 0
+            async with started(create_consumer(settings, None)) as reader:
+                reader.assign([tp])
+                await reader.seek_to_beginning(tp)
+                while await reader.position(tp) < upto:
+                    got = await reader.getmany(tp, timeout_ms=settings.kafka_fetch_timeout_ms)
+                    values = [r.value for r in got.get(tp, []) if r.offset < upto]
+                    replayed += len(values)
+                    await asyncio.to_thread(self.network.process, values, emit=False)
+            log.info("network state rebuilt", extra={"records": replayed, "upto": upto})
+
+
+async def run_network(
+    settings: AnalyticsSettings,
+    stop: asyncio.Event,
+    publisher: BatchPublisher,
+    registry: ControlRegistry,
+    origin: Origin,
+) -> None:
+    network = Network(settings, origin, registry)
+    admin = AIOKafkaAdminClient(**connection_config(settings))
+    await admin.start()
+    try:
+        group = settings.analytics_network_group_id
+        async with started(create_consumer(settings, group)) as consumer:
+            consumer.subscribe(
+                [settings.analytics_firm_windows_topic],
+                listener=_ReplayNetwork(network, admin, group),
+            )
+            while not stop.is_set():
+                batch = await consumer.getmany(
+                    timeout_ms=settings.kafka_fetch_timeout_ms,
+                    max_records=settings.kafka_fetch_max_records,
+                )
+                if not batch:
+                    continue
+                values = [r.value for _, records in sorted(batch.items()) for r in records]
+                try:
+                    # KMeans may take a moment: keep the event loop (and the firm loop) moving.
+                    insights = await asyncio.to_thread(network.process, values, emit=True)
+                    await publisher.publish_many(dict(insight_records(insights).items()))
+                except Exception:
+                    log.exception(
+                        "network batch failed; stopping without commit", extra=_where(batch)
+                    )
+                    raise
+                for insight in insights:
+                    INSIGHTS.labels(insight.type).inc()
+                with contextlib.suppress(CommitFailedError, IllegalStateError):
+                    await consumer.commit()
+    finally:
+        await admin.close()
+
+
+# --------------------------------------------------------------------------- the service
+
+
+async def run_analytics(
+    settings: AnalyticsSettings,
+    stop: asyncio.Event,
+    *,
+    source: str = EVENTS_CLEAN,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run both loops until ``stop`` is set (each finishes its batch and commits), or until one
+    of them fails (then the other is cancelled and the error propagates)."""
+    await ensure_topics(settings, [source, dlq(source), *INSIGHT_TOPICS.values()])
+    await ensure_topics(settings, [settings.analytics_firm_windows_topic], partitions=1)
+    origin = Origin(source_topics=(source,), service_version=service_version())
+    async with (
+        ControlRegistry(settings) as registry,
+        started(create_producer(settings)) as producer,
+    ):
+        publisher = BatchPublisher(producer)
+        if ready is not None:
+            ready.set()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(run_firm_windows(settings, stop, source, publisher, origin))
+            group.create_task(run_network(settings, stop, publisher, registry, origin))
+
+
+async def serve(settings: AnalyticsSettings) -> None:
+    """The process: health and metrics over HTTP, both loops, SIGTERM drains and commits."""
+    stop, ready = asyncio.Event(), asyncio.Event()
+    stop_on_signals(stop)
+
+    async def readiness() -> str | None:
+        return None if ready.is_set() else "starting"
+
+    runner = await serve_health(
+        SERVICE, settings.http_host, settings.analytics_http_port, readiness
+    )
+    try:
+        await run_analytics(settings, stop, ready=ready)
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    settings = load_analytics_settings()
+    configure_logging(SERVICE, settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))

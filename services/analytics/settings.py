@@ -1,0 +1,104 @@
+"""Settings of the analytics service (environment prefix ``XIETONG_``, e.g.
+``XIETONG_ANALYTICS_WINDOW_SECONDS``, ``XIETONG_BENCHMARK_MIN_FIRMS``)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from shared.settings import XietongSettings
+
+DAY_SECONDS = 86_400
+
+
+class AnalyticsSettings(XietongSettings):
+    """Windows, benchmark thresholds and clustering of the analytics service."""
+
+    analytics_http_port: int = Field(8082, ge=0, le=65535, description="Health and metrics port.")
+    analytics_group_id: str = Field(
+        "analytics", min_length=1, description="Consumer group of the per-firm window loop."
+    )
+    analytics_network_group_id: str = Field(
+        "analytics-network",
+        min_length=1,
+        description="Consumer group of the cross-firm loop (benchmarks, clusters).",
+    )
+    analytics_firm_windows_topic: str = Field(
+        "analytics.firm-windows.v1",
+        min_length=1,
+        description="Internal topic of closed per-firm window summaries (one partition).",
+    )
+    analytics_window_seconds: int = Field(
+        3600, ge=1, le=DAY_SECONDS, description="Size of the tumbling event-time windows."
+    )
+    analytics_daily_window: bool = Field(
+        False, description="Also compute daily (UTC) windows next to the main window size."
+    )
+    analytics_grace_seconds: int = Field(
+        300, ge=0, description="How long after its end a window still accepts late events."
+    )
+    analytics_correlation_align_seconds: int = Field(
+        60,
+        ge=1,
+        description="Metrics are aligned for correlation on event-time buckets of this size.",
+    )
+    analytics_correlation_min_points: int = Field(
+        3, ge=2, description="Aligned points a pair of metrics needs for a correlation."
+    )
+    analytics_idle_partition_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="A source partition without any event for this long after the worker got it "
+        "(and caught up) is reported idle, so network-wide windows do not wait for it.",
+    )
+    analytics_retain_windows: int = Field(
+        168, ge=1, description="Windows of per-firm summaries the cross-firm loop keeps."
+    )
+
+    benchmark_min_firms: int = Field(5, ge=2, description="k: distinct firms a benchmark needs.")
+    benchmark_max_share_percent: float = Field(
+        60.0, gt=0, le=100, description="p: largest share of the total one firm may have."
+    )
+    benchmark_metrics: list[str] = Field(
+        default_factory=list, description="Metrics benchmarked; empty means every metric."
+    )
+
+    cluster_metrics: list[str] = Field(
+        default_factory=lambda: ["sales.quantity", "sales.amount_cny", "inventory.on_hand"],
+        min_length=1,
+        description="KPIs firms are compared on (per-firm means over the recent period).",
+    )
+    cluster_k_min: int = Field(2, ge=2, description="Fewest clusters tried.")
+    cluster_k_max: int = Field(8, ge=2, description="Most clusters tried (also at most firms-1).")
+    cluster_seed: int = Field(42, description="random_state of KMeans.")
+    cluster_n_init: int = Field(10, ge=1, description="KMeans restarts per k.")
+    cluster_period_windows: int = Field(
+        24, ge=1, description="Recent windows the per-firm KPI means are taken over."
+    )
+    cluster_refit_windows: int = Field(
+        1, ge=1, description="Refit each time this many more windows are complete network-wide."
+    )
+    cluster_min_profile_firms: int = Field(
+        3,
+        ge=1,
+        description="A cluster's profile is shown only when it has at least this many firms "
+        "(a profile of one or two firms would give their figures away).",
+    )
+
+    @model_validator(mode="after")
+    def _k_range(self) -> AnalyticsSettings:
+        if self.cluster_k_max < self.cluster_k_min:
+            raise ValueError("cluster_k_max must be >= cluster_k_min")
+        return self
+
+    @property
+    def window_sizes(self) -> tuple[int, ...]:
+        """Window sizes in seconds: the main one first, then the daily one if asked."""
+        sizes = [self.analytics_window_seconds]
+        if self.analytics_daily_window and DAY_SECONDS not in sizes:
+            sizes.append(DAY_SECONDS)
+        return tuple(sizes)
+
+
+def load_analytics_settings(**overrides: object) -> AnalyticsSettings:
+    """Read the environment now; keyword arguments win over it."""
+    return AnalyticsSettings(**overrides)  # type: ignore[arg-type]
