@@ -14,7 +14,7 @@ from shared.control import ControlRegistry
 from shared.observability import PUBLIC_PATHS
 
 REGISTRY_KEY = web.AppKey("registry", ControlRegistry)
-TENANT_KEY = "xietong.tenant"
+TENANT_KEY = web.RequestKey("xietong.tenant", Tenant)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -32,12 +32,18 @@ async def require_api_key(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     api_key = api_key_of(request)
     if not api_key:
-        return json_response({"error": "missing API key (Authorization: Bearer <key>)"}, status=401,
-                             headers={"WWW-Authenticate": "Bearer"})
+        return json_response(
+            {"error": "missing API key (Authorization: Bearer <key>)"},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     tenant = request.app[REGISTRY_KEY].authenticate(api_key)
     if tenant is None:
-        return json_response({"error": "unknown or revoked API key"}, status=401,
-                             headers={"WWW-Authenticate": "Bearer"})
+        return json_response(
+            {"error": "unknown or revoked API key"},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     request[TENANT_KEY] = tenant
     return await handler(request)
 

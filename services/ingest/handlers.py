@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -149,6 +150,8 @@ class GatewayMetrics:
 PUBLISHER_KEY = web.AppKey("publisher", BatchPublisher)
 METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def route_name(request: web.Request) -> str:
@@ -264,7 +267,7 @@ def refusals_of(intake: Intake) -> list[dict[str, Any]]:
 
 async def post_events(request: web.Request) -> web.Response:
     """Publish events: a JSON array, NDJSON or CSV (``?type=&version=``); 202 once acknowledged."""
-    request_id = request.get("request_id") or uuid.uuid4().hex
+    request_id = request.get(REQUEST_ID_KEY) or uuid.uuid4().hex
     tenant = authenticated_tenant(request)
     if tenant.kind == "consumer":
         raise RequestError(403, f"tenant {tenant.tenant!r} is a consumer: it may not publish")
@@ -322,8 +325,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: every request counted by route and status, a request id on every answer."""
-    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
-    request["request_id"] = request_id
+    offered = request.headers.get("X-Request-Id", "")
+    request_id = offered if SAFE_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+    request[REQUEST_ID_KEY] = request_id
     status = 500
     try:
         response = await handler(request)
@@ -341,7 +345,7 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
 @web.middleware
 async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """:class:`RequestError` -> its JSON answer; anything unexpected is logged, never leaked."""
-    request_id = request.get("request_id")
+    request_id = request.get(REQUEST_ID_KEY)
     try:
         return await handler(request)
     except RequestError as error:
