@@ -78,13 +78,14 @@ def benchmark(metric: str) -> Benchmark:
 async def publish(settings: XietongSettings, insights: Iterable[Insight]) -> None:
     """Publish to the insight topics as the analytics services do (key: owner)."""
     by_topic: dict[str, list[OutRecord]] = {}
+
     for insight in insights:
         by_topic.setdefault(INSIGHT_TOPICS[insight.type], []).append(
             OutRecord(insight.tenant.encode(), encode(insight))
         )
     await ensure_topics(settings, INSIGHT_TOPICS.values())
     async with started(create_producer(settings)) as producer:
-        await BatchPublisher(producer).publish_many(by_topic)
+        await BatchPublisher(producer).publish_many(dict(by_topic.items()))
 
 
 @dataclass(frozen=True)

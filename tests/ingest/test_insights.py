@@ -61,7 +61,7 @@ def test_parse_filter_reads_repeated_and_comma_separated_types() -> None:
     query = {"type": "statistics", "window_start": "2026-11-01T00:00:00Z"}
     values = {"type": ["statistics,benchmark", "prediction"]}
     parsed = parse_filter(query, lambda name: values.get(name, []))
-    assert parsed.types == {"statistics", "benchmark", "prediction"}
+    assert parsed.types == frozenset({"statistics", "benchmark", "prediction"})
     assert parsed.window_start == WINDOW
     with pytest.raises(ValueError, match="unknown insight type"):
         parse_filter({}, lambda name: ["gossip"] if name == "type" else [])
@@ -137,7 +137,10 @@ async def gateway(settings: XietongSettings) -> AsyncIterator[Gateway]:
         app = web.Application(middlewares=[require_api_key])
         app[REGISTRY_KEY] = net.registry
         setup_insight_routes(app, heartbeat=0.5)
-        async with TestServer(app, host="127.0.0.1") as server, TestClient(server) as http:
+        async with (
+            TestServer(app, host="127.0.0.1") as server,
+            TestClient[web.Request, web.Application](server) as http,
+        ):
             yield Gateway(net, str(http.make_url("")), app)
 
 
