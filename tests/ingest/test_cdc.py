@@ -20,6 +20,7 @@ from schemas.topics import EVENTS_RAW, dlq
 from services.ingest.cdc import (
     Rejected,
     change_event_id,
+    decode_column,
     map_change,
     map_changes,
     origin_event_id,
@@ -312,6 +313,84 @@ def test_a_mysql_change_without_schema_uses_the_mapping_encodings() -> None:
     wall_clock = datetime(1970, 1, 1) + timedelta(milliseconds=1_762_164_000_000)
     assert event["occurred_at"] == wall_clock.replace(tzinfo=SHANGHAI)
     assert event["source"]["system"] == "debezium-mysql"
+
+
+@pytest.mark.parametrize(
+    ("schema", "value", "expected"),
+    [
+        ({"name": "io.debezium.time.Date"}, 20_395, date(2025, 11, 3)),
+        ({"name": "org.apache.kafka.connect.data.Date"}, 0, date(1970, 1, 1)),
+        (
+            {"name": "io.debezium.time.MicroTimestamp"},
+            1_762_156_800_000_001,
+            datetime(2025, 11, 3, 8, 0, 0, 1),
+        ),
+        (
+            {"name": "io.debezium.time.Timestamp"},
+            1_762_156_800_250,
+            datetime(2025, 11, 3, 8, 0, 0, 250_000),
+        ),
+        (
+            {"name": "io.debezium.time.NanoTimestamp"},
+            1_762_156_800_000_001_000,
+            datetime(2025, 11, 3, 8, 0, 0, 1),
+        ),
+        (
+            {"name": "io.debezium.time.ZonedTimestamp"},
+            "2025-11-03T08:00:00Z",
+            datetime(2025, 11, 3, 8, tzinfo=ZoneInfo("UTC")),
+        ),
+        ({"name": "io.debezium.time.MicroTime"}, 30_600_000_000, "08:30:00"),
+        (
+            {"name": "org.apache.kafka.connect.data.Decimal", "parameters": {"scale": "2"}},
+            connect_decimal("-1234.56", 2),
+            Decimal("-1234.56"),
+        ),
+        (
+            {"name": "io.debezium.data.VariableScaleDecimal"},
+            {"scale": 3, "value": connect_decimal("0.125", 3)},
+            Decimal("0.125"),
+        ),
+        ({"type": "string"}, "plain", "plain"),
+        ({"name": "io.debezium.time.Date"}, None, None),
+    ],
+)
+def test_debezium_logical_types_decode(schema: dict[str, Any], value: Any, expected: Any) -> None:
+    assert decode_column(value, schema) == expected
+
+
+def test_the_postgres_stock_table_scales_units_and_reads_micro_timestamps() -> None:
+    after = {
+        "plant": "P1",
+        "material": "COIL",
+        "qty_t": 1.5,
+        "reserved_t": None,
+        "counted_at": 1_762_156_800_000_000,
+    }
+    change = {
+        "before": None,
+        "after": after,
+        "source": {"connector": "postgresql", "schema": "public", "table": "stock", "lsn": 77},
+        "op": "c",
+        "ts_ms": 1,
+    }
+    schema = {
+        "fields": [
+            {
+                "field": "after",
+                "fields": [{"field": "counted_at", "name": "io.debezium.time.MicroTimestamp"}],
+            }
+        ]
+    }
+    event = map_change(pg_mapping(), encode({"schema": schema, "payload": change}))
+    assert event is not None and event["type"] == "inventory_level"
+    assert event["payload"] == {
+        "site_id": "P1",
+        "product_sku": "COIL",
+        "on_hand": 1500.0,
+        "unit": "kg",
+    }
+    assert event["occurred_at"] == datetime(2025, 11, 3, 8, tzinfo=SHANGHAI)
 
 
 class FakeRecord:
