@@ -9,9 +9,9 @@ the dead letters. For each record, in order:
 2. **de-duplicate** by ``event_id`` against the ids the partition remembers (:class:`SeenIds`);
 3. **fill** missing values by the contract's ``x-missing`` policy: ``default`` values are written
    before conversion (they are stated in canonical units and CNY), ``refuse`` -> dead letter,
-   ``carry_forward`` takes the tenant's last canonical value for the same entity (e.g. the SKU)
-   after conversion; with no earlier value the field stays empty (and metrics that need it are
-   left out);
+   ``carry_forward`` takes the tenant's last canonical value for the same entity (e.g. the SKU
+   and unit) after conversion, if it is no older in event time than the dedupe horizon; with no
+   such value the field stays empty (and metrics that need it are left out);
 4. **convert** prices to CNY (rate table from the settings; an unknown currency -> dead letter),
    units to canonical ones (kg, l, m, pcs; per-unit prices follow the unit) and ``occurred_at``
    to UTC;
@@ -362,7 +362,8 @@ class PartitionState:
     """What cleaning remembers for one source partition (its tenants live only there)."""
 
     seen: SeenIds = field(default_factory=SeenIds)
-    carry: dict[CarryKey, Any] = field(default_factory=dict)
+    carry: dict[CarryKey, tuple[Any, float]] = field(default_factory=dict)
+    """The last value of a carry-forward field and its event time."""
     windows: dict[tuple[str, str], RollingWindow] = field(default_factory=dict)
 
 
@@ -396,7 +397,7 @@ class CleanState:
                 entity = tuple(payload.get(name) for name in SHAPES.get(type_name, _GENERIC).entity)
                 for name in carried:
                     if payload.get(name) is not None:
-                        state.carry[(tenant, type_name, entity, name)] = payload[name]
+                        state.carry[(tenant, type_name, entity, name)] = (payload[name], at)
         size = self.rules.window
         for metric, value in event["metrics"].items():
             window = state.windows.get((tenant, metric))
@@ -427,9 +428,6 @@ class RawRecord(Protocol):
     def key(self) -> bytes | None: ...
     @property
     def value(self) -> bytes | None: ...
-
-
-DeadReason = Literal["undecodable", "invalid", "refused_missing", "unknown_currency"]
 
 
 @dataclass
@@ -471,6 +469,7 @@ def clean_batch(records: Iterable[RawRecord], state: CleanState) -> CleanedBatch
     rules = state.rules
     rates, window_size = rules.rates, rules.window
     min_history, threshold = rules.min_history, rules.threshold
+    horizon = rules.horizon_seconds
     result = CleanedBatch()
     clean, dead, reasons = result.clean, result.dead, result.dead_reasons
     for record in records:
@@ -563,8 +562,9 @@ def clean_batch(records: Iterable[RawRecord], state: CleanState) -> CleanedBatch
                             if name not in converted:
                                 converted.append(name)
 
-        # 3b. carry forward, in canonical values, per tenant and entity
+        # 3b. carry forward, in canonical values, per tenant and entity, within the horizon
         correction = event.source.operation in CORRECTIONS
+        at = event.occurred_at.timestamp()
         if carried:
             entity = tuple(payload[name] for name in shape.entity)
             carry = partition.carry
@@ -572,11 +572,11 @@ def clean_batch(records: Iterable[RawRecord], state: CleanState) -> CleanedBatch
                 key = (tenant, type_name, entity, name)
                 if payload[name] is None:
                     previous = carry.get(key)
-                    if previous is not None:
-                        payload[name] = previous
+                    if previous is not None and at - previous[1] <= horizon:
+                        payload[name] = previous[0]
                         filled.append(name)
                 elif not correction:
-                    carry[key] = payload[name]
+                    carry[key] = (payload[name], at)
 
         # 5. metrics and outlier flags
         metrics = shape.metrics(payload)
@@ -597,7 +597,7 @@ def clean_batch(records: Iterable[RawRecord], state: CleanState) -> CleanedBatch
             occurred_at = occurred_at.astimezone(UTC)
             converted.append("occurred_at")
 
-        partition.seen.add(event_id, occurred_at.timestamp())
+        partition.seen.add(event_id, at)
         encoded = encode(
             {
                 "event_id": event.event_id,

@@ -301,3 +301,42 @@ async def test_bad_records_go_to_the_dead_letter_topic_and_the_hop_goes_on(
     assert decode(by_offset[3].original)["event_id"] == unknown_currency["event_id"]
     assert [error.field for error in by_offset[4].errors] == ["payload.unit_price"]
     assert Counter(letter.tenant for letter in letters) == Counter({"acme": 4})
+
+
+async def test_workers_joining_and_leaving_the_group_mid_stream_clean_every_event_once(
+    clean_settings: CleanSettings, topics: tuple[str, str]
+) -> None:
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    group = f"clean-{uuid.uuid4().hex[:8]}"
+    tenants = [f"firm-{i}" for i in range(12)]  # spread over the three partitions
+    events = [sales_event(tenants[i % 12], seq=i) for i in range(3000)]
+    chunks = [events[i : i + 250] for i in range(0, len(events), 250)]
+
+    first = Hop(clean_settings, raw, clean, group)
+    second: Hop | None = None
+    try:
+        for number, chunk in enumerate(chunks):
+            await publish(clean_settings, raw, chunk + chunks[max(0, number - 1)][:20])  # retries
+            if number == 3:
+                second = Hop(clean_settings, raw, clean, group)  # the group rebalances
+            if number == 7:
+                await first.stop()  # and again: the second worker takes every partition
+            await asyncio.sleep(0.1)
+        assert second is not None
+        async with asyncio.timeout(60):
+            while True:
+                if await total_records(clean_settings, clean) >= len(events):
+                    break
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(1)  # anything extra would have arrived by now
+    finally:
+        if not first.task.done():
+            await first.stop()
+        if second is not None:
+            await second.stop()
+
+    assert second.status.restored > 0
+    assert await total_records(clean_settings, clean) == len(events)
+    got = by_id(await read_all(clean_settings, clean, len(events)))
+    assert set(got) == {e["event_id"] for e in events}

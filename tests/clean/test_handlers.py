@@ -113,6 +113,17 @@ def test_carry_forward_takes_the_last_value_of_the_same_tenant_entity_and_unit()
     assert again.payload["unit_price"] == 4.0
 
 
+def test_a_value_older_than_the_horizon_is_not_carried_forward() -> None:
+    state = CleanState(CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=86400))
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    priced = sales_event(seq=1, unit_price=4.0, occurred_at=start)
+    next_day = sales_event(seq=2, unit_price=None, occurred_at=start + timedelta(hours=20))
+    a_week_later = sales_event(seq=3, unit_price=None, occurred_at=start + timedelta(days=7))
+    _, fresh, stale = cleaned(clean_batch(records(priced, next_day, a_week_later), state))
+    assert fresh.payload["unit_price"] == 4.0
+    assert stale.payload["unit_price"] is None and "unit_price" not in stale.quality.filled
+
+
 def test_carried_values_are_canonical_whatever_the_currency_of_the_record() -> None:
     state = CleanState(RULES)
     in_dollars = sales_event(seq=1, unit_price=2.0, currency="USD")
