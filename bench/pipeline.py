@@ -7,13 +7,15 @@ RSS and the load generator in this process is the same for both sides.
 - R4: ingest gateway records/s / a bare aiohttp handler answering 202 — same NDJSON requests
   (one tenant's events per request, its API key), same connections.
 - R2: HTTP ingest -> ``events.raw.v1`` -> clean -> ``events.clean.v1`` -> analytics, events/s
-  from the first request to the moment every stage's consumer group has committed the whole
-  input / the same chain of raw stand-ins (bare gateway producing with aiokafka, then two
-  :func:`bench.hops.baseline_hop` processes), timed the same way.
-- R5: at half the pipeline's measured capacity, latency from the HTTP request to the clean
-  event's append time on ``events.clean.v1`` (two hops: ingest and clean; analytics emits
-  window aggregates, not one record per event, so no per-event time exists past clean) /
-  two times the latency of one raw hop at the same offered rate.
+  from the first request until clean's consumer group has committed all of ``events.raw.v1``
+  and analytics has read every clean event (its ``xietong_analytics_events_total`` counter:
+  analytics deliberately commits only up to its oldest open window) / the same chain of raw
+  stand-ins (bare gateway producing with aiokafka, then two :func:`bench.hops.baseline_hop`
+  processes), done when both raw hops' groups have committed all of their input.
+- R5: at half the pipeline's measured capacity (the same requests as R2, paced), latency from
+  the HTTP request to the clean event's append time on ``events.clean.v1`` (two hops: ingest
+  and clean; analytics emits window aggregates, not one record per event, so no per-event time
+  exists past clean) / two times the latency of one raw hop at the same offered rate.
 - Peak RSS of ingest, clean and analytics after the R2 and R5 load / their raw stand-ins.
 """
 
@@ -31,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -49,7 +52,6 @@ if TYPE_CHECKING:
 
 SERVICES = ("ingest", "clean", "analytics")
 HOPS_TO_CLEAN = 2
-LATENCY_EVENTS_PER_REQUEST = 10
 LATENCY_CONNECTIONS = 64
 """Enough connections that a paced request never waits for a free one at half capacity."""
 
@@ -318,19 +320,23 @@ async def wait_drained(
     await consumer.start()
     try:
         deadline = time.monotonic() + timeout
+        waiting = ""
         while True:
             done = True
             for index, (group, topic) in enumerate(stages):
                 ends = await _ends(consumer, topic)
                 if index == 0 and sum(ends.values()) < expected_in_first:
                     done = False
+                    waiting = f"{topic} holds {sum(ends.values())} of {expected_in_first}"
                     break
                 committed = await admin.list_consumer_group_offsets(group)
-                if any(
-                    end > 0 and (committed.get(tp) is None or committed[tp].offset < end)
+                lag = sum(
+                    end - (committed[tp].offset if tp in committed else 0)
                     for tp, end in ends.items()
-                ):
+                )
+                if lag > 0:
                     done = False
+                    waiting = f"group {group} is {lag} records behind on {topic}"
                     break
             if done:
                 return time.time()
@@ -338,11 +344,53 @@ async def wait_drained(
                 if not child.alive():
                     raise RuntimeError(f"{child.name} exited:\n{child.tail()}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"stages {stages} not drained after {timeout:.0f}s")
+                raise TimeoutError(f"not drained after {timeout:.0f}s: {waiting}")
             await asyncio.sleep(0.05)
     finally:
         await consumer.stop()
         await admin.close()
+
+
+ANALYTICS_EVENTS = "xietong_analytics_events_total"
+"""Analytics' own counter of clean events read: its commits lag on purpose (it commits the start
+of its oldest open window), so "consumed everything" is read from its metrics instead."""
+
+
+async def metric_value(url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def wait_pipeline(
+    settings: XietongSettings,
+    raw_target: int,
+    clean_base: int,
+    analytics_metrics: str,
+    analytics_base: float,
+    children: Sequence[Child],
+    timeout: float,
+) -> float:
+    """Wall time at which clean has committed all of ``events.raw.v1`` (``raw_target`` records)
+    and analytics has read every clean event clean produced since ``clean_base``."""
+    from schemas.topics import EVENTS_CLEAN, EVENTS_RAW
+
+    deadline = time.monotonic() + timeout
+    await wait_drained(settings, [(_group("clean"), EVENTS_RAW)], raw_target, children, timeout)
+    produced = await _total(settings, EVENTS_CLEAN) - clean_base
+    while True:
+        read = await metric_value(analytics_metrics, ANALYTICS_EVENTS) - analytics_base
+        if read >= produced:
+            return time.time()
+        for child in children:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited:\n{child.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"analytics read {read:.0f} of {produced} clean events")
+        await asyncio.sleep(0.05)
 
 
 async def _total(settings: XietongSettings, topic: str) -> int:
@@ -462,11 +510,7 @@ async def chain_rows(
         ),
     }
     children = [child for child, _ in services.values()] + list(raw.values())
-    stages = {
-        "pipeline": [(_group("clean"), EVENTS_RAW), (_group("analytics"), EVENTS_CLEAN)],
-        "chain": [(group_b, raw_a), (group_c, raw_b)],
-    }
-    first_topic = {"pipeline": EVENTS_RAW, "chain": raw_a}
+    analytics_metrics = f"http://127.0.0.1:{services['analytics'][1]}/metrics"
     with stopping(children):
         ingest, ingest_port = services["ingest"]
         await wait_for_port(ingest, ingest_port)
@@ -483,12 +527,32 @@ async def chain_rows(
             order = ("pipeline", "chain") if round_no % 2 == 0 else ("chain", "pipeline")
             measured = {}
             for side in order:
-                base = await _total(settings, first_topic[side])
+                if side == "pipeline":
+                    raw_base = await _total(settings, EVENTS_RAW)
+                    clean_base = await _total(settings, EVENTS_CLEAN)
+                    analytics_base = await metric_value(analytics_metrics, ANALYTICS_EVENTS)
+                else:
+                    raw_base = await _total(settings, raw_a)
                 result = await post_all(urls[side], requests, connections=options.connections)
                 _check(result.refused, side)
-                end = await wait_drained(
-                    settings, stages[side], base + options.events, children, options.timeout
-                )
+                if side == "pipeline":
+                    end = await wait_pipeline(
+                        settings,
+                        raw_base + options.events,
+                        clean_base,
+                        analytics_metrics,
+                        analytics_base,
+                        children,
+                        options.timeout,
+                    )
+                else:
+                    end = await wait_drained(
+                        settings,
+                        [(group_b, raw_a), (group_c, raw_b)],
+                        raw_base + options.events,
+                        children,
+                        options.timeout,
+                    )
                 measured[side] = options.events / max(end - result.started, 1e-3)
             say(
                 f"pipeline round {round_no}: ours {measured['pipeline']:,.0f} "
@@ -513,7 +577,7 @@ async def chain_rows(
             order = ("pipeline", "raw") if round_no % 2 == 0 else ("raw", "pipeline")
             for side in order:
                 if side == "pipeline":
-                    requests = build_requests(events, keys, LATENCY_EVENTS_PER_REQUEST)
+                    requests = build_requests(events, keys, options.events_per_request)
                     p50, p99 = await pipeline_latency(
                         settings, urls["pipeline"], requests, rate, LATENCY_CONNECTIONS
                     )
