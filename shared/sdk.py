@@ -31,7 +31,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError
 
 from schemas.control import Grant
-from schemas.insights import INSIGHT_MODELS, Insight
+from schemas.insights import (
+    INSIGHT_MODELS,
+    Benchmark,
+    ClusterAssignment,
+    Correlation,
+    Insight,
+    Prediction,
+    Statistics,
+)
 from schemas.topics import INSIGHT_TOPICS
 from shared.codec import DecodeError, decode, encode
 from shared.control import ControlRegistry, may_read, now
@@ -51,6 +59,38 @@ def parse_insight(data: Any) -> Insight:
     if not isinstance(data, dict) or data.get("type") not in INSIGHT_MODELS:
         raise ValueError(f"not an insight: {str(data)[:80]}")
     return INSIGHT_MODELS[data["type"]].model_validate(data)
+
+
+def metrics_of(insight: Insight) -> tuple[str, ...]:
+    """The metric names an insight is about (what ``?metric=`` matches)."""
+    if isinstance(insight, Statistics | Benchmark):
+        return (insight.metric,)
+    if isinstance(insight, Correlation):
+        return tuple(insight.metrics)
+    if isinstance(insight, Prediction):
+        return (insight.target,)
+    if isinstance(insight, ClusterAssignment):
+        return tuple(insight.features)
+    return ()
+
+
+@dataclass(frozen=True)
+class InsightFilter:
+    """The query filters of the list and stream routes; None matches anything."""
+
+    types: frozenset[str] | None = None
+    metric: str | None = None
+    window_start: datetime | None = None
+    owner: str | None = None
+
+    def matches(self, insight: Insight) -> bool:
+        if self.types is not None and insight.type not in self.types:
+            return False
+        if self.owner is not None and insight.tenant != self.owner:
+            return False
+        if self.metric is not None and self.metric not in metrics_of(insight):
+            return False
+        return self.window_start is None or insight.provenance.window_start == self.window_start
 
 
 # --------------------------------------------------------------------------- Server-Sent Events

@@ -7,14 +7,20 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from schemas.control import Tenant
 from schemas.insights import NETWORK_TENANT, Benchmark, Insight, Prediction, Provenance, Statistics
 from schemas.topics import INSIGHT_TOPICS
+from services.ingest.auth import REGISTRY_KEY, require_api_key
+from services.ingest.insights import INSIGHTS_KEY, setup_insight_routes
 from shared.codec import encode
 from shared.control import ControlRegistry, ControlWriter, issue_api_key, new_id
 from shared.kafka import BatchPublisher, OutRecord, create_producer, ensure_topics, started
+from shared.sdk import GatewayClient, InsightStream
 from shared.settings import XietongSettings
 
 WINDOW = datetime(2026, 11, 1, tzinfo=UTC)
@@ -120,3 +126,32 @@ async def network(settings: XietongSettings) -> AsyncIterator[Network]:
                 await registry.wait_changed(registry.version, 1)
         a, b, bank = tenants
         yield Network(a, b, bank, keys, writer, registry)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """A minimal gateway app (auth middleware + insight routes) serving on 127.0.0.1."""
+
+    net: Network
+    url: str
+    app: web.Application
+
+    def client(self, tenant: str) -> GatewayClient:
+        return GatewayClient(self.url, self.net.keys[tenant])
+
+    def stream(self, tenant: str, **kwargs: Any) -> InsightStream:
+        return InsightStream(self.url, self.net.keys[tenant], **kwargs)
+
+    async def caught_up(self) -> None:
+        """Everything published so far is in the gateway's insight cache."""
+        assert await self.app[INSIGHTS_KEY].cache.wait_caught_up(30)
+
+
+@asynccontextmanager
+async def gateway_app(settings: XietongSettings) -> AsyncIterator[Gateway]:
+    async with network(settings) as net:
+        app = web.Application(middlewares=[require_api_key])
+        app[REGISTRY_KEY] = net.registry
+        setup_insight_routes(app, heartbeat=0.5)
+        async with TestServer(app, host="127.0.0.1") as server:
+            yield Gateway(net, str(server.make_url("")).rstrip("/"), app)

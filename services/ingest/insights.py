@@ -59,6 +59,7 @@ from shared.codec import DecodeError, decode, encode, json_response
 from shared.control import ControlRegistry, ControlWriter, may_read, new_id, now
 from shared.deadletter import field_errors
 from shared.kafka import create_consumer, ensure_topics
+from shared.sdk import InsightFilter
 from shared.settings import XietongSettings
 
 log = logging.getLogger(__name__)
@@ -84,38 +85,6 @@ def series_of(insight: Insight) -> str:
     if isinstance(insight, ClusterAssignment):
         return ",".join(insight.features)
     return ""
-
-
-def metrics_of(insight: Insight) -> tuple[str, ...]:
-    """The metric names an insight is about (what ``?metric=`` matches)."""
-    if isinstance(insight, Statistics | Benchmark):
-        return (insight.metric,)
-    if isinstance(insight, Correlation):
-        return tuple(insight.metrics)
-    if isinstance(insight, Prediction):
-        return (insight.target,)
-    if isinstance(insight, ClusterAssignment):
-        return tuple(insight.features)
-    return ()
-
-
-@dataclass(frozen=True)
-class InsightFilter:
-    """The query filters of the list and stream routes; None matches anything."""
-
-    types: frozenset[str] | None = None
-    metric: str | None = None
-    window_start: datetime | None = None
-    owner: str | None = None
-
-    def matches(self, insight: Insight) -> bool:
-        if self.types is not None and insight.type not in self.types:
-            return False
-        if self.owner is not None and insight.tenant != self.owner:
-            return False
-        if self.metric is not None and self.metric not in metrics_of(insight):
-            return False
-        return self.window_start is None or insight.provenance.window_start == self.window_start
 
 
 def parse_filter(query: Mapping[str, str], values: Callable[[str], list[str]]) -> InsightFilter:

@@ -8,32 +8,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from schemas.control import Grant
-from services.ingest.auth import REGISTRY_KEY, require_api_key
 from services.ingest.insights import (
-    INSIGHTS_KEY,
-    InsightFilter,
     grant_history,
     parse_filter,
     series_of,
-    setup_insight_routes,
     sse_event,
 )
-from shared.sdk import GatewayClient, GatewayError, InsightStream, ServerSentEvent
+from shared.sdk import GatewayClient, GatewayError, InsightFilter, InsightStream, ServerSentEvent
 from shared.settings import XietongSettings
 from tests.insight_helpers import (
     WINDOW,
-    Network,
+    Gateway,
     benchmark,
-    network,
+    gateway_app,
     prediction,
     publish,
     statistics,
@@ -115,33 +108,10 @@ def test_sse_frames_carry_event_id_and_one_line_of_data() -> None:
 # --------------------------------------------------------------------------- over the broker
 
 
-@dataclass(frozen=True)
-class Gateway:
-    net: Network
-    url: str
-    app: web.Application
-
-    def client(self, tenant: str) -> GatewayClient:
-        return GatewayClient(self.url, self.net.keys[tenant])
-
-    def stream(self, tenant: str, **kwargs: Any) -> InsightStream:
-        return InsightStream(self.url, self.net.keys[tenant], **kwargs)
-
-    async def caught_up(self) -> None:
-        assert await self.app[INSIGHTS_KEY].cache.wait_caught_up(30)
-
-
 @pytest.fixture
 async def gateway(settings: XietongSettings) -> AsyncIterator[Gateway]:
-    async with network(settings) as net:
-        app = web.Application(middlewares=[require_api_key])
-        app[REGISTRY_KEY] = net.registry
-        setup_insight_routes(app, heartbeat=0.5)
-        async with (
-            TestServer(app, host="127.0.0.1") as server,
-            TestClient[web.Request, web.Application](server) as http,
-        ):
-            yield Gateway(net, str(http.make_url("")), app)
+    async with gateway_app(settings) as running:
+        yield running
 
 
 def ids(insights: list[Any]) -> set[str]:
