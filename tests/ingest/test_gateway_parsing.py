@@ -1,0 +1,140 @@
+"""The gateway's parsers and CSV mapping as plain functions (no broker)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from services.ingest.csvmap import (
+    CsvError,
+    CsvHeaderError,
+    UnknownCsvType,
+    check_header,
+    parse_csv,
+    resolve_type,
+)
+from services.ingest.handlers import RequestError, parse_json_array, parse_ndjson, reason_label
+from services.ingest.intake import validate_records
+
+HEADER = "occurred_at,order_id,customer_id,product_sku,quantity"
+
+
+def rows(*lines: str, header: str = HEADER) -> bytes:
+    return ("\n".join([header, *lines]) + "\n").encode()
+
+
+def test_the_query_names_a_known_type_and_version() -> None:
+    assert resolve_type("sales_order_line", None) == ("sales_order_line", 1)
+    assert resolve_type("sales_order_line", "1") == ("sales_order_line", 1)
+    with pytest.raises(CsvError) as missing:
+        resolve_type(None, None)
+    assert missing.value.status == 400
+    with pytest.raises(UnknownCsvType, match="did you mean 'inventory_level'") as unknown:
+        resolve_type("inventory_levels", None)
+    assert unknown.value.status == 422
+    with pytest.raises(UnknownCsvType, match="no version 2"):
+        resolve_type("workforce", "2")
+
+
+def test_header_problems_are_all_reported_at_once_with_suggestions() -> None:
+    with pytest.raises(CsvHeaderError) as error:
+        check_header(
+            ["occured_at", "order_id", "customer", "product_sku", "qty"], "sales_order_line", 1
+        )
+    message = str(error.value)
+    assert "unknown column 'occured_at'" in message and "did you mean 'occurred_at'?" in message
+    assert "unknown column 'customer'" in message and "did you mean 'customer_id'?" in message
+    assert "missing column 'quantity'" in message and "missing column 'occurred_at'" in message
+    layout = check_header(
+        [" occurred_at ", "payload.site_id", "product_sku", "on_hand"], "inventory_level", 1
+    )
+    assert layout.paths == (
+        ("envelope", "occurred_at"),
+        ("payload", "site_id"),
+        ("payload", "product_sku"),
+        ("payload", "on_hand"),
+    )
+
+
+def test_csv_event_ids_repeat_for_the_same_body_and_differ_otherwise() -> None:
+    body = rows("2026-11-01T08:00:00Z,SO-1,C-1,B,1", "2026-11-01T08:00:00Z,SO-2,C-1,B,2")
+    first = [i.data["event_id"] for i in parse_csv(body, "acme", "sales_order_line", 1)]
+    again = [i.data["event_id"] for i in parse_csv(bytes(body), "acme", "sales_order_line", 1)]
+    rival = [i.data["event_id"] for i in parse_csv(body, "rival", "sales_order_line", 1)]
+    other = [i.data["event_id"] for i in parse_csv(body + b"\n", "acme", "sales_order_line", 1)]
+    assert first == again and len(set(first)) == 2
+    assert not set(first) & set(rival) and not set(first) & set(other)
+
+    given = "6f1b2f1e-0000-4000-8000-000000000001"
+    [item] = parse_csv(
+        rows(f"{given},2026-11-01T08:00:00Z,SO-1,C-1,B,1", header="event_id," + HEADER),
+        "acme",
+        "sales_order_line",
+        1,
+    )
+    assert item.data["event_id"] == given
+
+
+def test_csv_rows_quoting_bom_blank_lines_and_short_rows() -> None:
+    body = "\ufeff".encode() + rows(
+        '2026-11-01T08:00:00Z,"SO-1, ""rush""","C-1\nsecond line",螺栓,1',
+        "",
+        "2026-11-01T08:00:00Z,SO-2,C-2,B",
+        "2026-11-01T08:00:00Z,SO-3,,B,3",
+    )
+    items = parse_csv(body, "acme", "sales_order_line", 1)
+    assert [i.index for i in items] == [0, 1, 2]
+    assert items[0].data["payload"] == {
+        "order_id": 'SO-1, "rush"',
+        "customer_id": "C-1\nsecond line",
+        "product_sku": "螺栓",
+        "quantity": "1",
+    }
+    assert items[1].data is None and "wrong number of cells" in (items[1].error or "")
+    assert "customer_id" not in items[2].data["payload"]  # empty cell = missing
+    intake = validate_records(items, "acme", source_system="csv")
+    assert len(intake.accepted) == 1
+    assert {(r.index, r.errors[0].field) for r in intake.refused} == {
+        (1, ""),
+        (2, "payload.customer_id"),
+    }
+    assert str(intake.refused[0].original).startswith(HEADER)  # what the dead letter keeps
+
+
+def test_csv_that_is_not_utf8_or_not_csv_refuses_the_request() -> None:
+    with pytest.raises(CsvError, match="not UTF-8"):
+        parse_csv(
+            rows("2026-11-01T08:00:00Z,SO-1,C-1,B,1") + b"\xff\xfe\n", "acme", "sales_order_line", 1
+        )
+    with pytest.raises(CsvError, match="empty"):
+        parse_csv(b"", "acme", "sales_order_line", 1)
+    with pytest.raises(CsvError, match="cannot be parsed"):
+        parse_csv(rows('2026-11-01T08:00:00Z,"SO-1"x,C,B,1'), "acme", "sales_order_line", 1)
+
+
+def test_ndjson_indices_are_line_numbers_and_originals_come_back_byte_for_byte() -> None:
+    body = bytearray(b'{"a": 1}\r\n\n  \n[1, 2]\n{broken\n"\xe4\xb8\xad"')
+    parsed = parse_ndjson(body)
+    assert [(i.index, i.data, i.error is None) for i in parsed.items] == [
+        (0, {"a": 1}, True),
+        (3, [1, 2], True),
+        (4, None, False),
+        (5, "中", True),
+    ]
+    assert parsed.original_of(4) == b"{broken"
+    assert parsed.original_of(0) == b'{"a": 1}\r'
+
+
+def test_a_json_body_must_be_an_array_and_elements_keep_their_content() -> None:
+    with pytest.raises(RequestError) as error:
+        parse_json_array(b'{"type": "x"}')
+    assert error.value.status == 400 and "JSON array" in error.value.message
+    with pytest.raises(RequestError, match="not valid JSON"):
+        parse_json_array(b"[1,")
+    parsed = parse_json_array(b'[{"x": "\xe4\xb8\xad"}, 2]')
+    assert orjson.loads(parsed.original_of(0)) == {"x": "中"}
+
+
+def test_metric_labels_for_refusal_reasons_are_bounded() -> None:
+    assert reason_label("invalid JSON: unexpected character: line 1 column 7") == "invalid JSON"
+    assert len(reason_label("x" * 500)) == 60
