@@ -185,6 +185,15 @@ def test_quantities_and_per_unit_prices_follow_the_unit_and_prices_become_yuan()
     assert sorted(out.quality.converted) == ["currency", "quantity", "unit", "unit_price"]
 
 
+def test_a_default_is_already_canonical_and_is_not_converted() -> None:
+    stock = event(
+        "inventory_level", {"site_id": "w1", "product_sku": "A", "on_hand": 2, "unit": "t"}
+    )
+    (out,) = cleaned(clean_batch(records(stock), CleanState(RULES)))
+    assert out.payload["on_hand"] == 2000 and out.payload["reserved"] == 0
+    assert "reserved" in out.quality.filled and "reserved" not in out.quality.converted
+
+
 def test_an_unknown_unit_is_kept_and_nothing_is_converted() -> None:
     sale = sales_event(seq=1, quantity=3, unit="box")
     (out,) = cleaned(clean_batch(records(sale), CleanState(RULES)))
