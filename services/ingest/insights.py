@@ -426,6 +426,7 @@ def setup_insight_routes(
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(end_streams)
+    document_routes()
     app.router.add_get("/v1/insights", list_insights)
     app.router.add_get("/v1/insights/stream", stream_insights)
     app.router.add_post("/v1/shares", create_share)
@@ -603,6 +604,7 @@ def _audit(action: str, actor: str, grant: Grant) -> None:
 
 
 async def create_share(request: web.Request) -> web.Response:
+    """Grant another tenant read access to some of the caller's insight types (201 + the grant)."""
     owner = authenticated_tenant(request).tenant
     registry = request.app[REGISTRY_KEY]
     state = request.app[INSIGHTS_KEY]
@@ -644,6 +646,7 @@ async def create_share(request: web.Request) -> web.Response:
 
 
 async def list_shares(request: web.Request) -> web.Response:
+    """Agreements granted by the caller and granted to the caller, each with its status."""
     tenant = authenticated_tenant(request).tenant
     registry = request.app[REGISTRY_KEY]
     at = now()
@@ -657,6 +660,7 @@ async def list_shares(request: web.Request) -> web.Response:
 
 
 async def revoke_share(request: web.Request) -> web.Response:
+    """Revoke an agreement the caller granted; open streams stop delivering under it."""
     tenant = authenticated_tenant(request).tenant
     registry = request.app[REGISTRY_KEY]
     state = request.app[INSIGHTS_KEY]
@@ -683,8 +687,200 @@ async def revoke_share(request: web.Request) -> web.Response:
 
 
 async def share_audit(request: web.Request) -> web.Response:
+    """The caller's agreement history: granted, revoked, expired, oldest first."""
     tenant = authenticated_tenant(request).tenant
     registry = request.app[REGISTRY_KEY]
     return json_response(
         {"tenant": tenant, "history": grant_history(tenant, registry.grants.values(), now())}
+    )
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+
+def document_routes() -> None:
+    """Describe the routes in the gateway's OpenAPI document (schemas inline, no references)."""
+    from services.ingest.openapi import describe
+
+    types = sorted(INSIGHT_MODELS)
+    error = {
+        "description": "Error",
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "properties": {"error": {"type": "string"}}}
+            }
+        },
+    }
+    grant = {
+        **Grant.model_json_schema(),
+        "properties": {
+            **Grant.model_json_schema()["properties"],
+            "status": {"enum": ["active", "expired", "revoked"]},
+        },
+    }
+    grant_answer = {"content": {"application/json": {"schema": grant}}}
+    query = [
+        {
+            "name": "type",
+            "in": "query",
+            "schema": {"type": "array", "items": {"enum": types}},
+            "style": "form",
+            "explode": True,
+            "description": "Insight type(s), repeat or comma-separate.",
+        },
+        {"name": "metric", "in": "query", "schema": {"type": "string"}},
+        {
+            "name": "owner",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": "Tenant the insights are about ('network' for benchmarks).",
+        },
+    ]
+    insight_note = (
+        "Insights are the models of schemas/json/insights (one per `type`): the caller's own, "
+        "public benchmarks, and those another tenant granted to the caller."
+    )
+    describe(
+        "GET",
+        "/v1/insights",
+        {
+            "summary": "The latest insights the caller may read, newest first.",
+            "description": insight_note,
+            "parameters": [
+                *query,
+                {
+                    "name": "window_start",
+                    "in": "query",
+                    "schema": {"type": "string", "format": "date-time"},
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_LIMIT,
+                        "default": DEFAULT_LIMIT,
+                    },
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "Insights",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "count": {"type": "integer"},
+                                    "insights": {"type": "array", "items": {"type": "object"}},
+                                },
+                            }
+                        }
+                    },
+                },
+                "400": error,
+                "401": error,
+            },
+        },
+    )
+    describe(
+        "GET",
+        "/v1/insights/stream",
+        {
+            "summary": "New insights the caller may read, as Server-Sent Events.",
+            "description": insight_note + " Each event: `event: <type>`, `id: <insight_id>`, "
+            "`data: <insight JSON>`. Notices: `grant_revoked`, `access_revoked`, `end`. Comments "
+            "(`: heartbeat`) keep the connection open. Access is checked when each event is sent.",
+            "parameters": query,
+            "responses": {
+                "200": {
+                    "description": "An event stream",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
+                "400": error,
+                "401": error,
+            },
+        },
+    )
+    describe(
+        "POST",
+        "/v1/shares",
+        {
+            "summary": "Grant another tenant read access to some of the caller's insight types.",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ShareRequest.model_json_schema()}},
+            },
+            "responses": {
+                "201": {"description": "The grant", **grant_answer},
+                "400": error,
+                "401": error,
+                "422": error,
+            },
+        },
+    )
+    describe(
+        "GET",
+        "/v1/shares",
+        {
+            "summary": "Agreements granted by and to the caller.",
+            "responses": {
+                "200": {
+                    "description": "Grants",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "granted": {"type": "array", "items": grant},
+                                    "received": {"type": "array", "items": grant},
+                                },
+                            }
+                        }
+                    },
+                },
+                "401": error,
+            },
+        },
+    )
+    describe(
+        "DELETE",
+        "/v1/shares/{grant_id}",
+        {
+            "summary": "Revoke an agreement (owner only); open streams stop delivering under it.",
+            "parameters": [
+                {"name": "grant_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": {"description": "The revoked grant", **grant_answer},
+                "401": error,
+                "403": error,
+                "404": error,
+            },
+        },
+    )
+    describe(
+        "GET",
+        "/v1/shares/audit",
+        {
+            "summary": "The caller's agreement history: granted, revoked, expired, oldest first.",
+            "responses": {
+                "200": {
+                    "description": "History",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "tenant": {"type": "string"},
+                                    "history": {"type": "array", "items": {"type": "object"}},
+                                },
+                            }
+                        }
+                    },
+                },
+                "401": error,
+            },
+        },
     )
