@@ -71,6 +71,11 @@ def _rows(options: Options) -> dict[str, Row]:
             target=">= 0.5",
             events=n,
         ),
+        "R4.naive": Row(
+            "R4.naive",
+            "ingest gateway / naive gateway that parses NDJSON and produces (records/s)",
+            events=n,
+        ),
         "R5.p50": Row(
             "R5.p50",
             "HTTP->clean latency p50 at half capacity / 2 x raw hop (ms)",
@@ -108,9 +113,9 @@ async def pipeline_rows(settings: XietongSettings, options: Options, say: Progre
         await create_platform_topics(settings)
         keys = await register_tenants(settings)
         try:
-            await gateway_row(rows["R4"], settings, options, say, keys, workdir)
+            await gateway_row(rows, settings, options, say, keys, workdir)
         except Exception as error:
-            _unavailable(rows, ["R4"], f"{type(error).__name__}: {error}", "error")
+            _unavailable(rows, ["R4", "R4.naive"], f"{type(error).__name__}: {error}", "error")
         if missing:
             reason = f"services.{', services.'.join(missing)} not there yet"
             _unavailable(rows, list(rows), reason, "not available")
@@ -253,45 +258,61 @@ def _check(result_refused: list[str], side: str) -> None:
 
 
 async def gateway_row(
-    row: Row,
+    rows: dict[str, Row],
     settings: XietongSettings,
     options: Options,
     say: Progress,
     keys: dict[str, str],
     workdir: Path,
 ) -> None:
+    """R4, and for information the same gateway against a naive one that parses and produces."""
+    target = unique_topic("naive-gateway")
+    await create_topics(settings, [target], partitions=options.partitions, append_time=False)
     ingest, ingest_port = start_service("ingest", settings, workdir)
-    bare_port = free_port()
+    bare_port, naive_port = free_port(), free_port()
     bare = start_raw("bare-gateway", ["gateway", "--port", str(bare_port)], settings, workdir)
-    ours_rates: list[float] = []
-    bare_rates: list[float] = []
-    with stopping([ingest, bare]):
+    naive = start_raw(
+        "naive-gateway",
+        ["gateway", "--port", str(naive_port), "--target", target],
+        settings,
+        workdir,
+    )
+    samples: dict[str, list[float]] = {"ingest": [], "bare": [], "naive": []}
+    with stopping([ingest, bare, naive]):
         await wait_for_port(ingest, ingest_port)
         await wait_for_port(bare, bare_port)
+        await wait_for_port(naive, naive_port)
         urls = {
             "ingest": f"http://127.0.0.1:{ingest_port}/v1/events",
             "bare": f"http://127.0.0.1:{bare_port}/v1/events",
+            "naive": f"http://127.0.0.1:{naive_port}/v1/events",
         }
+        # Rotating the three sides is what bench.harness._rotate does; inlined to avoid a cycle.
+        sides = list(urls)
         for round_no in range(options.warmup + options.repeats):
             requests = build_requests(make_events(options.events), keys, options.events_per_request)
-            order = ("ingest", "bare") if round_no % 2 == 0 else ("bare", "ingest")
+            shift = round_no % len(sides)
+            order = sides[shift:] + sides[:shift]
             rates = {}
-            for side in order:
+            for side in order if round_no % 2 == 0 else order[::-1]:
                 result = await post_all(urls[side], requests, connections=options.connections)
                 _check(result.refused, side)
                 rates[side] = result.rate
             say(
                 f"gateway round {round_no}: ingest {rates['ingest']:,.0f} "
-                f"bare {rates['bare']:,.0f} records/s"
+                f"bare {rates['bare']:,.0f} naive {rates['naive']:,.0f} records/s"
             )
             if round_no >= options.warmup:
-                ours_rates.append(rates["ingest"])
-                bare_rates.append(rates["bare"])
+                for side, rate in rates.items():
+                    samples[side].append(rate)
+    ours = Side("ingest gateway", "records/s", samples["ingest"])
+    paired(rows["R4"], ours, Side("bare aiohttp 202", "records/s", samples["bare"]))
     paired(
-        row,
-        Side("ingest gateway", "records/s", ours_rates),
-        Side("bare aiohttp 202", "records/s", bare_rates),
+        rows["R4.naive"],
+        ours,
+        Side("naive gateway: json + AIOKafkaProducer.send", "records/s", samples["naive"]),
     )
+    rows["R4.naive"].status = "info"
 
 
 # --------------------------------------------------------------------------- R2, R5, RSS
@@ -461,17 +482,27 @@ async def raw_hop_latency(
 
 async def pipeline_latency(
     settings: XietongSettings, url: str, requests: list[Request], rate: float, connections: int
-) -> tuple[float, float]:
-    """p50, p99 (ms) from the HTTP request to the clean event's append on ``events.clean.v1``."""
-    from schemas.topics import EVENTS_CLEAN
+) -> dict[str, tuple[float, float]]:
+    """p50, p99 (ms) from the HTTP request to the clean event's append on ``events.clean.v1``
+    (``"total"``), and of its two parts: request to the raw event's append on ``events.raw.v1``
+    (``"ingest"``) and from there to the clean append (``"clean"``)."""
+    from schemas.topics import EVENTS_CLEAN, EVENTS_RAW
 
     consumer = AIOKafkaConsumer(**connection_config(settings), enable_auto_commit=False)
     async with started(consumer):
-        since = await _ends(consumer, EVENTS_CLEAN)
+        since_raw = await _ends(consumer, EVENTS_RAW)
+        since_clean = await _ends(consumer, EVENTS_CLEAN)
     result = await post_paced(url, requests, rate=rate, connections=connections)
     _check(result.refused, "ingest")
-    arrived = await append_times(settings, EVENTS_CLEAN, since, set(result.sent_at), timeout=60)
-    return _percentiles([(arrived[i] - result.sent_at[i]) * 1000 for i in result.sent_at])
+    ids = set(result.sent_at)
+    raw = await append_times(settings, EVENTS_RAW, since_raw, ids, timeout=60)
+    clean = await append_times(settings, EVENTS_CLEAN, since_clean, ids, timeout=60)
+    sent = result.sent_at
+    return {
+        "total": _percentiles([(clean[i] - sent[i]) * 1000 for i in ids]),
+        "ingest": _percentiles([(raw[i] - sent[i]) * 1000 for i in ids]),
+        "clean": _percentiles([(clean[i] - raw[i]) * 1000 for i in ids]),
+    }
 
 
 async def chain_rows(
@@ -570,17 +601,22 @@ async def chain_rows(
         # R5 at half the pipeline's capacity, the same offered rate for the raw hop.
         rate = max(50.0, statistics.median(rates["pipeline"]) / 2)
         count = max(200, min(options.events, int(rate * 4)))
-        p50s: dict[str, list[float]] = {"pipeline": [], "raw": []}
-        p99s: dict[str, list[float]] = {"pipeline": [], "raw": []}
+        p50s: dict[str, list[float]] = {"pipeline": [], "raw": [], "ingest": [], "clean": []}
+        p99s: dict[str, list[float]] = {"pipeline": [], "raw": [], "ingest": [], "clean": []}
         for round_no in range(options.warmup + options.repeats):
             events = make_events(count)
             order = ("pipeline", "raw") if round_no % 2 == 0 else ("raw", "pipeline")
             for side in order:
                 if side == "pipeline":
                     requests = build_requests(events, keys, options.events_per_request)
-                    p50, p99 = await pipeline_latency(
+                    parts = await pipeline_latency(
                         settings, urls["pipeline"], requests, rate, LATENCY_CONNECTIONS
                     )
+                    p50, p99 = parts["total"]
+                    if round_no >= options.warmup:
+                        for part in ("ingest", "clean"):
+                            p50s[part].append(parts[part][0])
+                            p99s[part].append(parts[part][1])
                 else:
                     one50, one99 = await raw_hop_latency(settings, raw_a, raw_b, events, rate)
                     p50, p99 = one50 * HOPS_TO_CLEAN, one99 * HOPS_TO_CLEAN
@@ -601,6 +637,13 @@ async def chain_rows(
             Side("pipeline p99", "ms", p99s["pipeline"]),
             Side(f"{HOPS_TO_CLEAN} x raw hop p99", "ms", p99s["raw"]),
         )
+        for key, by_part in (("R5.p50", p50s), ("R5.p99", p99s)):
+            rows[key].note = (
+                f"request -> events.raw.v1 (ingest) {statistics.median(by_part['ingest']):.1f} ms, "
+                f"-> events.clean.v1 (clean) {statistics.median(by_part['clean']):.1f} ms; "
+                f"one raw hop {statistics.median(by_part['raw']) / HOPS_TO_CLEAN:.1f} ms; "
+                f"offered {rate:,.0f} events/s in requests of {options.events_per_request}"
+            )
 
         for name, stand_in in (("ingest", "gateway"), ("clean", "hop1"), ("analytics", "hop2")):
             ours_rss = services[name][0].peak_rss_mib()

@@ -30,6 +30,7 @@ ROW_KEYS = (
     "R2",
     "R3",
     "R4",
+    "R4.naive",
     "R5.p50",
     "R5.p99",
     "rss.ingest",
@@ -73,6 +74,8 @@ class Row:
     denominator: Side | None = None
     ratio_samples: list[float] = field(default_factory=list)
     events: int = 0
+    note: str | None = None
+    """What the figure is made of, where the time goes (shown under the table)."""
 
     @property
     def ratio(self) -> float | None:
@@ -107,6 +110,7 @@ class Row:
             "repeats": len(self.ratio_samples)
             or (len(self.numerator.samples) if self.numerator else 0),
             "events": self.events,
+            "note": self.note,
             "target": self.target,
             "verdict": self.verdict or None,
         }
@@ -193,6 +197,9 @@ def table(rows: list[Row]) -> str:
             f"| {row.key} {row.title} | {ours} | {base} | {ratio} | {spread} | "
             f"{row.target or ''} | {row.verdict} |"
         )
+    notes = [f"- {row.key}: {row.note}" for row in rows if row.note and row.status != "error"]
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines)
 
 
