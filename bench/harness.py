@@ -307,7 +307,7 @@ async def run_rows(settings: XietongSettings, options: Options, say: Progress) -
 def broker(bootstrap: str | None, say: Progress) -> Iterator[tuple[str, str]]:
     """The broker to measure on: the one named, or a fresh local one stopped afterwards."""
     if bootstrap:
-        yield bootstrap, "external"
+        yield bootstrap, f"external broker at {bootstrap}"
         return
     from deploy.local import infra
 

@@ -204,4 +204,11 @@ def table(rows: list[Row]) -> str:
 
 
 def results_document(env: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
-    return {"environment": env, "rows": [row.to_json() for row in rows]}
+    """The run's environment once, and every row carrying what it needs to be read alone."""
+    context = {
+        "cpu_count": env["cpu_count"],
+        "python": env["python"],
+        "libraries": env["libraries"],
+        "broker": env["broker"],
+    }
+    return {"environment": env, "rows": [{**row.to_json(), **context} for row in rows]}
