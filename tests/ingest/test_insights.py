@@ -12,14 +12,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
 
 from schemas.control import Grant
+from services.ingest.app import create_app
 from services.ingest.insights import (
     grant_history,
     parse_filter,
     series_of,
     sse_event,
 )
+from services.ingest.settings import IngestSettings
 from shared.sdk import GatewayClient, GatewayError, InsightFilter, InsightStream, ServerSentEvent
 from shared.settings import XietongSettings
 from tests.insight_helpers import (
@@ -27,6 +30,7 @@ from tests.insight_helpers import (
     Gateway,
     benchmark,
     gateway_app,
+    network,
     prediction,
     publish,
     statistics,
@@ -244,3 +248,24 @@ async def test_stream_yields_typed_insights_of_the_requested_types(gateway: Gate
         async with asyncio.timeout(30):
             first = await anext(aiter(stream))
     assert first == pred
+
+
+@pytest.mark.integration
+async def test_the_gateway_app_serves_insights_through_its_own_middlewares(
+    settings: XietongSettings,
+) -> None:
+    gateway_settings = IngestSettings(**{**settings.model_dump(), "ingest_with_insights": True})
+    async with network(settings) as net:
+        server = TestServer(create_app(gateway_settings), host="127.0.0.1")
+        async with server:
+            url = str(server.make_url("")).rstrip("/")
+            async with InsightStream(url, net.keys[net.b], types=["statistics"]) as stream:
+                own, foreign = statistics(net.b), statistics(net.a)
+                await publish(settings, [foreign])
+                await publish(settings, [own])
+                async with asyncio.timeout(30):
+                    first = await anext(aiter(stream))
+            assert first == own
+            async with GatewayClient(url, net.keys[net.b]) as b:
+                assert own in await b.insights(owner=net.b)
+                assert await b.insights(owner=net.a) == []

@@ -17,7 +17,7 @@ from schemas.insights import Statistics
 from shared.codec import decode
 from shared.settings import XietongSettings
 from shared.sharecli import describe_insight, parse_until, share, split_types, subscribe
-from tests.insight_helpers import benchmark, gateway_app, prediction, publish, statistics
+from tests.insight_helpers import benchmark, gateway_app, network, prediction, publish, statistics
 
 
 def test_until_accepts_a_date_or_a_timestamp_in_utc() -> None:
@@ -96,3 +96,19 @@ async def test_grant_subscribe_revoke_from_the_shell(settings: XietongSettings) 
 
         refused = await asyncio.to_thread(CliRunner().invoke, share, ["revoke", *b, grant_id])
         assert refused.exit_code != 0 and "403" in refused.output
+
+
+@pytest.mark.integration
+async def test_operator_subscribes_over_kafka_with_the_same_rule(settings: XietongSettings) -> None:
+    async with network(settings) as net:
+        foreign, own = statistics(net.a), statistics(net.b)
+        await publish(settings, [foreign, own])
+        env = {"XIETONG_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers}
+        result = await asyncio.to_thread(
+            CliRunner(env=env).invoke,
+            subscribe,
+            # Everyone's statistics since the topic began pass by; the first B may read is its own.
+            ["--kafka", net.b, "--ndjson", "--count", "1", "--type", "statistics"],
+        )
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert Statistics.model_validate(decode(result.stdout.splitlines()[0])) == own
