@@ -162,6 +162,8 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
         self.status.restoring.update(numbers)
         try:
             await self.restore(numbers)
+        except asyncio.CancelledError:  # the consumer is stopping
+            raise
         except BaseException as error:  # aiokafka only logs listener errors: stop the loop
             self.failure = error
             log.exception("restoring the clean state failed", extra={"partitions": numbers})

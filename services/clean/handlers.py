@@ -70,7 +70,7 @@ class CleanRules:
 
     rates: Mapping[str, float]
     horizon_seconds: float = 7 * 86400.0
-    max_ids: int = 1_000_000
+    max_ids: int = 500_000
     window: int = 200
     min_history: int = 20
     threshold: float = 3.5
@@ -348,11 +348,12 @@ class SeenIds:
     more than the horizon behind the latest event time seen (checked in arrival order).
     """
 
-    __slots__ = ("ids", "order", "watermark")
+    __slots__ = ("ids", "order", "times", "watermark")
 
     def __init__(self) -> None:
         self.ids: set[int] = set()
-        self.order: deque[tuple[float, int]] = deque()
+        self.order: deque[int] = deque()  # ids in arrival order ...
+        self.times: deque[float] = deque()  # ... and their event times (no tuple per id)
         self.watermark = -math.inf
 
     def __contains__(self, event_id: int) -> bool:
@@ -364,15 +365,17 @@ class SeenIds:
     def add(self, event_id: int, at: float) -> None:
         if event_id not in self.ids:
             self.ids.add(event_id)
-            self.order.append((at, event_id))
+            self.order.append(event_id)
+            self.times.append(at)
             if at > self.watermark:
                 self.watermark = at
 
     def evict(self, horizon_seconds: float, max_ids: int) -> None:
-        order, ids = self.order, self.ids
+        order, times, ids = self.order, self.times, self.ids
         oldest = self.watermark - horizon_seconds
-        while order and (len(order) > max_ids or order[0][0] < oldest):
-            ids.discard(order.popleft()[1])
+        while order and (len(order) > max_ids or times[0] < oldest):
+            times.popleft()
+            ids.discard(order.popleft())
 
 
 CarryKey = tuple[str, str, tuple[Any, ...], str]
@@ -619,7 +622,8 @@ def clean_batch(records: Iterable[RawRecord], state: CleanState) -> CleanedBatch
 
         seen = partition.seen  # SeenIds.add, inline: this runs for every record
         seen.ids.add(event_id)
-        seen.order.append((at, event_id))
+        seen.order.append(event_id)
+        seen.times.append(at)
         if at > seen.watermark:
             seen.watermark = at
         encoded = encode(

@@ -35,7 +35,9 @@ class CleanSettings(XietongSettings):
         7.0, gt=0, description="How far back in event time an event_id is remembered."
     )
     clean_dedupe_max_ids: int = Field(
-        1_000_000, ge=1, description="Most event ids remembered per partition."
+        500_000,
+        ge=1,
+        description="Most event ids remembered per partition (about 130 bytes each).",
     )
     clean_outlier_window: int = Field(
         200, ge=3, description="Recent values per tenant and metric the robust z-score uses."
