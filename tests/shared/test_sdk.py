@@ -124,3 +124,34 @@ async def test_subscriber_commits_what_it_handed_out(settings: XietongSettings) 
         ) as again:
             mine = [i for i in await drain(again) if i.tenant == net.a]
         assert mine == [second]
+
+
+@pytest.mark.integration
+async def test_subscriber_stops_yielding_what_a_revoked_grant_covered(
+    settings: XietongSettings,
+) -> None:
+    async with network(settings) as net:
+        grant = Grant(
+            grant_id=new_id(),
+            owner=net.a,
+            grantee=net.bank,
+            insight_types=["statistics"],
+            created_at=datetime.now(UTC),
+        )
+
+        async def put(g: Grant, active: bool) -> None:
+            await net.writer.put_grant(g)
+            async with asyncio.timeout(30):
+                while bool(net.registry.grants_to(net.bank)) != active:
+                    await net.registry.wait_changed(net.registry.version, 1)
+
+        await put(grant, active=True)
+        before, after = statistics(net.a, mean=1.0), statistics(net.a, mean=2.0)
+        async with Subscriber(
+            settings, net.bank, net.registry, types=["statistics"], group_id=f"test.{new_id()}"
+        ) as subscriber:
+            await publish(settings, [before])
+            assert before in await drain(subscriber)
+            await put(grant.model_copy(update={"revoked_at": datetime.now(UTC)}), active=False)
+            await publish(settings, [after])
+            assert [i for i in await drain(subscriber) if i.tenant == net.a] == []
