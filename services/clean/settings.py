@@ -22,7 +22,7 @@ DEFAULT_RATES_CNY: dict[str, float] = {
 class CleanSettings(XietongSettings):
     """What the clean hop needs beyond the platform settings."""
 
-    clean_http_port: int = Field(8082, ge=0, le=65535, description="Health and metrics port.")
+    clean_http_port: int = Field(8081, ge=0, le=65535, description="Health and metrics port.")
     clean_group_id: str = Field("clean", min_length=1, description="Consumer group of the hop.")
     clean_source_topic: str = Field(EVENTS_RAW, description="Raw events in.")
     clean_target_topic: str = Field(EVENTS_CLEAN, description="Clean events out.")
