@@ -340,3 +340,32 @@ async def test_workers_joining_and_leaving_the_group_mid_stream_clean_every_even
     assert await total_records(clean_settings, clean) == len(events)
     got = by_id(await read_all(clean_settings, clean, len(events)))
     assert set(got) == {e["event_id"] for e in events}
+
+
+async def test_carry_forward_and_outlier_history_survive_a_restart(
+    clean_settings: CleanSettings, topics: tuple[str, str]
+) -> None:
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    group = f"clean-{uuid.uuid4().hex[:8]}"
+    history = [sales_event("acme", seq=i, quantity=10 + i % 3, unit_price=6.0) for i in range(30)]
+    await publish(clean_settings, raw, history)
+    hop = Hop(clean_settings, raw, clean, group)
+    try:
+        await hop.until(lambda s: s.records_out == len(history))
+    finally:
+        await hop.stop()
+
+    unpriced_spike = sales_event("acme", seq=30, quantity=500, unit_price=None)
+    await publish(clean_settings, raw, [unpriced_spike])
+    hop = Hop(clean_settings, raw, clean, group)
+    try:
+        await hop.until(lambda s: s.records_out == 1)
+    finally:
+        status = await hop.stop()
+
+    assert status.restored == len(history)
+    got = by_id(await read_all(clean_settings, clean, len(history) + 1))
+    after = got[unpriced_spike["event_id"]]
+    assert after.payload["unit_price"] == 6.0 and "unit_price" in after.quality.filled
+    assert after.quality.outliers == ["sales.quantity", "sales.amount_cny"]
