@@ -19,6 +19,7 @@ managing sharing agreements (what ``xietong share`` uses).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -49,9 +50,10 @@ from shared.settings import XietongSettings
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-NOTICE_EVENTS = frozenset({"grant_revoked", "access_revoked", "end"})
+NOTICE_EVENTS = frozenset({"grant_revoked", "access_revoked", "gap", "end"})
 """SSE events that are not insights: the gateway tells the client about its access."""
-FINAL_EVENTS = frozenset({"access_revoked", "end"})
+FINAL_EVENTS = frozenset({"access_revoked"})
+"""Notices after which reconnecting cannot help."""
 
 
 def parse_insight(data: Any) -> Insight:
@@ -277,7 +279,11 @@ class InsightStream(_HttpClient):
 
     ``async with InsightStream(url, key, types=["statistics"]) as stream: async for insight in
     stream: ...`` yields typed insight models. Notices (``grant_revoked``, ``access_revoked``,
-    ``end``) go to ``on_notice`` and :attr:`notices`; the last two end the iteration.
+    ``gap``, ``end``) go to ``on_notice`` and :attr:`notices`. ``access_revoked`` ends the
+    iteration; when the connection drops or the gateway ends the stream, the client reconnects
+    (up to ``reconnect_attempts`` times in a row, ``retry_seconds`` apart) with
+    ``Last-Event-ID``, and the gateway replays what it still holds after that insight (a ``gap``
+    notice says it no longer does). ``replay=N`` starts with the latest N readable insights.
     """
 
     def __init__(
@@ -288,6 +294,10 @@ class InsightStream(_HttpClient):
         types: Iterable[str] = (),
         metric: str | None = None,
         owner: str | None = None,
+        replay: int = 0,
+        last_event_id: str | None = None,
+        reconnect_attempts: int = 5,
+        retry_seconds: float = 3.0,
         session: aiohttp.ClientSession | None = None,
         on_notice: Callable[[ServerSentEvent], None] | None = None,
     ) -> None:
@@ -297,16 +307,26 @@ class InsightStream(_HttpClient):
             self.params.append(("metric", metric))
         if owner:
             self.params.append(("owner", owner))
+        self.replay = replay
+        self.last_event_id = last_event_id
+        self.reconnect_attempts = reconnect_attempts
+        self.retry_seconds = retry_seconds
         self.on_notice = on_notice
         self.notices: list[ServerSentEvent] = []
         self._response: aiohttp.ClientResponse | None = None
 
     async def open(self) -> None:
         """Connect; when this returns, the gateway is delivering new insights to this stream."""
+        headers = {**self.headers, "Accept": "text/event-stream"}
+        params = list(self.params)
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
+        elif self.replay:
+            params.append(("replay", str(self.replay)))
         response = await self.session.get(
             self.url + "/v1/insights/stream",
-            params=self.params,
-            headers={**self.headers, "Accept": "text/event-stream"},
+            params=params,
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
         )
         try:
@@ -318,6 +338,11 @@ class InsightStream(_HttpClient):
             response.release()
             raise
         self._response = response
+
+    def _drop_connection(self) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
 
     async def __aenter__(self) -> InsightStream:
         try:
@@ -333,31 +358,54 @@ class InsightStream(_HttpClient):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._response is not None:
-            self._response.close()
-            self._response = None
+        self._drop_connection()
         await self.close()
 
     async def events(self) -> AsyncIterator[ServerSentEvent]:
-        """Every event of the stream, insights and notices alike, as parsed."""
+        """Every event of the current connection, insights and notices alike, as parsed."""
         if self._response is None:
             raise RuntimeError("the stream is not open (use `async with` or `await open()`)")
         async for event in iter_sse(self._response.content):
+            if event.id:
+                self.last_event_id = event.id
             yield event
 
     async def __aiter__(self) -> AsyncIterator[Insight]:
-        async for event in self.events():
-            if event.event in NOTICE_EVENTS:
-                self.notices.append(event)
-                if self.on_notice is not None:
-                    self.on_notice(event)
-                if event.event in FINAL_EVENTS:
-                    return
-                continue
+        failures = 0
+        while True:
+            if self._response is None:
+                try:
+                    await self.open()
+                except aiohttp.ClientError as error:
+                    if failures >= self.reconnect_attempts:
+                        raise
+                    failures += 1
+                    log.warning("stream reconnect failed (%s); retrying", error)
+                    await asyncio.sleep(self.retry_seconds)
+                    continue
             try:
-                yield parse_insight(decode(event.data))
-            except (DecodeError, ValueError) as error:  # ValidationError is a ValueError
-                log.warning("unreadable stream event skipped: %s", error)
+                async for event in self.events():
+                    failures = 0
+                    if event.event in NOTICE_EVENTS:
+                        self.notices.append(event)
+                        if self.on_notice is not None:
+                            self.on_notice(event)
+                        if event.event in FINAL_EVENTS:
+                            return
+                        if event.event == "end":
+                            break
+                        continue
+                    try:
+                        yield parse_insight(decode(event.data))
+                    except (DecodeError, ValueError) as error:  # ValidationError is a ValueError
+                        log.warning("unreadable stream event skipped: %s", error)
+            except aiohttp.ClientError as error:
+                log.warning("stream connection lost: %s", error)
+            self._drop_connection()
+            if failures >= self.reconnect_attempts:
+                return
+            failures += 1
+            await asyncio.sleep(self.retry_seconds)
 
 
 # --------------------------------------------------------------------------- Kafka subscriber

@@ -4,9 +4,11 @@ Routes (every one authenticated by a tenant key, see :mod:`services.ingest.auth`
 
 - ``GET /v1/insights?type=&metric=&window_start=&owner=&limit=`` — the latest insights the caller
   may read, newest first;
-- ``GET /v1/insights/stream?type=&metric=&owner=`` — Server-Sent Events: ``event: <type>``,
-  ``id: <insight_id>``, ``data: <json>``; ``: heartbeat`` comments keep the connection open;
-  ``event: grant_revoked`` tells the client an agreement it was reading under has ended;
+- ``GET /v1/insights/stream?type=&metric=&owner=&replay=`` — Server-Sent Events: ``event:
+  <type>``, ``id: <insight_id>``, ``data: <json>``; ``: heartbeat`` comments keep the connection
+  open; ``event: grant_revoked`` tells the client an agreement it was reading under has ended.
+  A reconnecting client sends ``Last-Event-ID`` and gets what the cache still holds after that
+  insight (``event: gap`` when it no longer holds it); ``replay=N`` starts with the latest N;
 - ``POST /v1/shares`` (the caller grants), ``GET /v1/shares`` (granted by and to the caller),
   ``DELETE /v1/shares/{grant_id}`` (the owner revokes), ``GET /v1/shares/audit`` (history).
 
@@ -16,8 +18,9 @@ an in-memory cache that keeps the latest ``per_series`` insights per (owner, typ
 fans new ones out to open streams. Produces: only ``control.grants.v1`` (compacted, key: grant
 id, ``acks=all``) — a grant and its revocation are the same record, updated.
 
-Delivery: the cache is a view, not a log: SSE is at-most-once per connection (a reconnecting
-client lists ``/v1/insights`` to catch up), durable subscriptions use the SDK over Kafka.
+Delivery: the cache is a view, not a log: SSE delivers each insight at most once per
+connection, and a reconnect with ``Last-Event-ID`` resumes from what this replica still holds
+(the latest ``per_series`` of each series); durable subscriptions use the SDK over Kafka.
 
 Enforcement: the one rule, :func:`shared.control.may_read`, is evaluated against the live
 :class:`~shared.control.ControlRegistry` at the moment each insight leaves — for every listed
@@ -37,6 +40,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -239,6 +243,7 @@ class InsightCache:
         self.queue_size = queue_size
         self.topics = tuple(topics)
         self._series: dict[tuple[str, str, str], deque[CachedInsight]] = {}
+        self._by_id: dict[UUID, CachedInsight] = {}
         self._subscriptions: set[Subscription] = set()
         self._next: dict[TopicPartition, int] = {}
         self._progress = asyncio.Event()
@@ -307,15 +312,18 @@ class InsightCache:
 
     def add(self, insight: Insight) -> None:
         """Keep ``insight`` (unless it is a redelivery) and offer it to every open stream."""
+        if insight.insight_id in self._by_id:
+            return  # at-least-once producers may deliver an insight twice
         key = (insight.tenant, insight.type, series_of(insight))
         kept = self._series.get(key)
         if kept is None:
             kept = self._series[key] = deque(maxlen=self.per_series)
-        elif any(c.insight.insight_id == insight.insight_id for c in kept):
-            return  # at-least-once producers may deliver an insight twice
+        elif len(kept) == kept.maxlen:
+            del self._by_id[kept[0].insight.insight_id]  # the oldest of the series goes
         self._seq += 1
         item = CachedInsight(insight, encode(insight), self._seq)
         kept.append(item)
+        self._by_id[insight.insight_id] = item
         for subscription in list(self._subscriptions):
             subscription.offer(item)
             if subscription.closed:
@@ -327,8 +335,24 @@ class InsightCache:
         found.sort(key=lambda c: c.seq, reverse=True)
         return found[:limit]
 
-    def subscribe(self) -> Subscription:
+    def after(self, insight_id: str) -> list[CachedInsight] | None:
+        """What came after ``insight_id``, oldest first; None when it is not (or no longer) here."""
+        try:
+            seen = self._by_id.get(UUID(insight_id))
+        except ValueError:
+            return None
+        if seen is None:
+            return None
+        return sorted(
+            (c for kept in self._series.values() for c in kept if c.seq > seen.seq),
+            key=lambda c: c.seq,
+        )
+
+    def subscribe(self, replay: Iterable[CachedInsight] = ()) -> Subscription:
+        """A new stream's queue, starting with ``replay`` (then everything added from now on)."""
         subscription = Subscription(self.queue_size)
+        for item in list(replay)[-(self.queue_size // 2) :]:
+            subscription.queue.put_nowait(item)
         self._subscriptions.add(subscription)
         return subscription
 
@@ -459,6 +483,17 @@ def _limit_of(request: web.Request) -> int:
     return limit
 
 
+def _replay_of(request: web.Request) -> int:
+    raw = request.query.get("replay", "0")
+    try:
+        count = int(raw)
+    except ValueError:
+        raise _error(web.HTTPBadRequest, "replay must be an integer") from None
+    if not 0 <= count <= MAX_LIMIT:
+        raise _error(web.HTTPBadRequest, f"replay must be between 0 and {MAX_LIMIT}")
+    return count
+
+
 # --------------------------------------------------------------------------- insight routes
 
 
@@ -485,7 +520,25 @@ async def stream_insights(request: web.Request) -> web.StreamResponse:
     wanted = _filter_of(request)
     state = request.app[INSIGHTS_KEY]
     registry = request.app[REGISTRY_KEY]
-    subscription = state.cache.subscribe()
+    last_event_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    replay_count = _replay_of(request)
+    # No await between choosing the replay and subscribing: nothing falls in between.
+    notices: list[bytes] = []
+    replay: list[CachedInsight] = []
+    if last_event_id:
+        missed = state.cache.after(last_event_id)
+        if missed is None:
+            notices.append(sse_event("gap", encode({"last_event_id": last_event_id})))
+        else:
+            replay = missed
+    elif replay_count:
+        at = now()
+        grants = registry.grants_to(reader, at)
+        replay = state.cache.latest(
+            lambda insight: wanted.matches(insight) and readable(reader, insight, grants, at),
+            replay_count,
+        )[::-1]
+    subscription = state.cache.subscribe(replay)
     state.streams.add(subscription)
     response = web.StreamResponse(
         headers={
@@ -501,7 +554,7 @@ async def stream_insights(request: web.Request) -> web.StreamResponse:
     changed: asyncio.Task[int] | None = None
     try:
         await response.prepare(request)
-        await response.write(b": connected\nretry: 3000\n\n")
+        await response.write(b": connected\nretry: 3000\n\n" + b"".join(notices))
         last_write = loop.time()
         version = registry.version
         while True:
@@ -790,9 +843,24 @@ def document_routes() -> None:
         {
             "summary": "New insights the caller may read, as Server-Sent Events.",
             "description": insight_note + " Each event: `event: <type>`, `id: <insight_id>`, "
-            "`data: <insight JSON>`. Notices: `grant_revoked`, `access_revoked`, `end`. Comments "
+            "`data: <insight JSON>`. Notices: `grant_revoked`, `access_revoked`, `gap`, `end`. "
+            "Comments "
             "(`: heartbeat`) keep the connection open. Access is checked when each event is sent.",
-            "parameters": query,
+            "parameters": [
+                *query,
+                {
+                    "name": "replay",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 0, "maximum": MAX_LIMIT},
+                    "description": "Start with the latest N readable insights.",
+                },
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "schema": {"type": "string"},
+                    "description": "Resume after this insight id (a reconnecting client).",
+                },
+            ],
             "responses": {
                 "200": {
                     "description": "An event stream",

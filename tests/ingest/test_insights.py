@@ -269,3 +269,59 @@ async def test_the_gateway_app_serves_insights_through_its_own_middlewares(
             async with GatewayClient(url, net.keys[net.b]) as b:
                 assert own in await b.insights(owner=net.b)
                 assert await b.insights(owner=net.a) == []
+
+
+@pytest.mark.integration
+async def test_a_reconnecting_stream_resumes_after_its_last_event_id(gateway: Gateway) -> None:
+    net = gateway.net
+    settings = net.writer.settings
+    first, second, third = (statistics(net.a, mean=float(n)) for n in range(3))
+    async with gateway.stream(net.a, types=["statistics"]) as stream:
+        await publish(settings, [first])
+        async with asyncio.timeout(30):
+            assert await anext(aiter(stream)) == first
+        last_id = stream.last_event_id
+    assert last_id == str(first.insight_id)
+
+    # Missed while disconnected: A's next two and B's (which A may not read).
+    await publish(settings, [second, statistics(net.b)])
+    await publish(settings, [third])
+    await gateway.caught_up()
+    resumed: list[Any] = []
+    async with gateway.stream(net.a, last_event_id=last_id) as stream:
+        async with asyncio.timeout(30):
+            async for insight in stream:
+                resumed.append(insight)
+                if insight == third:
+                    break
+    assert [i for i in resumed if i.tenant != net.a] == []
+    assert [i for i in resumed if i.tenant == net.a] == [second, third]
+
+    # An id the gateway no longer holds: it says so instead of replaying silently nothing.
+    gap: list[ServerSentEvent] = []
+    async with gateway.stream(
+        net.a, last_event_id="00000000-0000-0000-0000-000000000000", on_notice=gap.append
+    ) as stream:
+        fourth = statistics(net.a, mean=4.0)
+        await publish(settings, [fourth])
+        async with asyncio.timeout(30):
+            assert await anext(aiter(stream)) == fourth
+    assert [e.event for e in gap] == ["gap"]
+
+    # replay=N starts with the latest N the caller may read, oldest first.
+    async with gateway.stream(net.a, owner=net.a, types=["statistics"], replay=2) as stream:
+        async with asyncio.timeout(30):
+            replayed = [await anext(aiter(stream)) for _ in range(2)]
+    assert replayed == [third, fourth]
+
+
+@pytest.mark.integration
+async def test_a_stream_ends_when_the_key_is_revoked(gateway: Gateway) -> None:
+    net = gateway.net
+    key_id = net.keys[net.b].split("_")[1]
+    async with gateway.stream(net.b) as stream:
+        record = net.registry.keys[key_id]
+        await net.writer.put_key(record.model_copy(update={"revoked_at": datetime.now(UTC)}))
+        async with asyncio.timeout(30):
+            rest = [insight async for insight in stream]
+    assert rest == [] and [e.event for e in stream.notices] == ["access_revoked"]
