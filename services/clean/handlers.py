@@ -419,8 +419,9 @@ class CleanState:
             carried = _fill_plan(type_name, event["schema_version"])[1]
             if carried:
                 entity = tuple(payload.get(name) for name in SHAPES.get(type_name, _GENERIC).entity)
-                for name in carried:
-                    if payload.get(name) is not None:
+                filled = event["quality"]["filled"]
+                for name in carried:  # a value filled by carrying it is not a newer observation
+                    if payload.get(name) is not None and name not in filled:
                         state.carry[(tenant, type_name, entity, name)] = (payload[name], at)
         size = self.rules.window
         for metric, value in event["metrics"].items():

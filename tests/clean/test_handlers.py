@@ -496,3 +496,21 @@ def test_state_rebuilt_from_the_clean_output_cleans_the_next_batch_identically()
     assert [r.value for r in from_live.clean[0]] == [r.value for r in from_rebuilt.clean[0]]
     assert any(e.quality.outliers for e in cleaned(from_live))  # the comparison covers flags too
     assert any("unit_price" in e.quality.filled for e in cleaned(from_live))
+
+
+def test_a_rebuilt_state_ages_carried_values_as_the_live_one_does() -> None:
+    rules = CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=86400)
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    priced = sales_event(seq=1, unit_price=4.0, occurred_at=start)
+    filled = sales_event(seq=2, unit_price=None, occurred_at=start + timedelta(hours=20))
+    live = CleanState(rules)
+    first = clean_batch(records(priced, filled), live)
+    rebuilt = CleanState(rules)
+    for record in first.clean[0]:
+        rebuilt.remember(0, decode(record.value))
+
+    too_late = sales_event(seq=3, unit_price=None, occurred_at=start + timedelta(hours=30))
+    (from_live,) = cleaned(clean_batch(records(too_late, start=2), live))
+    (from_rebuilt,) = cleaned(clean_batch(records(too_late, start=2), rebuilt))
+    assert from_live.payload["unit_price"] is None  # 30 h after the last real price
+    assert from_rebuilt == from_live
