@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -244,6 +245,8 @@ class InsightCache:
         self.topics = tuple(topics)
         self._series: dict[tuple[str, str, str], deque[CachedInsight]] = {}
         self._by_id: dict[UUID, CachedInsight] = {}
+        self._keys_by_owner: dict[str, set[tuple[str, str, str]]] = {}
+        self._public_keys: set[tuple[str, str, str]] = set()
         self._subscriptions: set[Subscription] = set()
         self._next: dict[TopicPartition, int] = {}
         self._progress = asyncio.Event()
@@ -318,22 +321,49 @@ class InsightCache:
         kept = self._series.get(key)
         if kept is None:
             kept = self._series[key] = deque(maxlen=self.per_series)
+            self._keys_by_owner.setdefault(insight.tenant, set()).add(key)
         elif len(kept) == kept.maxlen:
             del self._by_id[kept[0].insight.insight_id]  # the oldest of the series goes
         self._seq += 1
         item = CachedInsight(insight, encode(insight), self._seq)
         kept.append(item)
         self._by_id[insight.insight_id] = item
+        if insight.visibility == "public":
+            self._public_keys.add(key)
         for subscription in list(self._subscriptions):
             subscription.offer(item)
             if subscription.closed:
                 self._subscriptions.discard(subscription)
 
-    def latest(self, keep: Callable[[Insight], bool], limit: int) -> list[CachedInsight]:
-        """Newest first, at most ``limit``."""
-        found = [c for kept in self._series.values() for c in kept if keep(c.insight)]
-        found.sort(key=lambda c: c.seq, reverse=True)
-        return found[:limit]
+    def latest(
+        self,
+        keep: Callable[[Insight], bool],
+        limit: int,
+        owners: Iterable[str] | None = None,
+    ) -> list[CachedInsight]:
+        """Newest first, at most ``limit``; only series of ``owners`` and public ones if given."""
+        if owners is None:
+            series: Iterable[deque[CachedInsight]] = self._series.values()
+        else:
+            keys = {key for owner in set(owners) for key in self._keys_by_owner.get(owner, ())}
+            series = [self._series[key] for key in keys | self._public_keys]
+        return heapq.nlargest(
+            limit, (c for kept in series for c in kept if keep(c.insight)), key=lambda c: c.seq
+        )
+
+    def readable_by(
+        self, reader: str, grants: Iterable[Grant], at: datetime, wanted: InsightFilter, limit: int
+    ) -> list[CachedInsight]:
+        """The latest insights ``reader`` may read now and ``wanted`` matches, newest first."""
+        grants = list(grants)
+        owners = {reader, *(g.owner for g in grants if g.grantee == reader)}
+        if wanted.owner is not None:
+            owners &= {wanted.owner}
+        return self.latest(
+            lambda insight: wanted.matches(insight) and readable(reader, insight, grants, at),
+            limit,
+            owners,
+        )
 
     def after(self, insight_id: str) -> list[CachedInsight] | None:
         """What came after ``insight_id``, oldest first; None when it is not (or no longer) here."""
@@ -505,9 +535,7 @@ async def list_insights(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
     at = now()
     grants = registry.grants_to(reader, at)
-    found = request.app[INSIGHTS_KEY].cache.latest(
-        lambda insight: wanted.matches(insight) and readable(reader, insight, grants, at), limit
-    )
+    found = request.app[INSIGHTS_KEY].cache.readable_by(reader, grants, at, wanted, limit)
     body = b'{"count":%d,"insights":[' % len(found) + b",".join(c.body for c in found) + b"]}"
     return web.Response(body=body, content_type="application/json")
 
@@ -534,10 +562,7 @@ async def stream_insights(request: web.Request) -> web.StreamResponse:
     elif replay_count:
         at = now()
         grants = registry.grants_to(reader, at)
-        replay = state.cache.latest(
-            lambda insight: wanted.matches(insight) and readable(reader, insight, grants, at),
-            replay_count,
-        )[::-1]
+        replay = state.cache.readable_by(reader, grants, at, wanted, replay_count)[::-1]
     subscription = state.cache.subscribe(replay)
     state.streams.add(subscription)
     response = web.StreamResponse(

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from schemas.control import Grant
 from services.ingest.app import create_app
 from services.ingest.insights import (
+    InsightCache,
     grant_history,
     parse_filter,
     series_of,
@@ -24,7 +25,7 @@ from services.ingest.insights import (
 )
 from services.ingest.settings import IngestSettings
 from shared.sdk import GatewayClient, GatewayError, InsightFilter, InsightStream, ServerSentEvent
-from shared.settings import XietongSettings
+from shared.settings import XietongSettings, load_settings
 from tests.insight_helpers import (
     WINDOW,
     Gateway,
@@ -107,6 +108,39 @@ def test_history_lists_grants_revocations_and_expiries_in_order() -> None:
 def test_sse_frames_carry_event_id_and_one_line_of_data() -> None:
     frame = sse_event("statistics", b'{"a":1}', "id-1")
     assert frame == b'event: statistics\nid: id-1\ndata: {"a":1}\n\n'
+
+
+def test_cache_keeps_the_latest_per_series_and_serves_only_what_a_reader_may_read() -> None:
+    cache = InsightCache(load_settings(), per_series=2)
+    a_old, a_mid, a_new = (statistics("acme", mean=float(n)) for n in range(3))
+    a_pred, b_stats, public = prediction("acme"), statistics("bolts"), benchmark("m")
+    for insight in (a_old, a_mid, a_new, a_new, a_pred, b_stats, public):
+        cache.add(insight)  # a_new twice: a redelivery is kept once
+    everything = cache.latest(lambda _: True, 100)
+    assert [c.insight for c in everything] == [public, b_stats, a_pred, a_new, a_mid]
+    assert cache.after(str(a_old.insight_id)) is None  # evicted
+    assert [c.insight for c in cache.after(str(a_new.insight_id)) or []] == [
+        a_pred,
+        b_stats,
+        public,
+    ]
+
+    def read(reader: str, grants: list[Grant], **wanted: Any) -> list[Any]:
+        found = cache.readable_by(reader, grants, T0, InsightFilter(**wanted), 100)
+        return [c.insight for c in found]
+
+    assert read("bolts", []) == [public, b_stats]
+    assert read("bank", []) == [public]
+    grant = Grant(
+        grant_id="g0000001",
+        owner="acme",
+        grantee="bank",
+        insight_types=["statistics"],
+        created_at=T0 - timedelta(days=1),
+    )
+    assert read("bank", [grant]) == [public, a_new, a_mid]
+    assert read("bank", [grant], owner="acme") == [a_new, a_mid]
+    assert read("bank", [grant.model_copy(update={"revoked_at": T0})]) == [public]
 
 
 # --------------------------------------------------------------------------- over the broker
@@ -294,7 +328,7 @@ async def test_a_reconnecting_stream_resumes_after_its_last_event_id(gateway: Ga
                 resumed.append(insight)
                 if insight == third:
                     break
-    assert [i for i in resumed if i.tenant != net.a] == []
+    assert [i for i in resumed if i.visibility == "private" and i.tenant != net.a] == []
     assert [i for i in resumed if i.tenant == net.a] == [second, third]
 
     # An id the gateway no longer holds: it says so instead of replaying silently nothing.
