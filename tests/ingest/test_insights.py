@@ -12,15 +12,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from schemas.control import Grant
 from services.ingest.app import create_app
+from services.ingest.auth import REGISTRY_KEY, require_api_key
 from services.ingest.insights import (
     InsightCache,
     grant_history,
     parse_filter,
     series_of,
+    setup_insight_routes,
     sse_event,
 )
 from services.ingest.settings import IngestSettings
@@ -359,3 +362,24 @@ async def test_a_stream_ends_when_the_key_is_revoked(gateway: Gateway) -> None:
         async with asyncio.timeout(30):
             rest = [insight async for insight in stream]
     assert rest == [] and [e.event for e in stream.notices] == ["access_revoked"]
+
+
+@pytest.mark.integration
+async def test_open_streams_end_cleanly_when_the_gateway_stops(settings: XietongSettings) -> None:
+    async with network(settings) as net:
+        app = web.Application(middlewares=[require_api_key])
+        app[REGISTRY_KEY] = net.registry
+        setup_insight_routes(app)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        url = str(server.make_url("")).rstrip("/")
+        notices: list[ServerSentEvent] = []
+        async with InsightStream(
+            url, net.keys[net.a], reconnect_attempts=0, on_notice=notices.append
+        ) as stream:
+            # Without the shutdown hook the server would wait for this handler until its timeout.
+            async with asyncio.timeout(30):
+                await server.close()
+                rest = [insight async for insight in stream]
+        assert rest == [] and [e.event for e in notices] == ["end"]
+        assert "shutting down" in notices[0].data
