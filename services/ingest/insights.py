@@ -248,7 +248,7 @@ class InsightCache:
         self._keys_by_owner: dict[str, set[tuple[str, str, str]]] = {}
         self._public_keys: set[tuple[str, str, str]] = set()
         self._subscriptions: set[Subscription] = set()
-        self._next: dict[TopicPartition, int] = {}
+        self._partitions: list[TopicPartition] = []
         self._progress = asyncio.Event()
         self._seq = 0
         self._consumer: AIOKafkaConsumer | None = None
@@ -266,16 +266,17 @@ class InsightCache:
                 for p in sorted(await _partitions(consumer, topic))
             ]
             consumer.assign(partitions)
+            self._partitions = partitions
             begin = await consumer.beginning_offsets(partitions)
             end = await consumer.end_offsets(partitions)
             for tp in partitions:
                 start = max(begin[tp], end[tp] - self.recent_per_partition)
                 consumer.seek(tp, start)
-                self._next[tp] = start
         except BaseException:
             await consumer.stop()
             raise
         self._task = asyncio.create_task(self._tail(), name="insight-cache-tail")
+        self._task.add_done_callback(_report_crash)
 
     async def stop(self) -> None:
         for subscription in list(self._subscriptions):
@@ -291,9 +292,8 @@ class InsightCache:
         assert self._consumer is not None
         while True:
             batch = await self._consumer.getmany(timeout_ms=self.settings.kafka_fetch_timeout_ms)
-            for tp, records in batch.items():
+            for records in batch.values():
                 self.add_records(records)
-                self._next[tp] = records[-1].offset + 1
             self._progress.set()
 
     def add_records(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> None:
@@ -393,14 +393,28 @@ class InsightCache:
     async def wait_caught_up(self, timeout: float) -> bool:
         """Wait until everything written before this call is in the cache (False on timeout)."""
         assert self._consumer is not None
-        end = await self._consumer.end_offsets(list(self._next))
+        consumer = self._consumer
+        end = await consumer.end_offsets(self._partitions)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while any(self._next[tp] < offset for tp, offset in end.items()):
+                while True:
+                    # The tail task adds a batch right after getmany returns it, with no await
+                    # in between: a position past the end means those records are in the cache.
+                    behind = [
+                        tp for tp, offset in end.items() if await consumer.position(tp) < offset
+                    ]
+                    if not behind:
+                        return True
                     self._progress.clear()
                     await self._progress.wait()
-                return True
         return False
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "insight cache stopped reading: streams get nothing new", exc_info=task.exception()
+        )
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
