@@ -15,7 +15,8 @@ RSS and the load generator in this process is the same for both sides.
 - R5: at half the pipeline's measured capacity (the same requests as R2, paced), latency from
   the HTTP request to the clean event's append time on ``events.clean.v1`` (two hops: ingest
   and clean; analytics emits window aggregates, not one record per event, so no per-event time
-  exists past clean) / two times the latency of one raw hop at the same offered rate.
+  exists past clean) / two times the latency of one raw hop, fed the same groups of events
+  on the same schedule by a plain producer.
 - Peak RSS of ingest, clean and analytics after the R2 and R5 load / their raw stand-ins.
 """
 
@@ -456,25 +457,33 @@ async def raw_hop_latency(
     settings: XietongSettings,
     source: str,
     target: str,
+    requests: Sequence[Request],
     events: Sequence[dict[str, Any]],
     rate: float,
 ) -> tuple[float, float]:
-    """p50, p99 (ms) from a plain producer's send to the raw hop's output append, at ``rate``."""
+    """p50, p99 (ms) from a plain producer's send to the raw hop's output append, offering
+    ``rate`` in the same groups and on the same schedule as the pipeline's HTTP requests."""
     consumer = AIOKafkaConsumer(**connection_config(settings), enable_auto_commit=False)
     async with started(consumer):
         since = await _ends(consumer, target)
+    by_id = {event["event_id"]: event for event in events}
     sent_at: dict[str, float] = {}
     async with started(AIOKafkaProducer(**connection_config(settings))) as producer:
         clock = time.monotonic()
+        due = 0.0
         futures = []
-        for index, event in enumerate(events):
-            delay = clock + index / rate - time.monotonic()
+        for request in requests:
+            delay = clock + due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            sent_at[event["event_id"]] = time.time()
-            futures.append(
-                await producer.send(source, orjson.dumps(event), key=event["tenant"].encode())
-            )
+            now = time.time()
+            for event_id in request.event_ids:
+                event = by_id[event_id]
+                sent_at[event_id] = now
+                futures.append(
+                    await producer.send(source, orjson.dumps(event), key=event["tenant"].encode())
+                )
+            due += request.events / rate
         await asyncio.gather(*futures)
     arrived = await append_times(settings, target, since, set(sent_at), timeout=60)
     return _percentiles([(arrived[i] - sent_at[i]) * 1000 for i in sent_at])
@@ -606,9 +615,9 @@ async def chain_rows(
         for round_no in range(options.warmup + options.repeats):
             events = make_events(count)
             order = ("pipeline", "raw") if round_no % 2 == 0 else ("raw", "pipeline")
+            requests = build_requests(events, keys, options.events_per_request)
             for side in order:
                 if side == "pipeline":
-                    requests = build_requests(events, keys, options.events_per_request)
                     parts = await pipeline_latency(
                         settings, urls["pipeline"], requests, rate, LATENCY_CONNECTIONS
                     )
@@ -618,7 +627,9 @@ async def chain_rows(
                             p50s[part].append(parts[part][0])
                             p99s[part].append(parts[part][1])
                 else:
-                    one50, one99 = await raw_hop_latency(settings, raw_a, raw_b, events, rate)
+                    one50, one99 = await raw_hop_latency(
+                        settings, raw_a, raw_b, requests, events, rate
+                    )
                     p50, p99 = one50 * HOPS_TO_CLEAN, one99 * HOPS_TO_CLEAN
                 if round_no >= options.warmup:
                     p50s[side].append(p50)
