@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from shared.codec import register_faust_codec
@@ -18,6 +19,10 @@ def create_faust_app(
 
     register_faust_codec()
     broker = ",".join(f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(","))
+    options.setdefault("datadir", f"{settings.state_dir}/faust-{service}")
+    credentials = _broker_credentials(settings)
+    if credentials is not None:
+        options.setdefault("broker_credentials", credentials)
     return faust.App(
         service,
         broker=broker,
@@ -29,3 +34,24 @@ def create_faust_app(
         web_enabled=False,
         **options,
     )
+
+
+def _broker_credentials(settings: XietongSettings) -> Any:
+    """SASL/TLS for Faust from the same settings the aiokafka helpers use."""
+    import faust
+
+    protocol = settings.kafka_security_protocol
+    ssl_context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        ssl_context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    if settings.kafka_sasl_mechanism:
+        password = settings.kafka_sasl_password
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=password.get_secret_value() if password else None,
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=ssl_context,
+        )
+    if ssl_context is not None:
+        return faust.SSLCredentials(ssl_context)
+    return None

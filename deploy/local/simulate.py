@@ -21,6 +21,7 @@ INDUSTRIES = {
     "electronics": ("PCB-4L", "MCU-32", "CAP-10UF"),
 }
 REGIONS = ("east", "south", "north")
+USD_CNY = 7.1  # close to the clean service's default rate, so amounts agree after conversion
 
 FEEDBACK = {
     "en": [
@@ -108,6 +109,8 @@ def firm_events(
         roll = rng.random()
         if roll < 0.55:
             quantity = max(1.0, round(rng.lognormvariate(3, 0.6) * firm.size * hour_factor))
+            price_cny = base_price * firm.price_level * rng.uniform(0.9, 1.1)
+            in_usd = rng.random() < 0.2  # some customers are invoiced in dollars
             on_hand[sku] = max(0.0, on_hand[sku] - quantity)
             event = envelope(
                 firm,
@@ -119,8 +122,8 @@ def firm_events(
                     "product_sku": sku,
                     "quantity": quantity,
                     "unit": "pcs" if firm.industry != "steel" else "t",
-                    "unit_price": round(base_price * firm.price_level * rng.uniform(0.9, 1.1), 2),
-                    "currency": "CNY" if rng.random() < 0.8 else "USD",
+                    "unit_price": round(price_cny / USD_CNY if in_usd else price_cny, 2),
+                    "currency": "USD" if in_usd else "CNY",
                     "region": firm.region,
                 },
                 f"SO-{seq:07d}/1",

@@ -96,3 +96,16 @@ async def test_faust_app_factory_uses_platform_settings_and_codec() -> None:
     async with collect.test_context() as agent:
         await agent.put({"tenant": "acme", "amount": 3})
     assert seen == [{"tenant": "acme", "amount": 3}]
+
+
+def test_faust_app_gets_the_same_sasl_credentials_as_aiokafka() -> None:
+    settings = load_settings(
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="analytics",
+        kafka_sasl_password="pw",
+    )
+    app = create_faust_app("analytics-test", settings, store="memory://")
+    credentials = app.conf.broker_credentials
+    assert credentials.username == "analytics" and credentials.password == "pw"
+    assert str(credentials.mechanism.value) == "SCRAM-SHA-512"
