@@ -529,7 +529,7 @@ async def serve(settings: AnalyticsSettings) -> None:
         SERVICE, settings.http_host, settings.analytics_http_port, readiness
     )
     try:
-        await run_analytics(settings, stop, ready=ready)
+        await run_analytics(settings, stop, source=settings.analytics_source_topic, ready=ready)
     finally:
         await runner.cleanup()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from schemas.topics import EVENTS_CLEAN
 from shared.settings import XietongSettings
 
 DAY_SECONDS = 86_400
@@ -14,6 +15,7 @@ class AnalyticsSettings(XietongSettings):
     """Windows, benchmark thresholds and clustering of the analytics service."""
 
     analytics_http_port: int = Field(8082, ge=0, le=65535, description="Health and metrics port.")
+    analytics_source_topic: str = Field(EVENTS_CLEAN, min_length=1, description="Clean events in.")
     analytics_group_id: str = Field(
         "analytics", min_length=1, description="Consumer group of the per-firm window loop."
     )
