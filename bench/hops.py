@@ -87,7 +87,11 @@ def confluent_hop(
     timeout: float = 120.0,
 ) -> float:
     """The same hop on confluent-kafka (blocking; run it in a thread). Returns the wall time
-    at which the first records arrived."""
+    at which its partitions were assigned.
+
+    librdkafka fetches in its own threads as soon as partitions are assigned, so the first
+    ``consume`` can return long after the first records arrived (with many already queued);
+    the assignment, one fetch earlier than the first record, is the fair start of its drain."""
     from confluent_kafka import Consumer, Producer
 
     loads, dumps = _codec(codec)
@@ -100,17 +104,15 @@ def confluent_hop(
         }
     )
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    first: float | None = None
+    assigned: list[float] = []
     done = 0
     deadline = time.monotonic() + timeout
     try:
-        consumer.subscribe([source])
+        consumer.subscribe([source], on_assign=lambda *_: assigned.append(time.time()))
         while done < expected and time.monotonic() < deadline:
             messages = consumer.consume(num_messages=5000, timeout=0.2)
             if not messages:
                 continue
-            if first is None:
-                first = time.time()
             for message in messages:
                 if message.error():
                     raise RuntimeError(str(message.error()))
@@ -123,9 +125,9 @@ def confluent_hop(
     finally:
         consumer.close()
         producer.flush()
-    if first is None:
-        raise RuntimeError(f"confluent-kafka read nothing from {source}")
-    return first
+    if not assigned or done < expected:
+        raise RuntimeError(f"confluent-kafka read {done} of {expected} records from {source}")
+    return assigned[0]
 
 
 def _chunks(records: Sequence[OutRecord], size: int) -> list[Sequence[OutRecord]]:
