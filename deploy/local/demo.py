@@ -34,26 +34,23 @@ from shared.control import ControlRegistry, ControlWriter, issue_api_key
 from shared.kafka import BatchPublisher, create_consumer, create_producer, ensure_topics, started
 from shared.settings import XietongSettings, load_settings
 
-SERVICE_PORTS = {
-    "ingest": 8080,
-    "clean": 8081,
-    "analytics": 8082,
-    "ml": 8083,
-    "nlp": 8084,
-    "storage": 8085,
-}
+# Health/metrics port of each worker service, as an offset from --health-port-base (8081).
+HEALTH_PORT_OFFSETS = {"clean": 0, "analytics": 1, "ml": 2, "nlp": 3, "storage": 4}
 
 
 def existing_services() -> list[str]:
     return sorted(p.parent.name for p in (ROOT / "services").glob("*/__main__.py"))
 
 
-def start_services(names: list[str], gateway_port: int) -> dict[str, subprocess.Popen[bytes]]:
+def start_services(
+    names: list[str], gateway_port: int, health_port_base: int
+) -> dict[str, subprocess.Popen[bytes]]:
     logs = RUN_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     processes = {}
     for name in names:
-        port = gateway_port if name == "ingest" else SERVICE_PORTS.get(name, 8090)
+        offset = HEALTH_PORT_OFFSETS.get(name, len(HEALTH_PORT_OFFSETS))
+        port = gateway_port if name == "ingest" else health_port_base + offset
         env = {
             **os.environ,
             f"XIETONG_{name.upper()}_HTTP_PORT": str(port),
@@ -241,7 +238,7 @@ async def run(args: argparse.Namespace) -> None:
     firms = make_firms(args.firms)
     keys = await register_firms(settings, firms)
     services = existing_services()
-    processes = start_services(services, args.gateway_port)
+    processes = start_services(services, args.gateway_port, args.health_port_base)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -276,6 +273,12 @@ def main(argv: list[str] | None = None) -> None:
         "--rate", type=float, default=400, help="events per second, all firms together"
     )
     parser.add_argument("--gateway-port", type=int, default=8080)
+    parser.add_argument(
+        "--health-port-base",
+        type=int,
+        default=8081,
+        help="health/metrics port of the first worker service (clean); the others follow",
+    )
     parser.add_argument(
         "--duration", type=float, default=0, help="stop after this many seconds (0: Ctrl-C)"
     )
