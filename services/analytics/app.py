@@ -62,14 +62,13 @@ from services.analytics.handlers import (
     NetworkState,
     Origin,
     Segment,
-    correlation_insight,
     firm_summary,
     service_version,
-    statistics_insights,
     watermark_mark,
+    window_insights,
 )
 from services.analytics.settings import AnalyticsSettings, load_analytics_settings
-from services.analytics.windows import PartitionWindows, WindowEvent
+from services.analytics.windows import PartitionWindows, Window, WindowEvent
 from shared.codec import decode, encode
 from shared.control import ControlRegistry
 from shared.deadletter import dead_letter, dead_letter_record
@@ -199,6 +198,7 @@ class FirmWindows:
         """Everything one ``getmany`` batch produces, by topic."""
         s = self.settings
         out: dict[str, list[OutRecord]] = defaultdict(list)
+        closed: list[Window] = []
         for tp, records in batch.items():
             state = self.states.get(tp)
             if state is None:  # not restored by the listener: start from the committed offset
@@ -235,23 +235,22 @@ class FirmWindows:
                 )
             summaries = out[s.analytics_firm_windows_topic]
             for window in state.close_due():
-                insights: list[Insight] = [*statistics_insights(window, self.origin, produced_at)]
-                correlation = correlation_insight(
-                    window,
-                    self.origin,
-                    produced_at,
-                    align_s=s.analytics_correlation_align_seconds,
-                    min_points=s.analytics_correlation_min_points,
-                )
-                if correlation is not None:
-                    insights.append(correlation)
-                for topic, records_out in insight_records(insights).items():
-                    out[topic] += records_out
+                closed.append(window)
                 summaries.append(OutRecord(b"network", encode(firm_summary(window, self.source))))
             watermark = state.watermark_ms
             if watermark is not None and watermark != before:
                 mark = watermark_mark(self.source, tp.partition, self.partitions, watermark)
                 summaries.append(OutRecord(b"network", encode(mark)))
+        # one grouped pandas computation for every window this batch closed
+        insights = window_insights(
+            closed,
+            self.origin,
+            produced_at,
+            align_s=s.analytics_correlation_align_seconds,
+            min_points=s.analytics_correlation_min_points,
+        )
+        for topic, records_out in insight_records(insights).items():
+            out[topic] += records_out
         return out
 
     def commit_points(self, assigned: set[TopicPartition]) -> dict[TopicPartition, tuple[int, str]]:

@@ -21,11 +21,11 @@ import hashlib
 import math
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -111,22 +111,67 @@ def metric_frame(rows: Iterable[Mapping[str, float]]) -> pd.DataFrame:
     return frame.reindex(columns=sorted(frame.columns))
 
 
-def describe_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, dict[str, float | None]]:
+def long_frame(windows: Sequence[Window]) -> pd.DataFrame:
+    """All values of ``windows`` in one frame: ``win`` (index in ``windows``), ``time_ms``,
+    ``metric``, ``value`` — so that one pandas call serves every window closed in a batch."""
+    win: list[int] = []
+    times: list[int] = []
+    metrics: list[str] = []
+    values: list[float] = []
+    for i, window in enumerate(windows):
+        for time_ms, row in zip(window.times_ms, window.rows, strict=True):
+            for metric, value in row.items():
+                win.append(i)
+                times.append(time_ms)
+                metrics.append(metric)
+                values.append(value)
+    return pd.DataFrame(
+        {
+            "win": np.asarray(win, dtype=np.int64),
+            "time_ms": np.asarray(times, dtype=np.int64),
+            "metric": metrics,
+            "value": np.asarray(values, dtype=float),
+        }
+    )
+
+
+Described = dict[str, dict[str, float | None]]
+"""metric -> describe() statistic (count, mean, std, min, 25%, 50%, 75%, max) -> value."""
+
+
+def describe_windows(windows: Sequence[Window]) -> list[Described]:
+    """pandas ``describe()`` of every metric of every window, in one grouped call."""
+    out: list[Described] = [{} for _ in windows]
+    long = long_frame(windows)
+    if long.empty:
+        return out
+    # what describe() computes, as grouped aggregations (groupby().describe() runs per group)
+    grouped = long.groupby(["win", "metric"], sort=True)["value"]
+    moments = grouped.agg(["count", "mean", "std", "min", "max"])
+    quartiles = grouped.quantile(np.array([0.25, 0.5, 0.75])).unstack()
+    described = pd.concat(
+        [moments[["count", "mean", "std", "min"]], quartiles, moments[["max"]]], axis=1
+    )
+    columns = ["count", "mean", "std", "min", "25%", "50%", "75%", "max"]
+    for (win, metric), row in zip(described.index, described.to_numpy().tolist(), strict=True):
+        out[int(win)][str(metric)] = dict(zip(columns, map(finite, row), strict=True))
+    return out
+
+
+def describe_metrics(rows: Iterable[Mapping[str, float]]) -> Described:
     """``describe()`` of every metric: count, mean, std (ddof=1), min, 25%, 50%, 75%, max."""
-    frame = metric_frame(rows)
-    if frame.empty:
-        return {}
-    described = frame.describe()
-    return {
-        str(metric): {str(stat): finite(value) for stat, value in column.items()}
-        for metric, column in described.items()
-    }
+    window = Window(0, "", 0, 0)
+    for row in rows:
+        window.times_ms.append(0)
+        window.rows.append(dict(row))
+    return describe_windows([window])[0]
 
 
-def statistics_insights(window: Window, origin: Origin, produced_at: datetime) -> list[Statistics]:
-    """One :class:`Statistics` per metric of a closed firm window."""
+def build_statistics(
+    window: Window, described: Described, origin: Origin, produced_at: datetime
+) -> list[Statistics]:
     insights = []
-    for metric, d in describe_metrics(window.rows).items():
+    for metric, d in described.items():
         count = int(d["count"] or 0)
         if count == 0:
             continue
@@ -158,14 +203,32 @@ def statistics_insights(window: Window, origin: Origin, produced_at: datetime) -
     return insights
 
 
+def statistics_insights(window: Window, origin: Origin, produced_at: datetime) -> list[Statistics]:
+    """One :class:`Statistics` per metric of a closed firm window."""
+    return build_statistics(window, describe_windows([window])[0], origin, produced_at)
+
+
+def aligned_windows(windows: Sequence[Window], align_s: int) -> list[pd.DataFrame]:
+    """Per window: its metrics (columns, sorted) averaged per event-time bucket of ``align_s``
+    seconds (rows): the aligned points correlations are computed on."""
+    long = long_frame(windows)
+    out = [pd.DataFrame() for _ in windows]
+    if long.empty:
+        return out
+    long["bucket"] = long["time_ms"] // (align_s * 1000)
+    means = long.groupby(["win", "bucket", "metric"], sort=True)["value"].mean()
+    wide = means.unstack("metric")
+    for win, frame in wide.groupby(level="win", sort=False):
+        out[int(cast(Any, win))] = frame.droplevel("win").dropna(axis=1, how="all")
+    return out
+
+
 def aligned_metrics(
     times_ms: Iterable[int], rows: Iterable[Mapping[str, float]], align_s: int
 ) -> pd.DataFrame:
     """Metrics averaged per event-time bucket of ``align_s`` seconds: the aligned points."""
-    frame = metric_frame(rows)
-    buckets = np.asarray(list(times_ms), dtype=np.int64) // (align_s * 1000)
-    frame.index = pd.Index(buckets, name="bucket")
-    return frame.groupby(level=0).mean()
+    window = Window(0, "", 0, 0, list(times_ms), [dict(r) for r in rows])
+    return aligned_windows([window], align_s)[0]
 
 
 def correlate(aligned: pd.DataFrame, min_points: int) -> tuple[list[str], list[list[float | None]]]:
@@ -175,12 +238,14 @@ def correlate(aligned: pd.DataFrame, min_points: int) -> tuple[list[str], list[l
     return metrics, [[finite(v) for v in row] for row in matrix.to_numpy().tolist()]
 
 
-def correlation_insight(
-    window: Window, origin: Origin, produced_at: datetime, *, align_s: int, min_points: int
+def build_correlation(
+    window: Window,
+    aligned: pd.DataFrame,
+    origin: Origin,
+    produced_at: datetime,
+    *,
+    min_points: int,
 ) -> Correlation | None:
-    """Correlations between a firm's metrics over a window, when there is anything to correlate:
-    at least two metrics and ``min_points`` aligned points."""
-    aligned = aligned_metrics(window.times_ms, window.rows, align_s)
     if aligned.shape[1] < 2 or aligned.shape[0] < min_points:
         return None
     metrics, matrix = correlate(aligned, min_points)
@@ -198,6 +263,35 @@ def correlation_insight(
         metrics=metrics,
         matrix=matrix,
     )
+
+
+def correlation_insight(
+    window: Window, origin: Origin, produced_at: datetime, *, align_s: int, min_points: int
+) -> Correlation | None:
+    """Correlations between a firm's metrics over a window, when there is anything to correlate:
+    at least two metrics and ``min_points`` aligned points."""
+    aligned = aligned_windows([window], align_s)[0]
+    return build_correlation(window, aligned, origin, produced_at, min_points=min_points)
+
+
+def window_insights(
+    windows: Sequence[Window],
+    origin: Origin,
+    produced_at: datetime,
+    *,
+    align_s: int,
+    min_points: int,
+) -> list[Insight]:
+    """Statistics and correlations of every window closed in a batch (grouped pandas calls)."""
+    insights: list[Insight] = []
+    described = describe_windows(windows)
+    aligned = aligned_windows(windows, align_s)
+    for window, stats, points in zip(windows, described, aligned, strict=True):
+        insights += build_statistics(window, stats, origin, produced_at)
+        correlation = build_correlation(window, points, origin, produced_at, min_points=min_points)
+        if correlation is not None:
+            insights.append(correlation)
+    return insights
 
 
 def firm_summary(window: Window, source_topic: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import StandardScaler
 
 from schemas.events import CleanEvent
-from schemas.insights import NETWORK_TENANT, Benchmark, ClusterAssignment
+from schemas.insights import NETWORK_TENANT, Benchmark, ClusterAssignment, Insight, Statistics
 from services.analytics.app import parse_clean_event
 from services.analytics.handlers import (
     NetworkConfig,
@@ -29,6 +29,7 @@ from services.analytics.handlers import (
     insight_id,
     statistics_insights,
     watermark_mark,
+    window_insights,
 )
 from services.analytics.windows import Window
 from shared.codec import encode
@@ -369,3 +370,29 @@ def test_parse_clean_event_reads_a_clean_event_and_refuses_junk() -> None:
     bad_metric = encode({**event.model_dump(mode="json"), "metrics": {"x": "many"}})
     with pytest.raises(ValueError, match="not a number"):
         parse_clean_event(0, bad_metric)
+
+
+def test_a_batch_of_windows_gives_what_each_window_gives_alone() -> None:
+    windows = [
+        sample_window(seed, tenant)
+        for seed, tenant in [(1, "firm-a"), (2, "firm-b"), (3, "firm-c")]
+    ]
+    windows.append(Window(3600, "firm-d", T0, 0, [T0], [{"x": 1.0}]))  # one value, one metric
+    batch = window_insights(windows, ORIGIN, NOW, align_s=300, min_points=3)
+    alone: list[Insight] = []
+    for window in windows:
+        alone += statistics_insights(window, ORIGIN, NOW)
+        correlation = correlation_insight(window, ORIGIN, NOW, align_s=300, min_points=3)
+        if correlation is not None:
+            alone.append(correlation)
+    assert len(batch) == len(alone) == 3 * 4 + 1
+    for got, want in zip(batch, alone, strict=True):
+        assert got.model_dump() == want.model_dump()
+    # and both equal pandas on each window's own frame
+    for window in windows:
+        frame = pd.DataFrame(window.rows)
+        for insight in (
+            i for i in batch if isinstance(i, Statistics) and i.tenant == window.tenant
+        ):
+            assert insight.mean == pytest.approx(frame[insight.metric].mean(), rel=1e-12)
+            assert insight.p75 == pytest.approx(frame[insight.metric].quantile(0.75), rel=1e-12)
