@@ -6,14 +6,14 @@ RSS and the load generator in this process is the same for both sides.
 
 - R4: ingest gateway records/s / a bare aiohttp handler answering 202 — same NDJSON requests
   (one tenant's events per request, its API key), same connections.
-- R2: HTTP ingest -> ``events.raw.v1`` -> clean -> ``events.clean.v1`` -> analytics, events/s
+- R2: HTTP ingest -> ``events.raw.v1`` -> clean -> clean topic -> analytics, events/s
   from the first request until clean's consumer group has committed all of ``events.raw.v1``
   and analytics has read every clean event (its ``xietong_analytics_events_total`` counter:
   analytics deliberately commits only up to its oldest open window) / the same chain of raw
   stand-ins (bare gateway producing with aiokafka, then two :func:`bench.hops.baseline_hop`
   processes), done when both raw hops' groups have committed all of their input.
 - R5: at half the pipeline's measured capacity (the same requests as R2, paced), latency from
-  the HTTP request to the clean event's append time on ``events.clean.v1`` (two hops: ingest
+  the HTTP request to the clean event's append time on the clean topic (two hops: ingest
   and clean; analytics emits window aggregates, not one record per event, so no per-event time
   exists past clean) / two times the latency of one raw hop, fed the same groups of events
   on the same schedule by a plain producer.
@@ -30,6 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,24 @@ if TYPE_CHECKING:
     from bench.harness import Options, Progress
 
 SERVICES = ("ingest", "clean", "analytics")
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """Consumer groups and the clean topic of this run's services, so they share nothing with
+    another copy of the services on the same broker (the test suite's, a demo's). The gateway
+    always writes ``events.raw.v1``; clean reads it with its own group."""
+
+    clean_group: str
+    analytics_group: str
+    clean_topic: str
+
+    @classmethod
+    def fresh(cls) -> Lanes:
+        tag = uuid.uuid4().hex[:8]
+        return cls(f"bench-clean-{tag}", f"bench-analytics-{tag}", unique_topic("clean-events"))
+
+
 HOPS_TO_CLEAN = 2
 LATENCY_CONNECTIONS = 64
 """Enough connections that a paced request never waits for a free one at half capacity."""
@@ -229,10 +248,26 @@ def _env(settings: XietongSettings, workdir: Path, **extra: str) -> dict[str, st
     }
 
 
-def start_service(name: str, settings: XietongSettings, workdir: Path) -> tuple[Child, int]:
+def start_service(
+    name: str, settings: XietongSettings, workdir: Path, **fields: str
+) -> tuple[Child, int]:
+    """``python -m services.<name>`` on a free port; ``fields`` are settings of the service
+    (``clean_group_id=...``), passed as ``XIETONG_*`` variables where the service has them."""
     port = free_port()
+    known = _settings_fields(name)
+    overrides = {
+        f"XIETONG_{field.upper()}": value for field, value in fields.items() if field in known
+    }
     env = _env(settings, workdir / name, **{f"XIETONG_{name.upper()}_HTTP_PORT": str(port)})
-    return spawn(name, f"services.{name}", [], env, workdir / "logs"), port
+    return spawn(name, f"services.{name}", [], {**env, **overrides}, workdir / "logs"), port
+
+
+def _settings_fields(service: str) -> set[str]:
+    import importlib
+
+    module = importlib.import_module(f"services.{service}.settings")
+    settings_type = getattr(module, f"{service.capitalize()}Settings", None)
+    return set(settings_type.model_fields) if settings_type is not None else set()
 
 
 def start_raw(name: str, args: list[str], settings: XietongSettings, workdir: Path) -> Child:
@@ -389,6 +424,7 @@ async def metric_value(url: str, name: str) -> float:
 
 async def wait_pipeline(
     settings: XietongSettings,
+    lanes: Lanes,
     raw_target: int,
     clean_base: int,
     analytics_metrics: str,
@@ -398,11 +434,11 @@ async def wait_pipeline(
 ) -> float:
     """Wall time at which clean has committed all of ``events.raw.v1`` (``raw_target`` records)
     and analytics has read every clean event clean produced since ``clean_base``."""
-    from schemas.topics import EVENTS_CLEAN, EVENTS_RAW
+    from schemas.topics import EVENTS_RAW
 
     deadline = time.monotonic() + timeout
-    await wait_drained(settings, [(_group("clean"), EVENTS_RAW)], raw_target, children, timeout)
-    produced = await _total(settings, EVENTS_CLEAN) - clean_base
+    await wait_drained(settings, [(lanes.clean_group, EVENTS_RAW)], raw_target, children, timeout)
+    produced = await _total(settings, lanes.clean_topic) - clean_base
     while True:
         read = await metric_value(analytics_metrics, ANALYTICS_EVENTS) - analytics_base
         if read >= produced:
@@ -490,22 +526,27 @@ async def raw_hop_latency(
 
 
 async def pipeline_latency(
-    settings: XietongSettings, url: str, requests: list[Request], rate: float, connections: int
+    settings: XietongSettings,
+    lanes: Lanes,
+    url: str,
+    requests: list[Request],
+    rate: float,
+    connections: int,
 ) -> dict[str, tuple[float, float]]:
-    """p50, p99 (ms) from the HTTP request to the clean event's append on ``events.clean.v1``
+    """p50, p99 (ms) from the HTTP request to the clean event's append on the clean topic
     (``"total"``), and of its two parts: request to the raw event's append on ``events.raw.v1``
     (``"ingest"``) and from there to the clean append (``"clean"``)."""
-    from schemas.topics import EVENTS_CLEAN, EVENTS_RAW
+    from schemas.topics import EVENTS_RAW
 
     consumer = AIOKafkaConsumer(**connection_config(settings), enable_auto_commit=False)
     async with started(consumer):
         since_raw = await _ends(consumer, EVENTS_RAW)
-        since_clean = await _ends(consumer, EVENTS_CLEAN)
+        since_clean = await _ends(consumer, lanes.clean_topic)
     result = await post_paced(url, requests, rate=rate, connections=connections)
     _check(result.refused, "ingest")
     ids = set(result.sent_at)
     raw = await append_times(settings, EVENTS_RAW, since_raw, ids, timeout=60)
-    clean = await append_times(settings, EVENTS_CLEAN, since_clean, ids, timeout=60)
+    clean = await append_times(settings, lanes.clean_topic, since_clean, ids, timeout=60)
     sent = result.sent_at
     return {
         "total": _percentiles([(clean[i] - sent[i]) * 1000 for i in ids]),
@@ -522,12 +563,33 @@ async def chain_rows(
     keys: dict[str, str],
     workdir: Path,
 ) -> None:
-    from schemas.topics import EVENTS_CLEAN, EVENTS_RAW
+    from schemas.topics import EVENTS_RAW
 
     raw_a, raw_b, raw_c = (unique_topic(f"chain-{i}") for i in "abc")
-    await create_topics(settings, [raw_a, raw_b, raw_c], partitions=options.partitions)
+    lanes = Lanes.fresh()
+    await create_topics(
+        settings, [raw_a, raw_b, raw_c, lanes.clean_topic], partitions=options.partitions
+    )
     group_b, group_c = (f"bench-chain-{uuid.uuid4().hex[:8]}" for _ in "bc")
-    services = {name: start_service(name, settings, workdir) for name in SERVICES}
+    services = {
+        "ingest": start_service("ingest", settings, workdir),
+        "clean": start_service(
+            "clean",
+            settings,
+            workdir,
+            clean_group_id=lanes.clean_group,
+            clean_target_topic=lanes.clean_topic,
+        ),
+        "analytics": start_service(
+            "analytics",
+            settings,
+            workdir,
+            analytics_source_topic=lanes.clean_topic,
+            analytics_group_id=lanes.analytics_group,
+            analytics_network_group_id=lanes.analytics_group + "-network",
+            analytics_firm_windows_topic=unique_topic("firm-windows"),
+        ),
+    }
     bare_port = free_port()
     raw = {
         "gateway": start_raw(
@@ -569,7 +631,7 @@ async def chain_rows(
             for side in order:
                 if side == "pipeline":
                     raw_base = await _total(settings, EVENTS_RAW)
-                    clean_base = await _total(settings, EVENTS_CLEAN)
+                    clean_base = await _total(settings, lanes.clean_topic)
                     analytics_base = await metric_value(analytics_metrics, ANALYTICS_EVENTS)
                 else:
                     raw_base = await _total(settings, raw_a)
@@ -578,6 +640,7 @@ async def chain_rows(
                 if side == "pipeline":
                     end = await wait_pipeline(
                         settings,
+                        lanes,
                         raw_base + options.events,
                         clean_base,
                         analytics_metrics,
@@ -619,7 +682,7 @@ async def chain_rows(
             for side in order:
                 if side == "pipeline":
                     parts = await pipeline_latency(
-                        settings, urls["pipeline"], requests, rate, LATENCY_CONNECTIONS
+                        settings, lanes, urls["pipeline"], requests, rate, LATENCY_CONNECTIONS
                     )
                     p50, p99 = parts["total"]
                     if round_no >= options.warmup:
@@ -651,7 +714,7 @@ async def chain_rows(
         for key, by_part in (("R5.p50", p50s), ("R5.p99", p99s)):
             rows[key].note = (
                 f"request -> events.raw.v1 (ingest) {statistics.median(by_part['ingest']):.1f} ms, "
-                f"-> events.clean.v1 (clean) {statistics.median(by_part['clean']):.1f} ms; "
+                f"-> clean topic (clean) {statistics.median(by_part['clean']):.1f} ms; "
                 f"one raw hop {statistics.median(by_part['raw']) / HOPS_TO_CLEAN:.1f} ms; "
                 f"offered {rate:,.0f} events/s in requests of {options.events_per_request}"
             )
@@ -669,13 +732,3 @@ async def chain_rows(
                 Side(f"bench.raw {stand_in}", "MiB", [raw_rss]),
             )
             row.status = "info"
-
-
-def _group(service: str) -> str:
-    """The consumer group a service's settings name by default (``<service>_group_id``)."""
-    import importlib
-
-    module = importlib.import_module(f"services.{service}.settings")
-    settings_type = getattr(module, f"{service.capitalize()}Settings")
-    field = settings_type.model_fields.get(f"{service}_group_id")
-    return str(field.default) if field is not None else service

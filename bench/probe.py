@@ -3,7 +3,7 @@
 - Start: the moment the hop's consumer first gets records. For every aiokafka consumer in this
   process, :class:`FirstFetch` instruments ``AIOKafkaConsumer.getmany`` (the class attribute, for
   the duration of one run) and notes the first call that returned records. A loop we write
-  ourselves that does not use aiokafka (confluent-kafka) notes that moment itself.
+  ourselves that does not use aiokafka (confluent-kafka) notes its partition assignment.
 - End: the broker's append time of the last output record. Output topics are created with
   ``message.timestamp.type=LogAppendTime``, so :func:`wait_for_output` only has to watch the end
   offsets until every expected record is there and then read the last record of each partition.
@@ -53,22 +53,6 @@ class FirstFetch:
 
 class OutputIncomplete(RuntimeError):
     """The hop did not produce every expected record in time."""
-
-
-async def end_offsets(settings: XietongSettings, topics: list[str]) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(**connection_config(settings), enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            for p in sorted(
-                consumer.partitions_for_topic(topic) or await _partitions(consumer, topic)
-            )
-        ]
-        return dict(await consumer.end_offsets(partitions))
-    finally:
-        await consumer.stop()
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
