@@ -1,7 +1,7 @@
 """The events every row measures with, and the topics they sit in.
 
 Events follow the real contract (``sales_order_line`` v1, as a partner publishes them), about
-300 bytes each as compact JSON, spread over several tenants so that they land on every
+370 bytes each as compact JSON, spread over several tenants so that they land on every
 partition. Every repeat gets fresh event ids (cleaning de-duplicates on them) but both sides of
 a pair read byte-identical records from two topics filled the same way.
 """
