@@ -556,3 +556,58 @@ async def test_four_firms_give_no_benchmark_and_five_do(
         )  # fmt: skip
     industries = {b.industry for b in benchmarks if isinstance(b, Benchmark)}
     assert industries == {five}
+
+
+async def test_the_network_side_rebuilds_its_state_after_a_restart(
+    analytics_settings: AnalyticsSettings, unique_name: Callable[[str], str]
+) -> None:
+    s = analytics_settings
+    source = unique_name("clean")
+    tag = uuid.uuid4().hex[:6]
+    industry = f"glass-{tag}"
+    firms = {f"{industry}-{i}": (industry, "east") for i in range(6)}
+    kinds = [(20.0, 12.0, 500.0), (80.0, 30.0, 3000.0), (200.0, 15.0, 6000.0)]
+    rng = random.Random(11)
+    hour_zero = [e for i, t in enumerate(firms) for e in firm_events(t, rng, *kinds[i % 3])]
+    # after the restart only half of the firms send more: the others' figures must come from
+    # the state the restarted worker rebuilt
+    hour_one = [
+        e
+        for i, t in enumerate(firms)
+        if i % 2 == 0
+        for e in firm_events(t, rng, *kinds[i % 3], W0 + HOUR)
+    ]
+    ours = set(firms)
+    await register(s, firms)
+    await ensure_topics(s, [source], partitions=PARTITIONS)
+    await publish(s, source, [*hour_zero, *ticks(firms, W0 + HOUR + timedelta(minutes=10))])
+    async with analytics(s, source) as first:
+        fits = await collect(
+            s, "cluster_assignment", lambda i: i.tenant in ours,
+            lambda got: bool(complete_fits(got, ours)), first,
+        )  # fmt: skip
+    assert len(complete_fits(fits, ours)) == 1
+
+    await publish(s, source, [*hour_one, *ticks(firms, W0 + 2 * HOUR + timedelta(minutes=10))])
+    async with analytics(s, source) as second:
+        fits = await collect(
+            s, "cluster_assignment", lambda i: i.tenant in ours,
+            lambda got: len(complete_fits(got, ours)) >= 2, second,
+        )  # fmt: skip
+        benchmarks = await collect(
+            s, "benchmark", lambda i: isinstance(i, Benchmark) and i.industry == industry,
+            lambda got: len(latest(got)) >= 3, second,
+        )  # fmt: skip
+    newest = max(complete_fits(fits, ours), key=lambda f: next(iter(f.values())).model_version)
+    some = next(iter(newest.values()))
+    assert some.provenance.window_end == W0 + 2 * HOUR
+    assert some.provenance.event_count == len(hour_zero) + len(hour_one)
+    kpis = counted_frame([*hour_zero, *hour_one]).groupby("tenant")[s.cluster_metrics].mean()
+    scaled = StandardScaler().fit_transform(kpis.sort_index().to_numpy())
+    labels = KMeans(n_clusters=some.k, random_state=s.cluster_seed, n_init=s.cluster_n_init).fit(
+        scaled
+    )
+    assert [newest[t].cluster for t in sorted(kpis.index)] == [int(x) for x in labels.labels_]
+    # W0 had six firms: benchmarked once, before the restart; W1 had three: never
+    assert {b.provenance.window_start for b in benchmarks} == {W0}
+    assert len(latest(benchmarks)) == 3
