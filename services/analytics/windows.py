@@ -11,7 +11,9 @@ from the first offset of its oldest open window on, plus its stream time at that
 :meth:`PartitionWindows.commit_point` gives exactly that pair — the offset to commit and the
 stream time to store in the commit's metadata — and :meth:`PartitionWindows.restore` starts
 from it, so re-reading the uncommitted span rebuilds the same open windows and re-closes the same
-windows (whose insights have deterministic ids, so re-publishing them is harmless).
+windows (whose insights have deterministic ids, so re-publishing them is harmless). An event
+re-read after a restart whose window had closed before it is skipped as late (it was counted in
+that window, or dropped, the first time); the late-events counter counts it again.
 """
 
 from __future__ import annotations

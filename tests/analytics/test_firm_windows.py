@@ -1,0 +1,103 @@
+"""The per-firm loop's batch handling, without a broker: outputs, dead letters, idle marks."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from schemas.events import CleanEvent
+from schemas.insights import DeadLetter
+from schemas.topics import INSIGHT_TOPICS, dlq
+from services.analytics.app import FirmWindows
+from services.analytics.handlers import Origin
+from services.analytics.settings import load_analytics_settings
+from shared.codec import decode, encode
+
+SOURCE = "events.clean.v1"
+W0 = datetime(2026, 11, 2, 10, tzinfo=UTC)
+
+
+def record(offset: int, value: bytes, partition: int = 0) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(SOURCE, partition, offset, 0, 0, b"acme", value, None, 4, len(value), [])
+
+
+def event(minutes: float, metrics: dict[str, float]) -> bytes:
+    return encode(
+        CleanEvent(
+            event_id=uuid.uuid4(),
+            tenant="acme",
+            type="sales_order_line",
+            schema_version=1,
+            occurred_at=W0 + timedelta(minutes=minutes),
+            source={"system": "test"},  # type: ignore[arg-type]
+            payload={},
+            metrics=metrics,
+        )
+    )
+
+
+def worker(**overrides: object) -> FirmWindows:
+    settings = load_analytics_settings(analytics_grace_seconds=60, **overrides)
+    return FirmWindows(settings, SOURCE, Origin((SOURCE,), "test"))
+
+
+def test_a_batch_closes_windows_into_insights_summaries_and_a_watermark_mark() -> None:
+    w = worker()
+    tp = TopicPartition(SOURCE, 0)
+    w.restore(tp, None)
+    values = [
+        event(m, {"sales.quantity": float(m), "sales.amount_cny": 2.0 * m})
+        for m in range(1, 60, 10)
+    ]
+    values.append(event(62, {}))  # W0 + 2 min: watermark passes 11:00 + 1 min grace
+    out = w.process({tp: [record(i, v) for i, v in enumerate(values)]}, datetime.now(UTC))
+    assert len(out[INSIGHT_TOPICS["statistics"]]) == 2
+    assert len(out[INSIGHT_TOPICS["correlation"]]) == 1
+    internal = [decode(r.value) for r in out[w.settings.analytics_firm_windows_topic]]
+    assert [m["kind"] for m in internal] == ["window", "watermark"]
+    assert internal[0]["metrics"]["sales.quantity"] == {
+        "count": 6,
+        "sum": float(sum(range(1, 60, 10))),
+    }
+    assert internal[1]["watermark_ms"] == int((W0 + timedelta(minutes=61)).timestamp() * 1000)
+    assert all(r.key == b"acme" for r in out[INSIGHT_TOPICS["statistics"]])
+    # the window closed: the commit moves past it, with the stream time in the metadata
+    offset, metadata = w.commit_points({tp})[tp]
+    assert offset == len(values)
+    assert decode(metadata)["stream_time_ms"] == internal[1]["watermark_ms"] + 60_000
+
+
+def test_unreadable_records_go_to_the_dead_letter_topic_and_the_batch_goes_on() -> None:
+    w = worker()
+    tp = TopicPartition(SOURCE, 0)
+    w.restore(tp, None)
+    good = event(5, {"sales.quantity": 1.0})
+    out = w.process(
+        {tp: [record(0, b"{oops"), record(1, good), record(2, b"[]")]}, datetime.now(UTC)
+    )
+    letters = [DeadLetter.model_validate(decode(r.value)) for r in out[dlq(SOURCE)]]
+    assert [(x.source_offset, x.original) for x in letters] == [(0, "{oops"), (2, "[]")]
+    assert all(x.reason.startswith("unreadable clean event") for x in letters)
+    assert w.commit_points({tp})[tp][0] == 1  # the good event's window is open
+
+
+def test_partitions_without_any_event_are_reported_idle_once() -> None:
+    w = worker(analytics_idle_partition_seconds=0)
+    w.partitions = 3
+    tps = {TopicPartition(SOURCE, p) for p in range(3)}
+    for tp in tps:
+        w.restore(tp, None)
+    w.process(
+        {TopicPartition(SOURCE, 1): [record(0, event(5, {"x": 1.0}), partition=1)]},
+        datetime.now(UTC),
+    )
+    marks = [decode(r.value) for r in w.idle_marks(tps)]
+    assert sorted(m["partition"] for m in marks) == [0, 2]
+    assert all(m["watermark_ms"] is None and m["partitions"] == 3 for m in marks)
+    assert w.idle_marks(tps) == []
+    waiting = worker(analytics_idle_partition_seconds=3600)
+    waiting.restore(TopicPartition(SOURCE, 0), None)
+    assert waiting.idle_marks({TopicPartition(SOURCE, 0)}) == []
