@@ -40,7 +40,7 @@ from schemas.insights import (
 )
 from schemas.topics import INSIGHT_TOPICS
 from services.analytics.app import run_analytics
-from services.analytics.settings import AnalyticsSettings, load_analytics_settings
+from services.analytics.settings import AnalyticsSettings
 from shared.codec import decode, encode
 from shared.control import ControlWriter
 from shared.kafka import (
@@ -58,29 +58,7 @@ pytestmark = pytest.mark.integration
 
 W0 = datetime(2026, 11, 2, 10, tzinfo=UTC)
 HOUR = timedelta(hours=1)
-ALIGN_S = 300
 PARTITIONS = 3
-
-
-@pytest.fixture
-def analytics_settings(
-    settings: XietongSettings, unique_name: Callable[[str], str]
-) -> AnalyticsSettings:
-    return load_analytics_settings(
-        **{
-            **settings.model_dump(),
-            "analytics_group_id": unique_name("analytics"),
-            "analytics_network_group_id": unique_name("analytics-network"),
-            "analytics_firm_windows_topic": unique_name("analytics.firm-windows"),
-            "analytics_window_seconds": 3600,
-            "analytics_grace_seconds": 300,
-            "analytics_correlation_align_seconds": ALIGN_S,
-            "analytics_idle_partition_seconds": 1.0,
-            "cluster_n_init": 4,
-            "cluster_k_max": 6,
-            "cluster_seed": 7,
-        }
-    )
 
 
 # --------------------------------------------------------------------------- data
@@ -351,9 +329,11 @@ async def test_a_known_data_set_comes_out_as_pandas_and_scikit_learn_compute_it(
         assert c.provenance.window_start == W0
         own = frame[(frame["tenant"] == c.tenant) & (frame["window"] == W0)]
         aligned = (
-            own.assign(bucket=own["at"].map(lambda t: int(t.timestamp()) // ALIGN_S))[
-                [*METRICS, "bucket"]
-            ]
+            own.assign(
+                bucket=own["at"].map(
+                    lambda t: int(t.timestamp()) // s.analytics_correlation_align_seconds
+                )
+            )[[*METRICS, "bucket"]]
             .groupby("bucket")
             .mean()
         )
