@@ -396,3 +396,23 @@ def test_a_batch_of_windows_gives_what_each_window_gives_alone() -> None:
         ):
             assert insight.mean == pytest.approx(frame[insight.metric].mean(), rel=1e-12)
             assert insight.p75 == pytest.approx(frame[insight.metric].quantile(0.75), rel=1e-12)
+
+
+def test_daily_windows_are_benchmarked_on_their_own_and_not_clustered() -> None:
+    state = NetworkState(config(benchmark_min_firms=2), ORIGIN)
+    day = 86_400
+    start = T0 - T0 % (day * 1000)
+    for firm, value in [("a1", 1.0), ("a2", 3.0), ("a3", 2.0)]:
+        message = summary(firm, {"q": [value], "amount": [value]})
+        state.apply(message, segments)
+        state.apply({**message, "size_s": day, "start_ms": start}, segments)
+    hourly = state.apply(watermark_mark("t", 0, 1, T0 + HOUR_MS), segments)
+    assert {(b.provenance.window_end - b.provenance.window_start).total_seconds()  # type: ignore[operator]
+            for b in hourly if isinstance(b, Benchmark)} == {3600}  # fmt: skip
+    assert len([i for i in hourly if isinstance(i, ClusterAssignment)]) == 3
+    daily = state.apply(watermark_mark("t", 0, 1, start + day * 1000), segments)
+    assert {(b.metric, b.firms) for b in daily if isinstance(b, Benchmark)} == {
+        ("q", 3),
+        ("amount", 3),
+    }
+    assert not [i for i in daily if isinstance(i, ClusterAssignment)]
