@@ -1,6 +1,7 @@
 """The analytics work as plain functions over pandas frames, tested without a broker.
 
-- :func:`statistics_insights`: pandas ``describe()`` of each metric of a closed firm window;
+- :func:`window_insights`: for every window a batch closed, pandas ``describe()`` of each
+  metric (:func:`describe_windows`, grouped calls) and the correlations (below);
 - :func:`correlation_insight`: pandas ``corr`` between a firm's metrics over a window, the
   metrics aligned on event-time buckets (``align_s``) because different event types rarely share
   a timestamp;
@@ -623,7 +624,9 @@ class NetworkState:
         segment_of: Callable[[str], Segment | None],
         produced_at: datetime,
     ) -> list[Benchmark]:
-        """Benchmarks of one complete window: per segment and metric, those that pass."""
+        """Benchmarks of one complete window: per segment (industry, region) and metric, those
+        that pass :func:`benchmark_or_none`. A firm's value is its mean of the metric over the
+        window; firms without a registered industry and region are left out."""
         by_segment: dict[Segment, list[FirmSummary]] = {}
         for tenant, summary in self.summaries.get((size_s, start_ms), {}).items():
             segment = segment_of(tenant)
