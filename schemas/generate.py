@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from schemas.control import ApiKey, Grant, Tenant
 from schemas.events import EVENT_MODELS, CleanEvent
 from schemas.insights import INSIGHT_MODELS, DeadLetter
+from schemas.internal import FirmWindowSummary, PartitionWatermark
 from schemas.topics import TOPICS
 
 HERE = Path(__file__).resolve().parent
@@ -36,6 +37,8 @@ def schema_files() -> dict[str, type[BaseModel]]:
     files["json/control/tenant.v1.json"] = Tenant
     files["json/control/api_key.v1.json"] = ApiKey
     files["json/control/grant.v1.json"] = Grant
+    files["json/internal/firm_window_summary.v1.json"] = FirmWindowSummary
+    files["json/internal/partition_watermark.v1.json"] = PartitionWatermark
     return files
 
 

@@ -23,6 +23,7 @@ from schemas.insights import (
     Statistics,
     TextInsight,
 )
+from schemas.internal import FirmWindowSummary, PartitionWatermark
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ INSIGHTS_TEXT = "insights.text.v1"
 CONTROL_TENANTS = "control.tenants.v1"
 CONTROL_KEYS = "control.keys.v1"
 CONTROL_GRANTS = "control.grants.v1"
+ANALYTICS_FIRM_WINDOWS = "analytics.firm-windows.v1"
 
 INSIGHT_TOPICS: dict[str, str] = {
     "statistics": INSIGHTS_STATISTICS,
@@ -173,6 +175,15 @@ TOPICS: tuple[TopicSpec, ...] = (
         producers=("cli", "ingest"),
         consumers=("ingest",),
         compacted=True,
+    ),
+    TopicSpec(
+        ANALYTICS_FIRM_WINDOWS,
+        "Internal to analytics (one partition): closed firm-window summaries and source "
+        "watermarks, from which one replica computes benchmarks and clusters.",
+        "'network'",
+        (FirmWindowSummary, PartitionWatermark),
+        producers=("analytics",),
+        consumers=("analytics",),
     ),
 )
 

@@ -40,6 +40,7 @@ from schemas.insights import (
     Provenance,
     Statistics,
 )
+from schemas.internal import FirmWindowSummary, MetricPartial, PartitionWatermark
 from services.analytics.windows import Window
 
 SERVICE = "analytics"
@@ -303,16 +304,16 @@ def firm_summary(window: Window, source_topic: str) -> dict[str, Any]:
             acc = sums.setdefault(metric, [0, 0.0])
             acc[0] += 1
             acc[1] += value
-    return {
-        "kind": "window",
-        "tenant": window.tenant,
-        "size_s": window.size_s,
-        "start_ms": window.start_ms,
-        "event_count": len(window.rows),
-        "metrics": {m: {"count": int(c), "sum": s} for m, (c, s) in sorted(sums.items())},
-        "schema_versions": window.schema_versions,
-        "source_topic": source_topic,
-    }
+    # Built through the contract of the internal topic, so what is sent is what AsyncAPI says.
+    return FirmWindowSummary(
+        tenant=window.tenant,
+        size_s=window.size_s,
+        start_ms=window.start_ms,
+        event_count=len(window.rows),
+        metrics={m: MetricPartial(count=int(c), sum=s) for m, (c, s) in sorted(sums.items())},
+        schema_versions=window.schema_versions,
+        source_topic=source_topic,
+    ).model_dump(mode="json")
 
 
 def watermark_mark(
@@ -320,13 +321,12 @@ def watermark_mark(
 ) -> dict[str, Any]:
     """How far a source partition's windows are closed (sent after its window summaries);
     ``watermark_ms`` None marks a partition that has had no event at all (idle)."""
-    return {
-        "kind": "watermark",
-        "source_topic": source_topic,
-        "partition": partition,
-        "partitions": partitions,
-        "watermark_ms": watermark_ms,
-    }
+    return PartitionWatermark(
+        source_topic=source_topic,
+        partition=partition,
+        partitions=partitions,
+        watermark_ms=watermark_ms,
+    ).model_dump(mode="json")
 
 
 # --------------------------------------------------------------------------- benchmarks

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from schemas.topics import EVENTS_CLEAN
+from schemas.topics import ANALYTICS_FIRM_WINDOWS, EVENTS_CLEAN
 from shared.settings import XietongSettings
 
 DAY_SECONDS = 86_400
@@ -25,7 +25,7 @@ class AnalyticsSettings(XietongSettings):
         description="Consumer group of the cross-firm loop (benchmarks, clusters).",
     )
     analytics_firm_windows_topic: str = Field(
-        "analytics.firm-windows.v1",
+        ANALYTICS_FIRM_WINDOWS,
         min_length=1,
         description="Internal topic of closed per-firm window summaries (one partition).",
     )
