@@ -1,0 +1,366 @@
+"""One end-to-end test per user story (BRIEF.md, "Who uses it"), the whole system on the real
+local Kafka: the gateway, clean and analytics run in this process (:mod:`tests.e2e.system`), the
+operator's demo as the subprocesses it starts. Each scenario reads top to bottom: who publishes
+what, what each party sees, and the figures compared with pandas / scikit-learn computed directly
+on the same data.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
+from sklearn.preprocessing import StandardScaler
+
+from schemas.insights import (
+    NETWORK_TENANT,
+    Benchmark,
+    ClusterAssignment,
+    Correlation,
+    Insight,
+    Statistics,
+)
+from shared.settings import XietongSettings
+from tests.e2e.system import (
+    close,
+    collecting,
+    csv_rows,
+    ms,
+    observations,
+    raw_partitions,
+    read_topic,
+    register,
+    running_system,
+    sales,
+    stock,
+    tenant_names,
+)
+
+pytestmark = pytest.mark.integration
+
+WINDOW_S = 600
+GRACE_S = 60
+ALIGN_S = 60
+MIN_POINTS = 3
+SEED = 7
+N_INIT = 4
+K_MAX = 5
+METRICS = ["inventory.on_hand", "sales.amount_cny", "sales.quantity"]
+
+ANALYTICS = {
+    "analytics_window_seconds": WINDOW_S,
+    "analytics_grace_seconds": GRACE_S,
+    "analytics_correlation_align_seconds": ALIGN_S,
+    "analytics_correlation_min_points": MIN_POINTS,
+    # every partition carries firms of the test: none is ever declared idle, so network-wide
+    # windows close only when all of them have passed (no firm can be left out of a benchmark)
+    "analytics_idle_partition_seconds": 3600.0,
+    "cluster_seed": SEED,
+    "cluster_n_init": N_INIT,
+    "cluster_k_max": K_MAX,
+}
+
+# Event times are in the past (before any demo's "now - 6 h"), a different day per story.
+STORY1 = datetime(2025, 3, 3, 8, 0, tzinfo=UTC)
+STORY2 = datetime(2025, 3, 4, 8, 0, tzinfo=UTC)
+STORY3 = datetime(2025, 3, 5, 8, 0, tzinfo=UTC)
+
+Profile = tuple[float, float, float]
+"""(typical quantity, unit price, stock on hand) of a firm."""
+
+PROFILES: list[Profile] = [
+    (10.0, 2.0, 500.0),
+    (12.0, 2.1, 550.0),
+    (50.0, 2.2, 2000.0),
+    (55.0, 2.0, 2100.0),
+    (200.0, 1.8, 8000.0),
+    (190.0, 1.9, 7800.0),
+]
+"""Three pairs of firms of clearly different size: the clusters the data holds."""
+
+
+def window_events(
+    tenant: str, start: datetime, profile: Profile, rng: random.Random, seq: int
+) -> list[dict[str, Any]]:
+    """One firm's events in the window starting at ``start``: eight sales (in eight different
+    minutes) and three stock counts (in the minutes of sales 1, 4 and 7)."""
+    qty, price, on_hand = profile
+    events = []
+    for i in range(8):
+        at = start + timedelta(seconds=30 + 70 * i)
+        quantity = round(max(1.0, rng.gauss(qty, qty * 0.2)), 3)
+        events.append(sales(tenant, at, quantity, round(price * rng.uniform(0.9, 1.1), 4), seq + i))
+        if i % 3 == 1:
+            events.append(
+                stock(
+                    tenant,
+                    at + timedelta(seconds=5),
+                    round(rng.gauss(on_hand, on_hand * 0.1), 1),
+                    seq + i,
+                )
+            )
+    return events
+
+
+def ticks(tenants: list[str], at: datetime) -> dict[str, dict[str, Any]]:
+    """One later sale per firm: moves every partition's event time on, so windows close."""
+    return {t: sales(t, at, 1.0, 1.0, 99_999) for t in tenants}
+
+
+# --------------------------------------------------------------------------- expectations
+
+
+def windowed(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame["window"] = frame["time_ms"] - frame["time_ms"] % (WINDOW_S * 1000)
+    return frame
+
+
+def expected_statistics(frame: pd.DataFrame) -> dict[tuple[str, int, str], pd.Series]:
+    """pandas ``describe()`` of each firm's metric in each window."""
+    out = {}
+    for (tenant, window), group in windowed(frame).groupby(["tenant", "window"]):
+        for metric in METRICS:
+            if metric in group and group[metric].notna().any():
+                out[(str(tenant), int(cast(Any, window)), metric)] = (
+                    group[metric].dropna().describe()
+                )
+    return out
+
+
+def assert_statistics(got: list[Insight], expected: dict[tuple[str, int, str], pd.Series]) -> None:
+    by_key = {}
+    for s in got:
+        assert isinstance(s, Statistics)
+        assert s.provenance.window_start is not None
+        by_key[(s.tenant, ms(s.provenance.window_start), s.metric)] = s
+    assert set(by_key) == set(expected)
+    for key, d in expected.items():
+        s = by_key[key]
+        assert s.count == d["count"], key
+        figures = [s.mean, s.std, s.min, s.p25, s.p50, s.p75, s.max]
+        wanted = [d[x] for x in ["mean", "std", "min", "25%", "50%", "75%", "max"]]
+        assert all(close(a, w) for a, w in zip(figures, wanted, strict=True)), (
+            key,
+            figures,
+            wanted,
+        )
+        assert s.provenance.window_end - s.provenance.window_start == timedelta(seconds=WINDOW_S)  # type: ignore[operator]
+
+
+def expected_correlations(frame: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
+    """pandas ``corr`` of each firm's metrics per window, aligned on one-minute buckets."""
+    out = {}
+    for (tenant, window), group in windowed(frame).groupby(["tenant", "window"]):
+        group = group.assign(bucket=group["time_ms"] // (ALIGN_S * 1000))
+        aligned = group.groupby("bucket")[[m for m in METRICS if m in group]].mean()
+        aligned = aligned.dropna(axis=1, how="all")
+        if aligned.shape[1] >= 2 and aligned.shape[0] >= MIN_POINTS:
+            out[(str(tenant), int(cast(Any, window)))] = aligned.corr(min_periods=MIN_POINTS)
+    return out
+
+
+def expected_benchmarks(frame: pd.DataFrame) -> dict[tuple[int, str], pd.Series]:
+    """Per window and metric: the firms' own means, the values a benchmark aggregates."""
+    means = windowed(frame).groupby(["window", "tenant"])[METRICS].mean()
+    out = {}
+    for window, per_firm in means.groupby(level="window"):
+        for metric in METRICS:
+            out[(int(cast(Any, window)), metric)] = per_firm[metric].dropna()
+    return out
+
+
+def expected_clusters(frame: pd.DataFrame) -> tuple[int, set[frozenset[str]]]:
+    """``k`` and the partition of firms scikit-learn finds on the standardised KPI means."""
+    kpis = frame.groupby("tenant")[METRICS].mean().sort_index()
+    scaled = StandardScaler().fit_transform(kpis.to_numpy())
+    best: tuple[float, int, Any] | None = None
+    for k in range(2, min(K_MAX, len(kpis) - 1) + 1):
+        labels = KMeans(n_clusters=k, random_state=SEED, n_init=N_INIT).fit(scaled).labels_
+        if len(np.unique(labels)) != k:
+            continue
+        score = float(silhouette_score(scaled, labels))
+        if best is None or score > best[0]:
+            best = (score, k, labels)
+    assert best is not None
+    _, k, labels = best
+    groups: dict[int, set[str]] = {}
+    for tenant, label in zip(kpis.index, labels, strict=True):
+        groups.setdefault(int(label), set()).add(str(tenant))
+    return k, {frozenset(g) for g in groups.values()}
+
+
+def at_least(count: int) -> Callable[[list[Insight]], bool]:
+    return lambda found: len(found) >= count
+
+
+def visible_to(reader: str, insights: list[Insight]) -> bool:
+    """Everything a tenant was shown is its own or public."""
+    return all(i.tenant == reader or i.visibility == "public" for i in insights)
+
+
+# --------------------------------------------------------------------------- story 1
+
+
+async def test_partner_firms_get_their_statistics_benchmarks_and_clusters_and_nothing_else(
+    settings: XietongSettings, unique_name: Callable[[str], str]
+) -> None:
+    """Story 1, the partner firm: six firms of one industry and region publish a known data
+    set over HTTP (one of them as CSV exports) and each gets back exactly its own figures, the
+    industry benchmark and its cluster — and no rival's private insight, by list or stream."""
+    partitions = await raw_partitions(settings)
+    industry = f"fasteners-{uuid.uuid4().hex[:6]}"
+    firms = tenant_names("firm", len(PROFILES), partitions)
+    members = await register(settings, [(f, "partner", industry, "east") for f in firms])
+    csv_firm, resending_firm, rival = firms[0], firms[1], firms[2]
+    rng = random.Random(20250303)
+
+    rounds = [
+        {
+            firm: window_events(
+                firm, STORY1 + timedelta(seconds=w * WINDOW_S), profile, rng, seq=100 * w
+            )
+            for firm, profile in zip(firms, PROFILES, strict=True)
+        }
+        for w in range(3)
+    ]
+    data = {firm: [e for batch in rounds for e in batch[firm]] for firm in firms}
+    frame = observations(e for events in data.values() for e in events)
+
+    async with (
+        running_system(settings, unique_name, members, **ANALYTICS) as system,
+        collecting(system.stream(rival)) as rival_stream,
+    ):
+        # Window after window (a partition's event time only moves on), every firm publishes
+        # its batch; the CSV firm sends ERP exports, one file per event type.
+        sent_csv = b""
+        for batch in rounds:
+            for firm, events in batch.items():
+                if firm == csv_firm:
+                    sold = [e for e in events if e["type"] == "sales_order_line"]
+                    counted = [e for e in events if e["type"] == "inventory_level"]
+                    sent_csv = await system.publish_csv(firm, "sales_order_line", csv_rows(sold))
+                    await system.publish_csv(firm, "inventory_level", csv_rows(counted))
+                else:
+                    await system.publish_json(firm, events)
+        # Client retries of the last batch, while its window is still open: the same JSON
+        # events, the same CSV file (whose rows get the same derived ids).
+        await system.publish_json(resending_firm, rounds[-1][resending_firm])
+        resent_rows = sum(e["type"] == "sales_order_line" for e in rounds[-1][csv_firm])
+        answer = await system.post(csv_firm, sent_csv, "text/csv", type="sales_order_line")
+        assert answer["accepted"] == resent_rows
+        # later sales move every partition's event time on: the data's windows close
+        tick_at = STORY1 + timedelta(seconds=10 * WINDOW_S + 60)
+        for firm, event in ticks(firms, tick_at).items():
+            await system.publish_json(firm, [event])
+
+        # each firm sees describe() of exactly its own data, window by window
+        statistics = expected_statistics(frame)
+        for firm in firms:
+            mine = {k: v for k, v in statistics.items() if k[0] == firm}
+            got = await system.wait_for(
+                firm,
+                at_least(len(mine)),
+                types=["statistics"],
+            )
+            assert all(i.tenant == firm for i in got)
+            assert_statistics(got, mine)
+
+        # ... and pandas corr of its metrics
+        correlations = expected_correlations(frame)
+        for firm in firms:
+            mine_corr = {k: v for k, v in correlations.items() if k[0] == firm}
+            got = await system.wait_for(firm, at_least(len(mine_corr)), types=["correlation"])
+            by_window = {}
+            for c in got:
+                assert isinstance(c, Correlation) and c.tenant == firm
+                assert c.provenance.window_start is not None
+                by_window[ms(c.provenance.window_start)] = c
+            assert set(by_window) == {w for _, w in mine_corr}
+            for (_, window), matrix in mine_corr.items():
+                c = by_window[window]
+                assert c.metrics == [str(m) for m in matrix.columns]
+                for row, wanted in zip(c.matrix, matrix.to_numpy().tolist(), strict=True):
+                    assert all(close(a, w) for a, w in zip(row, wanted, strict=True))
+
+        # the public benchmark of the industry: quantiles of the six firms' own means
+        benchmarks = expected_benchmarks(frame)
+        got = await system.wait_for(
+            rival,
+            lambda found: (
+                sum(isinstance(i, Benchmark) and i.industry == industry for i in found)
+                >= len(benchmarks)
+            ),
+            types=["benchmark"],
+        )
+        mine_b = {
+            (ms(b.provenance.window_start), b.metric): b  # type: ignore[arg-type]
+            for b in got
+            if isinstance(b, Benchmark) and b.industry == industry
+        }
+        assert set(mine_b) == set(benchmarks)
+        for key, values in benchmarks.items():
+            b = mine_b[key]
+            assert b.tenant == NETWORK_TENANT and b.visibility == "public"
+            assert b.region == "east" and b.firms == len(values) == len(firms)
+            quantiles = values.quantile([0.1, 0.25, 0.5, 0.75, 0.9]).to_numpy().tolist()
+            assert all(
+                close(b.quantiles[name], q)
+                for name, q in zip(["p10", "p25", "p50", "p75", "p90"], quantiles, strict=True)
+            )
+            assert close(b.mean, float(np.mean(values.to_numpy())))
+
+        # every firm gets its cluster: the partition scikit-learn finds on the same KPIs
+        k, partition = expected_clusters(frame)
+        network_end = ms(tick_at) - GRACE_S * 1000  # the smallest partition watermark
+        final_end = network_end - network_end % (WINDOW_S * 1000)
+        assignments: dict[str, ClusterAssignment] = {}
+        for firm in firms:
+            got = await system.wait_for(
+                firm,
+                lambda found: any(
+                    ms(i.provenance.window_end) == final_end  # type: ignore[arg-type]
+                    for i in found
+                ),
+                types=["cluster_assignment"],
+            )
+            (latest,) = [
+                i
+                for i in got
+                if ms(i.provenance.window_end) == final_end  # type: ignore[arg-type]
+            ]
+            assert isinstance(latest, ClusterAssignment) and latest.tenant == firm
+            assignments[firm] = latest
+        assert len({a.model_version for a in assignments.values()}) == 1
+        assert {a.k for a in assignments.values()} == {k}
+        found_partition: dict[int, set[str]] = {}
+        for firm, a in assignments.items():
+            found_partition.setdefault(a.cluster, set()).add(firm)
+        assert {frozenset(g) for g in found_partition.values()} == partition
+
+        # the retries changed no count: the clean topic holds each event once
+        cleaned = await read_topic(
+            settings, system.clean_topic, lambda key: key is not None and key.decode() in data
+        )
+        per_firm = pd.Series([e["tenant"] for e in cleaned]).value_counts().to_dict()
+        assert per_firm == {firm: len(events) + 1 for firm, events in data.items()}
+        assert system.clean_status.duplicates == len(rounds[-1][resending_firm]) + resent_rows
+
+        # the rival sees its own and public insights only, listed or streamed
+        listed = await system.client(rival).insights(limit=1000)
+        assert visible_to(rival, listed)
+        assert any(i.tenant == rival for i in listed)
+        for other in firms:
+            if other != rival:
+                assert await system.client(rival).insights(owner=other, limit=1000) == []
+        assert any(i.tenant == rival for i in rival_stream)
+        assert any(isinstance(i, Benchmark) for i in rival_stream)
+        assert visible_to(rival, rival_stream)
