@@ -7,6 +7,7 @@ on the same data.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from schemas.insights import (
 )
 from shared.settings import XietongSettings
 from tests.e2e.system import (
+    TIMEOUT,
+    System,
     close,
     collecting,
     csv_rows,
@@ -364,3 +367,153 @@ async def test_partner_firms_get_their_statistics_benchmarks_and_clusters_and_no
         assert any(i.tenant == rival for i in rival_stream)
         assert any(isinstance(i, Benchmark) for i in rival_stream)
         assert visible_to(rival, rival_stream)
+
+
+# --------------------------------------------------------------------------- story 2
+
+
+def phase(
+    firms: list[str], window: int, rng: random.Random, profiles: list[Profile] = PROFILES
+) -> dict[str, list[dict[str, Any]]]:
+    """Each firm's events in main-size window number ``window`` of story 2."""
+    start = STORY2 + timedelta(seconds=window * WINDOW_S)
+    return {
+        firm: window_events(firm, start, profile, rng, seq=100 * window)
+        for firm, profile in zip(firms, profiles, strict=False)
+    }
+
+
+def window_start(window: int, base: datetime) -> int:
+    return ms(base + timedelta(seconds=window * WINDOW_S))
+
+
+async def until(system: System, condition: Callable[[], bool]) -> None:
+    """Wait for ``condition`` (checked as the services run); fail after the system timeout."""
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():
+            system.check_running()
+            await asyncio.sleep(0.1)
+
+
+def stats_of(owner: str, insights: list[Insight], window: int | None = None) -> list[Statistics]:
+    return [
+        i
+        for i in insights
+        if isinstance(i, Statistics)
+        and i.tenant == owner
+        and (window is None or ms(i.provenance.window_start) == window)  # type: ignore[arg-type]
+    ]
+
+
+def benchmark_of(industry: str, insights: list[Insight], window: int) -> list[Benchmark]:
+    return [
+        i
+        for i in insights
+        if isinstance(i, Benchmark)
+        and i.industry == industry
+        and ms(i.provenance.window_start) == window  # type: ignore[arg-type]
+    ]
+
+
+async def test_a_bank_sees_benchmarks_and_only_what_a_firm_granted_until_it_is_revoked(
+    settings: XietongSettings, unique_name: Callable[[str], str]
+) -> None:
+    """Story 2, the downstream consumer: a bank (tenant kind ``consumer``) subscribed over HTTP
+    sees the public benchmarks only; once a firm grants it ``statistics`` it lists and streams
+    that firm's statistics (and nothing else of it); after the revocation it gets none."""
+    partitions = await raw_partitions(settings)
+    industry = f"steel-{uuid.uuid4().hex[:6]}"
+    firms = tenant_names("mill", 5, partitions)
+    bank = f"bank-{uuid.uuid4().hex[:8]}"
+    members = await register(
+        settings,
+        [
+            *((f, "partner", industry, "north") for f in firms),
+            (bank, "consumer", "finance", "north"),
+        ],
+    )
+    lender = firms[0]  # the firm that shares its statistics with the bank
+    rng = random.Random(20250304)
+
+    async with running_system(settings, unique_name, members, **ANALYTICS) as system:
+        bank_sse = system.stream(bank)
+        async with collecting(bank_sse) as bank_stream:
+            bank_client = system.client(bank)
+            # the firms publish two windows; later sales close them
+            for window in (0, 1):
+                for firm, events in phase(firms, window, rng).items():
+                    await system.publish_json(firm, events)
+            for firm, event in ticks(firms, STORY2 + timedelta(seconds=3 * WINDOW_S + 60)).items():
+                await system.publish_json(firm, [event])
+            await system.wait_for(lender, at_least(2 * len(METRICS)), types=["statistics"])
+
+            # without an agreement: the industry's benchmarks, nothing private of any firm
+            await system.wait_for(
+                bank,
+                lambda found: all(
+                    benchmark_of(industry, found, window_start(w, STORY2)) for w in (0, 1)
+                ),
+                types=["benchmark"],
+            )
+            await until(
+                system, lambda: bool(benchmark_of(industry, bank_stream, window_start(1, STORY2)))
+            )
+            listed = await bank_client.insights(limit=1000)
+            assert listed and all(i.visibility == "public" for i in listed)
+            assert await bank_client.insights(owner=lender, limit=1000) == []
+            assert bank_stream and all(i.visibility == "public" for i in bank_stream)
+
+            # the firm grants its statistics: the bank lists those already computed ...
+            grant = await system.client(lender).grant(bank, ["statistics"], purpose="credit line")
+            assert (await bank_client.shares())["received"][0]["grant_id"] == grant.grant_id
+            granted = await bank_client.insights(owner=lender, limit=1000)
+            assert granted and all(
+                isinstance(i, Statistics) and i.tenant == lender for i in granted
+            )
+            assert {ms(i.provenance.window_start) for i in granted} >= {  # type: ignore[arg-type]
+                window_start(w, STORY2) for w in (0, 1)
+            }
+            # ... and receives the new ones on its open stream (but not the firm's correlations)
+            for firm, events in phase([lender], 5, rng).items():
+                await system.publish_json(firm, events)
+            await system.publish_json(
+                lender, [sales(lender, STORY2 + timedelta(seconds=7 * WINDOW_S + 60), 1.0, 1.0, 9)]
+            )
+            w5 = window_start(5, STORY2)
+            await until(
+                system,
+                lambda: {s.metric for s in stats_of(lender, bank_stream, w5)} == set(METRICS),
+            )
+            await system.wait_for(
+                lender,
+                lambda found: any(
+                    ms(c.provenance.window_start) == w5  # type: ignore[arg-type]
+                    for c in found
+                ),
+                types=["correlation"],
+            )
+            assert not any(isinstance(i, Correlation) for i in bank_stream)
+            assert await bank_client.insights(types=["correlation"], owner=lender) == []
+
+            # the firm revokes: the list is empty again, the open stream is told and gets no more
+            await system.client(lender).revoke(grant.grant_id)
+            assert await bank_client.insights(owner=lender, limit=1000) == []
+            await until(system, lambda: any(n.event == "grant_revoked" for n in bank_sse.notices))
+            delivered_before = len(stats_of(lender, bank_stream))
+            for firm, events in phase(firms, 9, rng).items():
+                await system.publish_json(firm, events)
+            for firm, event in ticks(firms, STORY2 + timedelta(seconds=11 * WINDOW_S + 60)).items():
+                await system.publish_json(firm, [event])
+            w9 = window_start(9, STORY2)
+            await system.wait_for(
+                lender, lambda f: len(stats_of(lender, f, w9)) == len(METRICS), types=["statistics"]
+            )
+            # a benchmark computed only after those statistics were served: when the bank has it,
+            # its stream has been offered everything before it
+            for firm, event in ticks(firms, STORY2 + timedelta(seconds=13 * WINDOW_S + 60)).items():
+                await system.publish_json(firm, [event])
+            w11 = window_start(11, STORY2)
+            await until(system, lambda: bool(benchmark_of(industry, bank_stream, w11)))
+            assert len(stats_of(lender, bank_stream)) == delivered_before
+            assert not stats_of(lender, bank_stream, w9)
+            assert await bank_client.insights(owner=lender, limit=1000) == []
