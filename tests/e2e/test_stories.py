@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import random
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 import pytest
+from aiokafka import TopicPartition
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import StandardScaler
 
+from deploy.local.demo import HEALTH_PORT_OFFSETS
+from deploy.local.infra import ROOT
+from deploy.local.simulate import make_firms
 from schemas.insights import (
     NETWORK_TENANT,
     Benchmark,
@@ -32,10 +41,11 @@ from schemas.insights import (
     Insight,
     Statistics,
 )
+from schemas.topics import EVENTS_CLEAN, EVENTS_RAW, INSIGHT_TOPICS
 from services.ingest.cdc import origin_event_id, run_cdc
 from services.ingest.mapping import Mapping, parse_mapping
 from shared.codec import encode
-from shared.kafka import create_producer, ensure_topics, started
+from shared.kafka import create_consumer, create_producer, ensure_topics, started
 from shared.settings import XietongSettings
 from tests.e2e.system import (
     TIMEOUT,
@@ -804,3 +814,120 @@ async def test_an_updated_erp_row_counts_once_with_its_new_value_in_statistics(
         [s for s in erp.statistics if ms(s.provenance.window_start) == erp.correction_window],  # type: ignore[arg-type]
         corrected,
     )
+
+
+# --------------------------------------------------------------------------- story 4
+
+
+def free_port_block(size: int) -> int:
+    """The first of ``size`` consecutive ports that are free on 127.0.0.1 right now."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 60_000)
+        sockets = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise AssertionError(f"no {size} consecutive free ports")
+
+
+async def end_offsets(settings: XietongSettings, topics: list[str]) -> dict[TopicPartition, int]:
+    await ensure_topics(settings, topics)
+    async with started(create_producer(settings)) as producer:
+        tps = [
+            TopicPartition(t, p) for t in topics for p in sorted(await producer.partitions_for(t))
+        ]
+    async with started(create_consumer(settings, None)) as consumer:
+        return dict(await consumer.end_offsets(tps))
+
+
+async def records_since(
+    settings: XietongSettings, marks: dict[TopicPartition, int], tenants: set[str]
+) -> dict[str, int]:
+    """Per topic: records after ``marks`` (up to the current end) keyed by one of ``tenants``."""
+    ends = await end_offsets(settings, sorted({tp.topic for tp in marks}))
+    counts = dict.fromkeys((tp.topic for tp in marks), 0)
+    keys = {t.encode() for t in tenants}
+    async with started(create_consumer(settings, None)) as consumer:
+        todo = [tp for tp in marks if ends[tp] > marks[tp]]
+        consumer.assign(todo)
+        for tp in todo:
+            consumer.seek(tp, marks[tp])
+        remaining = set(todo)
+        async with asyncio.timeout(TIMEOUT):
+            while remaining:
+                batch = await consumer.getmany(*remaining, timeout_ms=200, max_records=10_000)
+                for tp, records in batch.items():
+                    counts[tp.topic] += sum(
+                        1 for r in records if r.offset < ends[tp] and r.key in keys
+                    )
+                for tp in list(remaining):
+                    if await consumer.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+    return counts
+
+
+@pytest.mark.slow
+async def test_the_operator_runs_the_demo_and_events_flow_through_every_stage(
+    settings: XietongSettings, tmp_path: Path
+) -> None:
+    """Story 4, the operator: ``python -m deploy.local.demo`` starts every service as a
+    process against the broker, registers simulated firms and lets them publish through the
+    gateway; it stops by itself after ``--duration`` and exits 0, and in the meantime the
+    firms' events reached the raw and clean topics and came back as insights."""
+    firms = {f.tenant for f in make_firms(5)}
+    watched = [EVENTS_RAW, EVENTS_CLEAN, *sorted(set(INSIGHT_TOPICS.values()))]
+    marks = await end_offsets(settings, watched)
+    gateway_port = free_port_block(1)
+    # workers get base + their offset; a service the table does not list gets base + its length
+    health_base = free_port_block(len(HEALTH_PORT_OFFSETS) + 1)
+    env = {
+        **os.environ,
+        "XIETONG_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "XIETONG_KAFKA_PARTITIONS": str(settings.kafka_partitions),
+        "XIETONG_LOG_FORMAT": "text",
+    }
+    output = tmp_path / "demo.out"
+    with output.open("wb") as out:
+        demo = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "deploy.local.demo",
+            "--duration",
+            "25",
+            "--firms",
+            "5",
+            "--rate",
+            "200",
+            "--gateway-port",
+            str(gateway_port),
+            "--health-port-base",
+            str(health_base),
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            code = await asyncio.wait_for(demo.wait(), 150)
+        except TimeoutError:
+            demo.kill()
+            await demo.wait()
+            raise
+    tail = output.read_text(errors="replace")[-3000:]
+    assert code == 0, tail
+    assert "demo stopped" in tail
+
+    counts = await records_since(settings, marks, firms)
+    assert counts[EVENTS_RAW] > 0, (counts, tail)
+    assert 0 < counts[EVENTS_CLEAN] <= counts[EVENTS_RAW], (counts, tail)
+    insights = {t: n for t, n in counts.items() if t.startswith("insights.")}
+    assert sum(insights.values()) > 0, (counts, tail)
