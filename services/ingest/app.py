@@ -12,8 +12,10 @@ from the body) and refused records, with their original content and reasons, to
 ``events.raw.v1.dlq``.
 
 Delivery semantics: **at-least-once, acknowledged before answering.** A request's records are
-appended to per-partition batches and sent together by an idempotent ``acks=all`` producer; the
-``202`` is answered only after Kafka acknowledged every one of them. If Kafka does not, the
+appended to per-partition batches — shared with the requests that arrive at the same moment
+(group commit, :class:`~services.ingest.handlers.CoalescingPublisher`) — and sent together by an
+idempotent ``acks=all`` producer; the ``202`` is answered only after Kafka acknowledged every one
+of them. If Kafka does not, the
 answer is ``503`` and the client retries. A retry (or any re-sent batch) publishes the same
 ``event_id`` again — for CSV without an ``event_id`` column the id is derived from
 ``(tenant, sha256(body), row)``, so it repeats too — and **the clean service drops repeated
@@ -36,7 +38,9 @@ from services.ingest.auth import REGISTRY_KEY, require_api_key
 from services.ingest.handlers import (
     MAX_BODY_KEY,
     METRICS_KEY,
+    PUBLISH_TIMEOUT_KEY,
     PUBLISHER_KEY,
+    CoalescingPublisher,
     GatewayMetrics,
     answer_errors,
     count_requests,
@@ -46,7 +50,7 @@ from services.ingest.openapi import build_openapi
 from services.ingest.settings import IngestSettings
 from shared.codec import json_response
 from shared.control import ControlRegistry
-from shared.kafka import BatchPublisher, create_producer, ensure_topics
+from shared.kafka import create_producer, ensure_topics
 from shared.observability import add_health_routes
 
 SERVICE = "ingest"
@@ -57,18 +61,22 @@ async def kafka_clients(app: web.Application) -> AsyncIterator[None]:
     """Own the producer and the control registry for the life of the app."""
     settings = app[SETTINGS_KEY]
     await ensure_topics(settings, [EVENTS_RAW, dlq(EVENTS_RAW)])
-    producer = create_producer(settings)
+    # No linger: the publisher already groups concurrent requests into one batch per partition
+    # (group commit), so waiting for more records would only add latency to every request.
+    producer = create_producer(settings, linger_ms=0)
     await producer.start()
+    publisher = CoalescingPublisher(producer)
     try:
         registry = ControlRegistry(settings)
         await registry.start()
         try:
-            app[PUBLISHER_KEY] = BatchPublisher(producer)
+            app[PUBLISHER_KEY] = publisher
             app[REGISTRY_KEY] = registry
             yield
         finally:
             await registry.stop()
     finally:
+        await publisher.drain(settings.ingest_publish_timeout_seconds)
         await producer.stop()
 
 
@@ -79,6 +87,7 @@ def create_app(settings: IngestSettings) -> web.Application:
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = metrics
     app[MAX_BODY_KEY] = settings.ingest_max_body_bytes
+    app[PUBLISH_TIMEOUT_KEY] = settings.ingest_publish_timeout_seconds
     app.cleanup_ctx.append(kafka_clients)
 
     async def ready() -> str | None:

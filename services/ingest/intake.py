@@ -32,7 +32,9 @@ class ForeignTenant(PermissionError):
     """A record claims a tenant other than the one the credentials belong to."""
 
     def __init__(self, index: int, claimed: object, tenant: str) -> None:
-        super().__init__(f"record {index} is for tenant {claimed!r}, but the key belongs to {tenant!r}")
+        super().__init__(
+            f"record {index} is for tenant {claimed!r}, but the key belongs to {tenant!r}"
+        )
         self.index = index
 
 
@@ -93,7 +95,12 @@ def validate_records(
             )
         except UnknownEventType as error:
             result.refused.append(
-                Refused(item.index, [FieldError(field="type", reason=str(error))], item.original, "unknown event type")
+                Refused(
+                    item.index,
+                    [FieldError(field="type", reason=str(error))],
+                    item.original,
+                    "unknown event type",
+                )
             )
         except ValidationError as error:
             result.refused.append(Refused(item.index, field_errors(error), item.original))

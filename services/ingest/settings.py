@@ -17,6 +17,11 @@ class IngestSettings(XietongSettings):
         ge=1,
         description="Largest request body, counted while it is read (after decompression): 413.",
     )
+    ingest_publish_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How long a request waits for Kafka's acknowledgements before answering 503.",
+    )
     ingest_with_insights: bool = Field(
         True, description="Also serve the insight and sharing routes (services.ingest.insights)."
     )

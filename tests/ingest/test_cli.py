@@ -49,6 +49,25 @@ def registry_sees(settings: XietongSettings, key: str, known: bool) -> bool:
     return asyncio.run(poll())
 
 
+def gateway_knows(url: str, key: str) -> None:
+    """The gateway's registry learns a new key moments later: wait until ``[]`` is accepted."""
+    deadline = time.monotonic() + 20
+    while True:
+        request = urllib.request.Request(
+            f"{url}/v1/events",
+            data=b"[]",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 202:
+                    return
+        except urllib.error.HTTPError as error:
+            assert error.code == 401, error.code
+        assert time.monotonic() < deadline, "the gateway never learned the key"
+        time.sleep(0.2)
+
+
 def add_tenant_with_key(settings: XietongSettings, kind: str = "partner") -> tuple[str, str]:
     tenant = f"t{new_id()}"
     added = xietong(settings, "tenants", "add", tenant, "--name", "Acme 精密", "--kind", kind)
@@ -171,6 +190,7 @@ def test_publish_a_csv_file_through_the_gateway_in_batches(
     settings: XietongSettings, gateway_url: str, tmp_path: Path
 ) -> None:
     tenant, key = add_tenant_with_key(settings)
+    gateway_knows(gateway_url, key)
     path = tmp_path / "orders.csv"
     path.write_text(CSV, encoding="utf-8")
     args = ["publish", str(path), "--type", "sales_order_line", "--url", gateway_url]
@@ -208,6 +228,7 @@ def test_publish_ndjson_and_json_files_through_the_gateway_and_directly(
     settings: XietongSettings, gateway_url: str, tmp_path: Path
 ) -> None:
     tenant, key = add_tenant_with_key(settings)
+    gateway_knows(gateway_url, key)
     records = [sales_event(tenant, seq=i) for i in range(25)]
     untyped = sales_event(tenant, seq=99)
     del untyped["type"], untyped["schema_version"]

@@ -19,7 +19,7 @@ from schemas.events import EVENT_MODELS
 from schemas.topics import EVENTS_RAW, dlq
 from services.ingest.app import create_app
 from services.ingest.auth import REGISTRY_KEY
-from services.ingest.handlers import ErrorAnswer, IngestAnswer
+from services.ingest.handlers import PUBLISHER_KEY, ErrorAnswer, IngestAnswer
 from services.ingest.settings import IngestSettings
 from shared.control import ControlRegistry, ControlWriter, issue_api_key, new_id
 from shared.kafka import create_consumer
@@ -584,3 +584,28 @@ def _refs(node: Any) -> list[str]:
     if isinstance(node, list):
         return [ref for value in node for ref in _refs(value)]
     return []
+
+
+async def test_concurrent_requests_share_rounds_and_each_is_answered_after_its_acks(
+    gateway: Gateway,
+) -> None:
+    tenant = gateway.tenant
+    bodies = [ndjson([event(tenant, seq=100 * r + i) for i in range(30)]) for r in range(24)]
+    answers = await asyncio.gather(*(gateway.post(b, "application/x-ndjson") for b in bodies))
+    assert [status for status, _ in answers] == [202] * 24
+    assert sum(answer["accepted"] for _, answer in answers) == 720
+    raw = await read_topic(gateway.settings, EVENTS_RAW, tenant)
+    assert len({orjson.loads(r.value)["event_id"] for r in raw}) == 720
+
+
+async def test_a_broker_that_does_not_acknowledge_gives_503_not_202(
+    settings: XietongSettings,
+) -> None:
+    quick = ingest_settings(settings, ingest_publish_timeout_seconds=2)
+    async for running in running_gateway(quick):
+        publisher = running.client.app[PUBLISHER_KEY]
+        await publisher.producer.stop()  # nothing can be acknowledged any more
+        status, answer = await running.post(
+            orjson.dumps([event(running.tenant)]), "application/json"
+        )
+        assert status == 503 and "retry" in answer["error"]
