@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -609,3 +610,20 @@ async def test_a_broker_that_does_not_acknowledge_gives_503_not_202(
             orjson.dumps([event(running.tenant)]), "application/json"
         )
         assert status == 503 and "retry" in answer["error"]
+
+
+async def test_gzip_bodies_are_accepted_and_the_limit_counts_what_they_inflate_to(
+    gateway: Gateway,
+) -> None:
+    records = [event(gateway.tenant, seq=i) for i in range(50)]
+    headers = {**gateway.auth(), "Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"}
+    response = await gateway.client.post(
+        "/v1/events", data=gzip.compress(ndjson(records)), headers=headers
+    )
+    assert response.status == 202 and (await response.json())["accepted"] == 50
+
+    limit = gateway.settings.ingest_max_body_bytes
+    bomb = gzip.compress(b" " * (limit * 4))  # a few KiB that inflate past the limit
+    assert len(bomb) < limit // 10
+    response = await gateway.client.post("/v1/events", data=bomb, headers=headers)
+    assert response.status == 413
