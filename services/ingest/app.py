@@ -65,7 +65,7 @@ async def kafka_clients(app: web.Application) -> AsyncIterator[None]:
     # (group commit), so waiting for more records would only add latency to every request.
     producer = create_producer(settings, linger_ms=0)
     await producer.start()
-    publisher = CoalescingPublisher(producer)
+    publisher = CoalescingPublisher(producer, app[METRICS_KEY].round_requests)
     try:
         registry = ControlRegistry(settings)
         await registry.start()

@@ -116,6 +116,7 @@ class GatewayMetrics:
     accepted: Counter
     refused: Counter
     publish_seconds: Histogram
+    round_requests: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
@@ -146,6 +147,12 @@ class GatewayMetrics:
                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
                 registry=registry,
             ),
+            round_requests=Histogram(
+                "xietong_ingest_publish_round_requests",
+                "Requests whose records shared one publish round (group commit).",
+                buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+                registry=registry,
+            ),
         )
 
 
@@ -160,8 +167,9 @@ class CoalescingPublisher(BatchPublisher):
     fails every request in it (each answers 503 and its client retries; event ids make that safe).
     """
 
-    def __init__(self, producer: Any) -> None:
+    def __init__(self, producer: Any, round_requests: Histogram | None = None) -> None:
         super().__init__(producer)
+        self._round_requests = round_requests
         self._pending: dict[str, list[OutRecord]] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._rounds: asyncio.Task[None] | None = None
@@ -186,6 +194,8 @@ class CoalescingPublisher(BatchPublisher):
             pending: dict[str, Sequence[OutRecord]] = dict(self._pending)
             waiters = self._waiters
             self._pending, self._waiters = {}, []
+            if self._round_requests is not None:
+                self._round_requests.observe(len(waiters))
             try:
                 await BatchPublisher.publish_many(self, pending)
             except BaseException as error:
