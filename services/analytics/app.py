@@ -131,6 +131,9 @@ def parse_clean_event(offset: int, value: bytes | None) -> WindowEvent:
         if isinstance(number, bool) or not isinstance(number, int | float):
             raise ValueError(f"metric {name!r} is not a number")
         clean[name] = float(number)
+    source = data.get("source")
+    operation = source.get("operation") if isinstance(source, dict) else None
+    corrects = data.get("corrects")
     return WindowEvent(
         offset=offset,
         tenant=tenant,
@@ -138,6 +141,9 @@ def parse_clean_event(offset: int, value: bytes | None) -> WindowEvent:
         event_type=event_type,
         schema_version=version,
         metrics=clean,
+        event_id=str(data.get("event_id") or ""),
+        corrects=str(corrects) if corrects and operation in ("update", "delete") else None,
+        deleted=operation == "delete",
     )
 
 

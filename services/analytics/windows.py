@@ -6,6 +6,11 @@ Each source partition keeps its own *stream time* (the largest event time it has
 window is already closed is *late*: it is counted and dropped, never emitted as a revision, so a
 window's insights are final once published.
 
+Corrections (an ERP update or delete: ``source.operation`` update/delete with ``corrects`` set)
+are not new observations: an update replaces the row of the event it corrects, a delete removes
+it, in every open window that holds it. A correction of a row whose window has closed is late,
+like any late event: counted and dropped.
+
 Restart safety without a state store: the state of a partition is a pure function of its events
 from the first offset of its oldest open window on, plus its stream time at that moment.
 :meth:`PartitionWindows.commit_point` gives exactly that pair — the offset to commit and the
@@ -33,6 +38,14 @@ class WindowEvent:
     event_type: str
     schema_version: int
     metrics: dict[str, float]
+    event_id: str = ""
+    corrects: str | None = None
+    deleted: bool = False
+
+    @property
+    def row_id(self) -> str:
+        """The row this event is in a window: a correction takes the place of its original."""
+        return self.corrects or self.event_id
 
 
 @dataclass(slots=True)
@@ -46,6 +59,7 @@ class Window:
     times_ms: list[int] = field(default_factory=list)
     rows: list[dict[str, float]] = field(default_factory=list)
     schema_versions: dict[str, int] = field(default_factory=dict)
+    row_ids: list[str] = field(default_factory=list)
 
     @property
     def end_ms(self) -> int:
@@ -54,8 +68,18 @@ class Window:
     def add(self, event: WindowEvent) -> None:
         self.times_ms.append(event.time_ms)
         self.rows.append(event.metrics)
+        self.row_ids.append(event.row_id)
         known = self.schema_versions.get(event.event_type, 0)
         self.schema_versions[event.event_type] = max(known, event.schema_version)
+
+    def remove(self, row_id: str) -> bool:
+        """Take out the row ``row_id`` (the event a correction replaces); False if absent."""
+        try:
+            index = self.row_ids.index(row_id)
+        except ValueError:
+            return False
+        del self.row_ids[index], self.times_ms[index], self.rows[index]
+        return True
 
 
 def window_start_ms(time_ms: int, size_s: int) -> int:
@@ -77,6 +101,8 @@ class PartitionWindows:
     stream_time_ms: int | None = None
     next_offset: int | None = None
     open: dict[WindowKey, Window] = field(default_factory=dict)
+    holding: dict[str, list[WindowKey]] = field(default_factory=dict)
+    """Row id -> the open windows that hold it (so a correction finds its original)."""
 
     @property
     def watermark_ms(self) -> int | None:
@@ -87,6 +113,12 @@ class PartitionWindows:
         self.next_offset = event.offset + 1
         if self.stream_time_ms is None or event.time_ms > self.stream_time_ms:
             self.stream_time_ms = event.time_ms
+        if event.corrects is not None:
+            replaced = self._take_out(event.corrects)
+            if event.deleted:
+                return []
+            if not replaced:  # its original is in a closed window (or was never seen): late
+                return list(self.sizes_s) if event.metrics else []
         if not event.metrics:
             return []
         watermark = self.stream_time_ms - self.grace_ms
@@ -101,7 +133,15 @@ class PartitionWindows:
             if window is None:
                 window = self.open[key] = Window(size, event.tenant, start, event.offset)
             window.add(event)
+            self.holding.setdefault(event.row_id, []).append(key)
         return late
+
+    def _take_out(self, row_id: str) -> bool:
+        removed = False
+        for key in self.holding.pop(row_id, []):
+            window = self.open.get(key)
+            removed = bool(window is not None and window.remove(row_id)) or removed
+        return removed
 
     def close_due(self) -> list[Window]:
         """Remove and return the windows the watermark has passed, oldest first."""
@@ -110,6 +150,13 @@ class PartitionWindows:
             return []
         due = [key for key, window in self.open.items() if window.end_ms <= watermark]
         closed = [self.open.pop(key) for key in due]
+        for key, window in zip(due, closed, strict=True):
+            for row_id in window.row_ids:
+                keys = self.holding.get(row_id)
+                if keys is not None and key in keys:
+                    keys.remove(key)
+                    if not keys:
+                        del self.holding[row_id]
         closed.sort(key=lambda w: (w.start_ms, w.size_s, w.tenant))
         return closed
 

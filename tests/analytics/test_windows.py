@@ -120,3 +120,48 @@ def test_restarting_from_any_commit_point_closes_the_same_windows() -> None:
         closed_after = run(second, [e for e in events if e.offset >= offset])
         # windows closed before the crash are not closed again, and nothing is lost
         assert closed_keys(closed_before) + closed_keys(closed_after) == expected
+
+
+def correction(
+    offset: int, minute: float, corrects: str, value: float, *, deleted: bool = False
+) -> WindowEvent:
+    base = event(offset, minute, value=value)
+    return WindowEvent(
+        offset=base.offset,
+        tenant=base.tenant,
+        time_ms=base.time_ms,
+        event_type=base.event_type,
+        schema_version=1,
+        metrics=base.metrics,
+        event_id=f"c{offset}",
+        corrects=corrects,
+        deleted=deleted,
+    )
+
+
+def with_id(ev: WindowEvent, event_id: str) -> WindowEvent:
+    return WindowEvent(
+        ev.offset, ev.tenant, ev.time_ms, ev.event_type, 1, ev.metrics, event_id=event_id
+    )
+
+
+def test_an_update_replaces_its_original_and_a_delete_removes_it() -> None:
+    windows = PartitionWindows((HOUR,), grace_ms=0)
+    windows.add(with_id(event(0, 1, value=10), "a"))
+    windows.add(with_id(event(1, 2, value=20), "b"))
+    windows.add(correction(2, 3, corrects="a", value=11))  # update of a
+    windows.add(correction(3, 4, corrects="a", value=12))  # a second update of a
+    windows.add(correction(4, 5, corrects="b", value=20, deleted=True))
+    windows.add(with_id(event(5, 61), "tick"))
+    assert closed_keys(windows.close_due()) == [(HOUR, "acme", T0, (12.0,))]
+    assert "a" not in windows.holding  # closed windows leave no index behind
+
+
+def test_a_correction_of_a_row_in_a_closed_window_is_late() -> None:
+    windows = PartitionWindows((HOUR,), grace_ms=0)
+    windows.add(with_id(event(0, 1, value=10), "a"))
+    windows.add(with_id(event(1, 61), "tick"))
+    windows.close_due()
+    assert windows.add(correction(2, 62, corrects="a", value=11)) == [HOUR]
+    windows.add(with_id(event(3, 125), "tick2"))
+    assert closed_keys(windows.close_due()) == [(HOUR, "acme", T0 + HOUR * 1000, (1.0,))]
