@@ -29,6 +29,7 @@ Routes: ``POST /v1/events``; ``GET /healthz``, ``/readyz`` (broker answers a met
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -50,7 +51,7 @@ from services.ingest.openapi import build_openapi
 from services.ingest.settings import IngestSettings
 from shared.codec import json_response
 from shared.control import ControlRegistry
-from shared.kafka import create_producer, ensure_topics
+from shared.kafka import create_producer, ensure_topics, started
 from shared.observability import add_health_routes
 
 SERVICE = "ingest"
@@ -63,21 +64,20 @@ async def kafka_clients(app: web.Application) -> AsyncIterator[None]:
     await ensure_topics(settings, [EVENTS_RAW, dlq(EVENTS_RAW)])
     # No linger: the publisher already groups concurrent requests into one batch per partition
     # (group commit), so waiting for more records would only add latency to every request.
-    producer = create_producer(settings, linger_ms=0)
-    await producer.start()
-    publisher = CoalescingPublisher(producer, app[METRICS_KEY].round_requests)
-    try:
-        registry = ControlRegistry(settings)
-        await registry.start()
-        try:
+    producers = [create_producer(settings, linger_ms=0) for _ in range(settings.ingest_producers)]
+    async with contextlib.AsyncExitStack() as stack:
+        for producer in producers:
+            await stack.enter_async_context(started(producer))
+        publisher = CoalescingPublisher(
+            producers[0], lanes=producers[1:], round_requests=app[METRICS_KEY].round_requests
+        )
+        async with ControlRegistry(settings) as registry:
             app[PUBLISHER_KEY] = publisher
             app[REGISTRY_KEY] = registry
-            yield
-        finally:
-            await registry.stop()
-    finally:
-        await publisher.drain(settings.ingest_publish_timeout_seconds)
-        await producer.stop()
+            try:
+                yield
+            finally:
+                await publisher.drain(settings.ingest_publish_timeout_seconds)
 
 
 def create_app(settings: IngestSettings) -> web.Application:

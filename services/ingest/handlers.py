@@ -24,7 +24,6 @@ request_id}``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import re
@@ -162,17 +161,29 @@ class CoalescingPublisher(BatchPublisher):
     Each request still publishes all its records at once and is answered only after every one
     of them is acknowledged; but instead of each request building its own per-partition batch
     (which Kafka would take one round trip after another on a busy partition), the records of
-    every request that arrives while a round is in flight are sent together in the next round:
-    throughput grows with concurrency and a request waits about one round trip. A failed round
-    fails every request in it (each answers 503 and its client retries; event ids make that safe).
+    every request that arrives while the rounds are in flight are sent together in the next one:
+    throughput grows with concurrency and a request waits about one round trip.
+
+    With more than one producer (``lanes``), up to that many rounds are in flight at once, each
+    on its own producer (a producer has one request in flight per partition). The records of one
+    request always travel in one round, so they stay in order; requests answered one after the
+    other stay in order too. A failed round fails every request in it (each answers 503 and its
+    client retries; event ids make that safe).
     """
 
-    def __init__(self, producer: Any, round_requests: Histogram | None = None) -> None:
+    def __init__(
+        self,
+        producer: Any,
+        *,
+        lanes: Sequence[Any] = (),
+        round_requests: Histogram | None = None,
+    ) -> None:
         super().__init__(producer)
         self._round_requests = round_requests
+        self._idle: list[BatchPublisher] = [BatchPublisher(p) for p in (producer, *lanes)]
         self._pending: dict[str, list[OutRecord]] = {}
         self._waiters: list[asyncio.Future[None]] = []
-        self._rounds: asyncio.Task[None] | None = None
+        self._rounds: set[asyncio.Task[None]] = set()
 
     async def publish_many(self, batches: dict[str, Sequence[OutRecord]]) -> int:
         count = 0
@@ -184,44 +195,55 @@ class CoalescingPublisher(BatchPublisher):
             return 0
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        if self._rounds is None or self._rounds.done():
-            self._rounds = asyncio.create_task(self._send_rounds(), name="ingest-publish-rounds")
+        self._start_rounds()
         await waiter
         return count
 
-    async def _send_rounds(self) -> None:
-        while self._waiters:
+    def _start_rounds(self) -> None:
+        while self._waiters and self._idle:
+            lane = self._idle.pop()
             pending: dict[str, Sequence[OutRecord]] = dict(self._pending)
             waiters = self._waiters
             self._pending, self._waiters = {}, []
             if self._round_requests is not None:
                 self._round_requests.observe(len(waiters))
-            try:
-                await BatchPublisher.publish_many(self, pending)
-            except BaseException as error:
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(error)
-                if isinstance(error, asyncio.CancelledError):
-                    raise
-            else:
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(None)
+            task = asyncio.create_task(self._round(lane, pending, waiters), name="ingest-round")
+            self._rounds.add(task)
+            task.add_done_callback(self._rounds.discard)
+
+    async def _round(
+        self,
+        lane: BatchPublisher,
+        pending: dict[str, Sequence[OutRecord]],
+        waiters: list[asyncio.Future[None]],
+    ) -> None:
+        try:
+            await lane.publish_many(pending)
+        except BaseException as error:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(error)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+        else:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        finally:
+            self._idle.append(lane)
+            self._start_rounds()
 
     async def drain(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for the rounds in flight (before the producer stops)."""
-        rounds = self._rounds
-        if rounds is None or rounds.done():
+        """Wait up to ``timeout`` for the rounds in flight (before the producers stop)."""
+        rounds = list(self._rounds)
+        if not rounds:
             return
-        with contextlib.suppress(TimeoutError, Exception):
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(rounds)
-        if not rounds.done():
+        _, late = await asyncio.wait(rounds, timeout=timeout)
+        if late:
             log.error("publish rounds still unacknowledged at shutdown; abandoning them")
-            rounds.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await rounds
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late)
 
 
 PUBLISHER_KEY = web.AppKey("publisher", BatchPublisher)

@@ -22,6 +22,13 @@ class IngestSettings(XietongSettings):
         gt=0,
         description="How long a request waits for Kafka's acknowledgements before answering 503.",
     )
+    ingest_producers: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Producers publishing rounds in parallel (group-commit lanes; a producer has "
+        "one request in flight per partition). On one small broker more lanes measured no gain.",
+    )
     ingest_with_insights: bool = Field(
         True, description="Also serve the insight and sharing routes (services.ingest.insights)."
     )

@@ -587,22 +587,36 @@ def _refs(node: Any) -> list[str]:
     return []
 
 
+@pytest.mark.parametrize("lanes", [1, 3])
 async def test_concurrent_requests_share_rounds_and_each_is_answered_after_its_acks(
-    gateway: Gateway,
+    settings: XietongSettings, lanes: int
 ) -> None:
-    tenant = gateway.tenant
-    bodies = [ndjson([event(tenant, seq=100 * r + i) for i in range(30)]) for r in range(24)]
-    answers = await asyncio.gather(*(gateway.post(b, "application/x-ndjson") for b in bodies))
-    assert [status for status, _ in answers] == [202] * 24
-    assert sum(answer["accepted"] for _, answer in answers) == 720
-    raw = await read_topic(gateway.settings, EVENTS_RAW, tenant)
-    assert len({orjson.loads(r.value)["event_id"] for r in raw}) == 720
+    async for gateway in running_gateway(ingest_settings(settings, ingest_producers=lanes)):
+        tenant = gateway.tenant
+        bodies = [ndjson([event(tenant, seq=100 * r + i) for i in range(30)]) for r in range(24)]
+        answers = await asyncio.gather(*(gateway.post(b, "application/x-ndjson") for b in bodies))
+        assert [status for status, _ in answers] == [202] * 24
+        assert sum(answer["accepted"] for _, answer in answers) == 720
+        raw = [orjson.loads(r.value) for r in await read_topic(settings, EVENTS_RAW, tenant)]
+        assert len({e["event_id"] for e in raw}) == len(raw) == 720
+        # The records of one request stay in order on the tenant's partition.
+        order = [e["payload"]["order_id"] for e in raw]
+        for r in range(24):
+            mine = [o for o in order if int(o[3:]) // 100 == r]
+            assert mine == sorted(mine)
+        text = await (await gateway.client.get("/metrics")).text()
+        rounds = next(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("xietong_ingest_publish_round_requests_count")
+        )
+        assert 1 <= rounds <= 24
 
 
 async def test_a_broker_that_does_not_acknowledge_gives_503_not_202(
     settings: XietongSettings,
 ) -> None:
-    quick = ingest_settings(settings, ingest_publish_timeout_seconds=2)
+    quick = ingest_settings(settings, ingest_publish_timeout_seconds=2, ingest_producers=1)
     async for running in running_gateway(quick):
         publisher = running.client.app[PUBLISHER_KEY]
         await publisher.producer.stop()  # nothing can be acknowledged any more
