@@ -348,32 +348,57 @@ def _with_type(line: bytes, type_name: str | None, version: int | None) -> bytes
     return line if typed is record else orjson.dumps(typed)
 
 
+RETRIED_STATUSES = frozenset({502, 503, 504})
+
+
 async def _publish_http(
-    chunks: list[Chunk], fmt: str, url: str, api_key: str, params: dict[str, str], progress: Any
+    chunks: list[Chunk],
+    fmt: str,
+    url: str,
+    api_key: str,
+    params: dict[str, str],
+    progress: Any,
+    retries: int = 3,
 ) -> Outcome:
+    """POST each chunk; a 502/503/504 or a lost connection is retried with back-off — safe,
+    because a chunk re-sent carries the same event ids (the clean service drops repeats)."""
     import aiohttp
 
     outcome = Outcome()
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": MEDIA[fmt]}
     timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
+    endpoint = f"{url.rstrip('/')}/v1/events"
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for chunk in chunks:
-            try:
-                async with session.post(
-                    f"{url.rstrip('/')}/v1/events", data=chunk.body, headers=headers, params=params
-                ) as response:
-                    try:
-                        answer = await response.json(content_type=None)
-                    except ValueError:
-                        answer = {"error": (await response.text())[:500]}
-                    if response.status != 202:
-                        raise click.ClickException(
-                            f"the gateway answered {response.status} for records "
-                            f"{chunk.first}-{chunk.first + chunk.records - 1}: "
-                            f"{answer.get('error', answer)} (accepted so far: {outcome.accepted})"
+            span = f"records {chunk.first}-{chunk.first + chunk.records - 1}"
+            for attempt in range(retries + 1):
+                problem = ""
+                try:
+                    async with session.post(
+                        endpoint, data=chunk.body, headers=headers, params=params
+                    ) as response:
+                        try:
+                            answer = await response.json(content_type=None)
+                        except ValueError:
+                            answer = {"error": (await response.text())[:500]}
+                        if response.status == 202:
+                            break
+                        problem = f"the gateway answered {response.status} for {span}: " + str(
+                            answer.get("error", answer) if isinstance(answer, dict) else answer
                         )
-            except aiohttp.ClientError as error:
-                raise click.ClickException(f"cannot reach the gateway at {url}: {error}") from None
+                        if response.status not in RETRIED_STATUSES:
+                            raise click.ClickException(
+                                f"{problem} (accepted so far: {outcome.accepted})"
+                            )
+                except aiohttp.ClientError as error:
+                    problem = f"cannot reach the gateway at {url}: {error}"
+                if attempt == retries:
+                    raise click.ClickException(
+                        f"{problem} (after {retries + 1} attempts; accepted so far: "
+                        f"{outcome.accepted})"
+                    )
+                click.echo(f"{problem}; retrying", err=True)
+                await asyncio.sleep(0.5 * 2**attempt)
             outcome.add(answer, chunk.first)
             progress.update(chunk.records)
     return outcome
@@ -474,6 +499,13 @@ async def _publish_direct(
 )
 @click.option("--tenant", default=None, help="With --direct: the tenant the records belong to.")
 @click.option("--batch-size", type=click.IntRange(1, 1_000_000), default=5000, show_default=True)
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 20),
+    default=3,
+    show_default=True,
+    help="Re-sends of a batch the gateway could not publish (503) or did not answer.",
+)
 @click.option("--show", type=int, default=20, show_default=True, help="Refusals to print.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_obj
@@ -488,6 +520,7 @@ def publish(
     direct: bool,
     tenant: str | None,
     batch_size: int,
+    retries: int,
     show: int,
     no_progress: bool,
 ) -> None:
@@ -524,7 +557,7 @@ def publish(
             params = (
                 {"type": type_name, "version": str(version)} if fmt == "csv" and type_name else {}
             )
-            outcome = run(_publish_http(chunks, fmt, url, api_key, params, bar))
+            outcome = run(_publish_http(chunks, fmt, url, api_key, params, bar, retries))
 
     click.echo(f"{total} records: {outcome.accepted} accepted, {outcome.refused} refused")
     if outcome.refusals:

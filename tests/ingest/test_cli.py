@@ -271,3 +271,16 @@ def test_publish_ndjson_and_json_files_through_the_gateway_and_directly(
     assert nobody.exit_code == 1 and "no active partner tenant" in nobody.output
     no_key = xietong(settings, "publish", str(as_array), "--url", gateway_url)
     assert no_key.exit_code == 2 and "XIETONG_API_KEY" in no_key.output
+
+
+def test_publish_retries_a_gateway_that_does_not_answer_then_gives_up(
+    settings: XietongSettings, tmp_path: Path
+) -> None:
+    path = tmp_path / "one.json"
+    path.write_bytes(orjson.dumps([sales_event("acme")]))
+    nobody = f"http://127.0.0.1:{free_port()}"
+    result = xietong(
+        settings, "publish", str(path), "--url", nobody, "--api-key", "xt_a_b", "--retries", "1"
+    )
+    assert result.exit_code == 1
+    assert result.stderr.count("retrying") == 1 and "after 2 attempts" in result.stderr
