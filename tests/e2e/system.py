@@ -69,18 +69,30 @@ def partition_of(tenant: str, partitions: int) -> int:
     return int(DefaultPartitioner()(tenant.encode(), numbers, numbers))
 
 
-def tenant_names(prefix: str, count: int, partitions: int) -> list[str]:
-    """``count`` fresh tenant names that together cover every partition, when count allows.
+def tenant_names(prefix: str, count: int, partitions: int) -> tuple[list[str], list[str]]:
+    """``count`` fresh tenant names, spread over as many partitions as the names allow, and
+    *fillers*: one more tenant for each partition none of them lands on.
 
-    The network-wide windows close when every source partition has passed them; a partition
-    with none of the test's firms would have to be declared idle first.
+    Network-wide windows close when every source partition has passed them; the fillers (which
+    publish only the later events that move event time on) make sure every partition does,
+    whatever the partition count of ``events.raw.v1``.
     """
+    wanted = min(count, partitions)
     for _ in range(1000):
         tag = uuid.uuid4().hex[:8]
         names = [f"{prefix}{i}-{tag}" for i in range(count)]
-        if len({partition_of(n, partitions) for n in names}) == min(count, partitions):
-            return names
-    raise AssertionError("no tenant names cover every partition")
+        if len({partition_of(n, partitions) for n in names}) == wanted:
+            break
+    covered = {partition_of(n, partitions) for n in names}
+    fillers: list[str] = []
+    index = 0
+    while len(covered) < partitions:
+        name = f"filler{index}-{tag}"
+        index += 1
+        if partition_of(name, partitions) not in covered:
+            covered.add(partition_of(name, partitions))
+            fillers.append(name)
+    return names, fillers
 
 
 async def register(
@@ -199,6 +211,21 @@ async def start_at_end(settings: XietongSettings, group: str, topic: str) -> Non
         await consumer.commit(dict(await consumer.end_offsets(tps)))
 
 
+async def create_topics(
+    settings: XietongSettings, topics: Sequence[str], partitions: int | None = None
+) -> None:
+    """Create ``topics`` and wait until the broker's metadata shows them.
+
+    ``ensure_topics`` returns as soon as the broker accepted the creation; a consumer group that
+    subscribes in that moment may be assigned nothing, and aiokafka looks again only at its next
+    metadata refresh (minutes). A deployment creates its topics first; so do the tests.
+    """
+    await ensure_topics(settings, topics, partitions=partitions)
+    async with started(create_producer(settings)) as producer:
+        for topic in topics:
+            await producer.partitions_for(topic)
+
+
 async def raw_partitions(settings: XietongSettings) -> int:
     await ensure_topics(settings, [EVENTS_RAW, dlq(EVENTS_RAW)])
     async with started(create_producer(settings)) as producer:
@@ -215,7 +242,7 @@ async def running_system(
     """Gateway, clean and analytics running for ``members`` (registered beforehand)."""
     partitions = await raw_partitions(settings)
     clean_topic = unique_name("events.clean")
-    await ensure_topics(settings, [clean_topic], partitions=partitions)
+    await create_topics(settings, [clean_topic], partitions=partitions)
     clean_group = unique_name("clean")
     await start_at_end(settings, clean_group, EVENTS_RAW)
     analytics = load_analytics_settings(
@@ -227,6 +254,7 @@ async def running_system(
             **analytics_overrides,
         }
     )
+    await create_topics(settings, [analytics.analytics_firm_windows_topic], partitions=1)
     stop = asyncio.Event()
     status = HopStatus()
     tasks = [

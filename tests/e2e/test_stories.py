@@ -52,6 +52,7 @@ from tests.e2e.system import (
     System,
     close,
     collecting,
+    create_topics,
     csv_rows,
     ms,
     observations,
@@ -238,8 +239,14 @@ async def test_partner_firms_get_their_statistics_benchmarks_and_clusters_and_no
     industry benchmark and its cluster — and no rival's private insight, by list or stream."""
     partitions = await raw_partitions(settings)
     industry = f"fasteners-{uuid.uuid4().hex[:6]}"
-    firms = tenant_names("firm", len(PROFILES), partitions)
-    members = await register(settings, [(f, "partner", industry, "east") for f in firms])
+    firms, fillers = tenant_names("firm", len(PROFILES), partitions)
+    members = await register(
+        settings,
+        [
+            *((f, "partner", industry, "east") for f in firms),
+            *((f, "partner", "filler", "east") for f in fillers),
+        ],
+    )
     csv_firm, resending_firm, rival = firms[0], firms[1], firms[2]
     rng = random.Random(20250303)
 
@@ -279,7 +286,7 @@ async def test_partner_firms_get_their_statistics_benchmarks_and_clusters_and_no
         assert answer["accepted"] == resent_rows
         # later sales move every partition's event time on: the data's windows close
         tick_at = STORY1 + timedelta(seconds=10 * WINDOW_S + 60)
-        for firm, event in ticks(firms, tick_at).items():
+        for firm, event in ticks(firms + fillers, tick_at).items():
             await system.publish_json(firm, [event])
 
         # each firm sees describe() of exactly its own data, window by window
@@ -440,12 +447,13 @@ async def test_a_bank_sees_benchmarks_and_only_what_a_firm_granted_until_it_is_r
     that firm's statistics (and nothing else of it); after the revocation it gets none."""
     partitions = await raw_partitions(settings)
     industry = f"steel-{uuid.uuid4().hex[:6]}"
-    firms = tenant_names("mill", 5, partitions)
+    firms, fillers = tenant_names("mill", 5, partitions)
     bank = f"bank-{uuid.uuid4().hex[:8]}"
     members = await register(
         settings,
         [
             *((f, "partner", industry, "north") for f in firms),
+            *((f, "partner", "filler", "north") for f in fillers),
             (bank, "consumer", "finance", "north"),
         ],
     )
@@ -460,7 +468,9 @@ async def test_a_bank_sees_benchmarks_and_only_what_a_firm_granted_until_it_is_r
             for window in (0, 1):
                 for firm, events in phase(firms, window, rng).items():
                     await system.publish_json(firm, events)
-            for firm, event in ticks(firms, STORY2 + timedelta(seconds=3 * WINDOW_S + 60)).items():
+            for firm, event in ticks(
+                firms + fillers, STORY2 + timedelta(seconds=3 * WINDOW_S + 60)
+            ).items():
                 await system.publish_json(firm, [event])
             await system.wait_for(lender, at_least(2 * len(METRICS)), types=["statistics"])
 
@@ -519,7 +529,9 @@ async def test_a_bank_sees_benchmarks_and_only_what_a_firm_granted_until_it_is_r
             delivered_before = len(stats_of(lender, bank_stream))
             for firm, events in phase(firms, 9, rng).items():
                 await system.publish_json(firm, events)
-            for firm, event in ticks(firms, STORY2 + timedelta(seconds=11 * WINDOW_S + 60)).items():
+            for firm, event in ticks(
+                firms + fillers, STORY2 + timedelta(seconds=11 * WINDOW_S + 60)
+            ).items():
                 await system.publish_json(firm, [event])
             w9 = window_start(9, STORY2)
             await system.wait_for(
@@ -527,7 +539,9 @@ async def test_a_bank_sees_benchmarks_and_only_what_a_firm_granted_until_it_is_r
             )
             # a benchmark computed only after those statistics were served: when the bank has it,
             # its stream has been offered everything before it
-            for firm, event in ticks(firms, STORY2 + timedelta(seconds=13 * WINDOW_S + 60)).items():
+            for firm, event in ticks(
+                firms + fillers, STORY2 + timedelta(seconds=13 * WINDOW_S + 60)
+            ).items():
                 await system.publish_json(firm, [event])
             w11 = window_start(11, STORY2)
             await until(system, lambda: bool(benchmark_of(industry, bank_stream, w11)))
@@ -627,10 +641,13 @@ class Row:
 
 
 def change(op: str, row: Row, lsn: int, before: Row | None = None) -> tuple[bytes, bytes]:
-    """A Debezium PostgreSQL change event (key, value) as the connector writes it to Kafka."""
+    """A Debezium PostgreSQL change event (key, value) as the connector writes it to Kafka; a
+    delete (``d``) carries the whole row as its ``before`` image (REPLICA IDENTITY FULL)."""
+    if op == "d":
+        before = row
     payload = {
         "before": before.image() if before is not None else None,
-        "after": row.image(),
+        "after": None if op == "d" else row.image(),
         "source": {
             "version": "2.7.3.Final",
             "connector": "postgresql",
@@ -693,27 +710,17 @@ def row_frame(tenant: str, rows: list[Row]) -> pd.DataFrame:
     )
 
 
-@dataclass
-class ErpOutcome:
-    """What story 3 left behind: the statistics expected and got, the clean events."""
-
-    tenant: str
-    original: Row
-    updated: Row
-    correction_window: int
-    expected: dict[tuple[str, int, str], pd.Series]
-    statistics: list[Insight]
-    cleaned: list[dict[str, Any]]
-    duplicates: int
-
-
-async def erp_scenario(settings: XietongSettings, unique_name: Callable[[str], str]) -> ErpOutcome:
-    """An ERP table captured by Debezium: three windows of sales lines, one of them updated
-    (the change delivered twice), then a later line; run through CDC, clean and analytics."""
+async def test_erp_changes_stream_through_cdc_into_statistics_and_corrections_restate_rows(
+    settings: XietongSettings, unique_name: Callable[[str], str]
+) -> None:
+    """Story 3, the ERP integration engineer: Debezium change events of a PostgreSQL table go
+    through the CDC connector (configured by a mapping) into raw, clean and the firm's
+    statistics. An update of a row arrives once (Debezium delivered it twice) as a correction of
+    the original event and replaces it in the statistics; a delete removes the row."""
     tenant = f"erp-{uuid.uuid4().hex[:8]}"
     members = await register(settings, [(tenant, "partner", "rebar", "west")])
     topic = unique_name("erp.public.sales_lines")
-    await ensure_topics(settings, [topic], partitions=1)  # one table, one ordered log
+    await create_topics(settings, [topic], partitions=1)  # one table, one ordered log
     mapping = erp_mapping(tenant, topic)
     rng = random.Random(20250305)
 
@@ -730,17 +737,19 @@ async def erp_scenario(settings: XietongSettings, unique_name: Callable[[str], s
         ]
 
     table = {w: window_rows(w) for w in range(3)}
-    original = table[1][2]
+    original, deleted = table[1][2], table[2][4]
     updated = Row(original.order_no, original.qty + Decimal("7.250"), 333, original.ordered_at)
-    messages: list[tuple[bytes, bytes]] = [change("r", r, 10 + i) for i, r in enumerate(table[0])]
+    messages = [change("r", r, 10 + i) for i, r in enumerate(table[0])]  # the initial snapshot
     messages += [change("c", r, 100 + i) for i, r in enumerate(table[1])]
     update = change("u", updated, 200, before=original)
     messages += [update, update]  # Debezium re-delivers after a connector restart
     messages += [change("c", r, 300 + i) for i, r in enumerate(table[2])]
+    messages.append(change("d", deleted, 400))
     later = Row("SO-900", Decimal("1.000"), 100, STORY3 + timedelta(seconds=10 * WINDOW_S))
-    messages.append(change("c", later, 400))  # the day goes on: the windows close
-    # the table as it now holds the rows: the update replaced the original line
-    current = [*table[0], *table[1][:2], updated, *table[1][3:], *table[2]]
+    messages.append(change("c", later, 500))  # the day goes on: the windows close
+    # the table as it holds the rows now
+    current = [r for rows in table.values() for r in rows if r != deleted]
+    current[current.index(original)] = updated
     expected = expected_statistics(row_frame(tenant, current))
 
     async with running_system(settings, unique_name, members, **ANALYTICS) as system:
@@ -756,63 +765,25 @@ async def erp_scenario(settings: XietongSettings, unique_name: Callable[[str], s
             stop.set()
             await asyncio.wait_for(cdc, TIMEOUT)
         cleaned = await read_topic(settings, system.clean_topic, lambda key: key == tenant.encode())
-        return ErpOutcome(
-            tenant,
-            original,
-            updated,
-            window_start(1, STORY3),
-            expected,
-            got,
-            cleaned,
-            system.clean_status.duplicates,
-        )
+        duplicates = system.clean_status.duplicates
 
+    # the firm's statistics equal describe() of the table's rows, window by window
+    assert_statistics(got, expected)
 
-async def test_erp_changes_stream_through_cdc_into_statistics_and_an_update_is_a_correction(
-    settings: XietongSettings, unique_name: Callable[[str], str]
-) -> None:
-    """Story 3, the ERP integration engineer: Debezium change events of a PostgreSQL table go
-    through the CDC connector (configured by a mapping) into raw, clean and the firm's
-    statistics; an update of a row arrives as a correction of the original event, once."""
-    erp = await erp_scenario(settings, unique_name)
-
-    # on the clean topic: each row once, the update once, as a correction of the original
-    assert len(erp.cleaned) == 3 * 6 + 1 + 1
-    origin = origin_event_id(erp.tenant, "public.sales_lines", f"{erp.original.order_no}/1")
-    (correction,) = [e for e in erp.cleaned if e["source"]["operation"] == "update"]
+    # on the clean topic: each row once, the update and the delete once, as corrections
+    assert len(cleaned) == 3 * 6 + 1 + 1 + 1
+    assert duplicates == 1  # the re-delivered update
+    by_operation: dict[str, list[dict[str, Any]]] = {}
+    for event in cleaned:
+        by_operation.setdefault(event["source"]["operation"], []).append(event)
+    (correction,), (removal,) = by_operation["update"], by_operation["delete"]
+    origin = origin_event_id(tenant, "public.sales_lines", f"{original.order_no}/1")
     assert correction["corrects"] == str(origin) != correction["event_id"]
-    assert correction["payload"]["quantity"] == float(erp.updated.qty)
-    assert correction["payload"]["unit_price"] == erp.updated.price_cents / 100
-    assert [e["event_id"] for e in erp.cleaned].count(str(origin)) == 1
-    assert erp.duplicates == 1  # the re-delivered change
-
-    # the firm's statistics equal describe() of its rows, in the windows without a correction
-    untouched = {k: v for k, v in erp.expected.items() if k[1] != erp.correction_window}
-    assert len(untouched) == 2 * 2
-    assert_statistics(
-        [s for s in erp.statistics if ms(s.provenance.window_start) != erp.correction_window],  # type: ignore[arg-type]
-        untouched,
-    )
-    assert {ms(s.provenance.window_start) for s in erp.statistics} == {  # type: ignore[arg-type]
-        k[1] for k in erp.expected
-    }
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="analytics counts a correction (source.operation update/delete, `corrects` set) as "
-    "one more observation: services/analytics/app.py parse_clean_event/FirmWindows.process "
-    "never look at the operation, so a window with an updated row has count n+1",
-)
-async def test_an_updated_erp_row_counts_once_with_its_new_value_in_statistics(
-    settings: XietongSettings, unique_name: Callable[[str], str]
-) -> None:
-    """Story 3, the correction's window: statistics describe the table as it now is."""
-    erp = await erp_scenario(settings, unique_name)
-    corrected = {k: v for k, v in erp.expected.items() if k[1] == erp.correction_window}
-    assert_statistics(
-        [s for s in erp.statistics if ms(s.provenance.window_start) == erp.correction_window],  # type: ignore[arg-type]
-        corrected,
+    assert correction["payload"]["quantity"] == float(updated.qty)
+    assert correction["payload"]["unit_price"] == updated.price_cents / 100
+    assert [e["event_id"] for e in cleaned].count(str(origin)) == 1
+    assert removal["corrects"] == str(
+        origin_event_id(tenant, "public.sales_lines", f"{deleted.order_no}/1")
     )
 
 
