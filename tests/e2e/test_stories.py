@@ -81,8 +81,9 @@ ANALYTICS = {
     "analytics_grace_seconds": GRACE_S,
     "analytics_correlation_align_seconds": ALIGN_S,
     "analytics_correlation_min_points": MIN_POINTS,
-    # every partition carries firms of the test: none is ever declared idle, so network-wide
-    # windows close only when all of them have passed (no firm can be left out of a benchmark)
+    # every partition carries the test's firms (or a filler, see tenant_names): none is ever
+    # declared idle, so network-wide windows close only when all of them have passed them and
+    # no firm can be left out of a benchmark or a cluster fit
     "analytics_idle_partition_seconds": 3600.0,
     "cluster_seed": SEED,
     "cluster_n_init": N_INIT,
