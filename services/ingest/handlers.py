@@ -385,6 +385,7 @@ async def post_events(request: web.Request) -> web.Response:
         dataclasses.replace(refused, original=parsed.original_of(refused.index))
         for refused in intake.refused
     ]
+    fmt = parsed.format
     del body, parsed  # the records are all that is needed from here on
 
     metrics = request.app[METRICS_KEY]
@@ -397,12 +398,12 @@ async def post_events(request: web.Request) -> web.Response:
     except (KafkaError, TimeoutError) as error:
         log.error("publish failed", extra={"request_id": request_id, "error": repr(error)})
         raise RequestError(
-            503, "the event bus did not acknowledge the records; nothing is lost, retry"
+            503,
+            "Kafka did not acknowledge the records in time; retry the same request (records "
+            "that did get through carry the same event ids and are dropped as duplicates)",
         ) from None
     metrics.publish_seconds.observe(time.perf_counter() - started)
 
-    media = request.content_type
-    fmt = "json" if media in JSON_TYPES else "ndjson" if media in NDJSON_TYPES else "csv"
     metrics.accepted.labels(fmt).inc(len(intake.accepted))
     for refused in intake.refused:
         metrics.refused.labels(reason_label(refused.reason)).inc()

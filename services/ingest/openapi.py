@@ -114,7 +114,7 @@ def _gateway_operations() -> dict[tuple[str, str], Operation]:
             "413": _error("The body is larger than the limit."),
             "415": _error("Unsupported content type or charset."),
             "422": _error("CSV: the query names no event type or version."),
-            "503": _error("Kafka did not acknowledge; nothing was accepted, retry."),
+            "503": _error("Kafka did not acknowledge in time: retry (the same event ids)."),
         },
     }
     status = {"type": "object", "properties": {"status": {"type": "string"}}}
