@@ -188,8 +188,30 @@ async def ensure_topics(
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)
+            await _wait_until_led(admin, [topic.name for topic in new])
     finally:
         await admin.close()
+
+
+async def _wait_until_led(
+    admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30
+) -> None:
+    """Return once every partition of ``names`` has a leader.
+
+    The broker acknowledges a creation before its metadata shows the topic; a consumer that
+    subscribes in that gap gets no partitions until its next metadata refresh (minutes).
+    """
+    async with asyncio.timeout(timeout):
+        while True:
+            described = await admin.describe_topics(names)
+            if all(
+                topic["error_code"] == 0
+                and topic["partitions"]
+                and all(p["leader"] >= 0 for p in topic["partitions"])
+                for topic in described
+            ):
+                return
+            await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
