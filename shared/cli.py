@@ -47,6 +47,7 @@ from schemas.topics import EVENTS_RAW, dlq
 from shared.control import ControlRegistry, ControlWriter, issue_api_key
 from shared.kafka import BatchPublisher, create_producer, ensure_topics, started
 from shared.settings import XietongSettings, load_settings
+from shared.sharecli import share, subscribe
 
 T = TypeVar("T")
 
@@ -525,7 +526,7 @@ def publish(
     no_progress: bool,
 ) -> None:
     """Publish FILE (CSV, NDJSON or a JSON array) and summarise what was accepted and refused."""
-    from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs; the lead may add types-tqdm
+    from tqdm import tqdm
 
     fmt = fmt or FORMATS.get(file.suffix.lower())
     if fmt is None:
@@ -570,3 +571,8 @@ def publish(
         if len(outcome.refusals) > show:
             click.echo(f"  ... and {len(outcome.refusals) - show} more (--show N)")
         sys.exit(2)
+
+
+# Sharing agreements and subscriptions act with a tenant's key through the gateway.
+main.add_command(share)
+main.add_command(subscribe)

@@ -112,3 +112,13 @@ async def test_operator_subscribes_over_kafka_with_the_same_rule(settings: Xieto
         )
         assert result.exit_code == 0, (result.output, result.exception)
         assert Statistics.model_validate(decode(result.stdout.splitlines()[0])) == own
+
+
+def test_share_and_subscribe_are_commands_of_the_xietong_cli() -> None:
+    from click.testing import CliRunner
+
+    from shared.cli import main
+
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert {"share", "subscribe", "tenants", "keys", "publish"} <= set(main.commands)
