@@ -45,6 +45,7 @@ from services.ingest.intake import (
     Incoming,
     Intake,
     publish_intake,
+    validate_json_lines,
     validate_records,
 )
 from shared.codec import DecodeError, decode, encode, json_response
@@ -289,6 +290,8 @@ class Parsed:
     original_of: Callable[[int], bytes | str]
     format: str
     source_system: str = "http"
+    lines: list[tuple[int, bytes]] | None = None
+    """NDJSON: the non-blank lines (index, bytes), validated straight from their bytes."""
 
 
 def parse_json_array(body: bytes | bytearray) -> Parsed:
@@ -307,25 +310,27 @@ def parse_json_array(body: bytes | bytearray) -> Parsed:
     return Parsed(items, lambda index: encode(data[index]), "json")
 
 
+def split_ndjson(body: bytes | bytearray) -> Parsed:
+    """NDJSON as its non-blank lines, not decoded: :func:`validate_json_lines` validates each
+    straight from its bytes (and decodes only the ones it refuses, to say why)."""
+    lines = [
+        (index, line)
+        for index, line in enumerate(bytes(body).split(b"\n"))
+        if line and not line.isspace()
+    ]
+    return Parsed([], dict(lines).__getitem__, "ndjson", lines=lines)
+
+
 def parse_ndjson(body: bytes | bytearray) -> Parsed:
-    """One JSON event per line; a bad line is refused on its own, blank lines are skipped."""
-    view = memoryview(body)
-    spans: dict[int, tuple[int, int]] = {}
-    items: list[Incoming] = []
-    start, end, line = 0, len(body), 0
-    while start < end:
-        stop = body.find(b"\n", start)
-        stop = end if stop < 0 else stop
-        piece = view[start:stop]
+    """One JSON event per line, decoded; a bad line is refused on its own, blank lines skipped."""
+    parsed = split_ndjson(body)
+    for index, line in parsed.lines or ():
         try:
-            items.append(Incoming(line, b"", decode(piece)))
-            spans[line] = (start, stop)
+            parsed.items.append(Incoming(index, b"", decode(line)))
         except DecodeError as error:
-            if not bytes(piece).isspace() and len(piece):
-                items.append(Incoming(line, b"", None, f"invalid JSON: {error}"))
-                spans[line] = (start, stop)
-        start, line = stop + 1, line + 1
-    return Parsed(items, lambda index: bytes(body[spans[index][0] : spans[index][1]]), "ndjson")
+            parsed.items.append(Incoming(index, b"", None, f"invalid JSON: {error}"))
+    parsed.lines = None
+    return parsed
 
 
 def parse_csv_body(body: bytes | bytearray, request: web.Request, tenant: str) -> Parsed:
@@ -347,7 +352,7 @@ def parse_body(body: bytes | bytearray, request: web.Request, tenant: str) -> Pa
     if media in JSON_TYPES:
         return parse_json_array(body)
     if media in NDJSON_TYPES:
-        return parse_ndjson(body)
+        return split_ndjson(body)
     if media in CSV_TYPES:
         return parse_csv_body(body, request, tenant)
     known = ", ".join(sorted(JSON_TYPES | NDJSON_TYPES | CSV_TYPES))
@@ -378,7 +383,14 @@ async def post_events(request: web.Request) -> web.Response:
         raise RequestError(400, "the body is empty")
     parsed = parse_body(body, request, tenant.tenant)
     try:
-        intake = validate_records(parsed.items, tenant.tenant, source_system=parsed.source_system)
+        if parsed.lines is not None:
+            intake = validate_json_lines(
+                parsed.lines, tenant.tenant, source_system=parsed.source_system
+            )
+        else:
+            intake = validate_records(
+                parsed.items, tenant.tenant, source_system=parsed.source_system
+            )
     except ForeignTenant as error:
         raise RequestError(403, str(error), index=error.index) from None
     intake.refused = [
