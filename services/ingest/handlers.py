@@ -58,7 +58,6 @@ NDJSON_TYPES = frozenset(
     {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
 )
 CSV_TYPES = frozenset({"text/csv"})
-CHUNK_BYTES = 256 * 1024
 
 
 # --------------------------------------------------------------------------- answers (documented)
@@ -117,6 +116,22 @@ class GatewayMetrics:
     refused: Counter
     publish_seconds: Histogram
     round_requests: Histogram
+    _children: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def request_counter(self, route: str, method: str, status: int) -> Any:
+        """The child counter of these labels, looked up once (``labels()`` takes a lock)."""
+        key = ("requests", route, method, str(status))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(route, method, key[3])
+        return child
+
+    def accepted_counter(self, body_format: str) -> Any:
+        key = ("accepted", body_format)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.accepted.labels(body_format)
+        return child
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
@@ -269,13 +284,20 @@ def reason_label(reason: str) -> str:
 # --------------------------------------------------------------------------- reading and parsing
 
 
-async def read_body(request: web.Request, limit: int) -> bytearray:
+async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
     """The body as one buffer, refused with 413 as soon as it grows past ``limit`` bytes."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise RequestError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(CHUNK_BYTES):
+    stream = request.content
+    # Whatever has arrived already, in one piece; a body that arrived whole is not copied.
+    first = await stream.readany()
+    if len(first) > limit:
+        raise RequestError(413, f"body exceeds the limit of {limit} bytes")
+    if stream.at_eof():
+        return first
+    body = bytearray(first)
+    while chunk := await stream.readany():
         body += chunk
         if len(body) > limit:
             raise RequestError(413, f"body exceeds the limit of {limit} bytes")
@@ -416,7 +438,7 @@ async def post_events(request: web.Request) -> web.Response:
         ) from None
     metrics.publish_seconds.observe(time.perf_counter() - started)
 
-    metrics.accepted.labels(fmt).inc(len(intake.accepted))
+    metrics.accepted_counter(fmt).inc(len(intake.accepted))
     for refused in intake.refused:
         metrics.refused.labels(reason_label(refused.reason)).inc()
     return json_response(
@@ -451,9 +473,7 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
         status = error.status
         raise
     finally:
-        request.app[METRICS_KEY].requests.labels(
-            route_name(request), request.method, str(status)
-        ).inc()
+        request.app[METRICS_KEY].request_counter(route_name(request), request.method, status).inc()
 
 
 @web.middleware
