@@ -14,11 +14,12 @@ For JSON and NDJSON the type is per record, so a record of an unknown type or ve
 per-record refusal (``field: "type"``), not a 422: the other records of the request still go in.
 
 The body is read chunk by chunk into one buffer and the size limit is enforced while reading
-(413 as soon as it is exceeded, or at once when ``Content-Length`` says so). Records are parsed
-with orjson and validated in one pass; the accepted ones and the dead letters of the refused
-ones are published together and the answer (202) is sent only after Kafka acknowledged all of
-them (``acks=all``). The answer: ``{accepted, refused, refusals: [{index, field, reason}],
-request_id}``.
+(413 as soon as it is exceeded, or at once when ``Content-Length`` says so). NDJSON lines are
+validated straight from their bytes in Rust (:func:`~services.ingest.intake.validate_json_lines`;
+only a line that fails is decoded, to say why); JSON arrays are decoded with orjson and validated
+record by record. The accepted ones and the dead letters of the refused ones are published
+together and the answer (202) is sent only after Kafka acknowledged all of them (``acks=all``).
+The answer: ``{accepted, refused, refusals: [{index, field, reason}], request_id}``.
 """
 
 from __future__ import annotations
