@@ -30,7 +30,7 @@ mapping names another). A crash before the commit re-reads the batch; the ids ma
 
 Run::
 
-    python -m services.ingest.cdc --mapping deploy/mappings/acme-erp.yaml
+    python -m services.ingest.cdc --mapping deploy/mappings/acme-erp-postgres.yaml
 """
 
 from __future__ import annotations
