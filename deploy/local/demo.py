@@ -234,6 +234,7 @@ async def watch(
 
 async def run(args: argparse.Namespace) -> None:
     settings = load_settings()
+    RUN_DIR.mkdir(parents=True, exist_ok=True)  # a fresh clone has no .run/ yet
     await ensure_topics(settings, [spec.name for spec in TOPICS], compacted=COMPACTED_TOPICS)
     firms = make_firms(args.firms)
     keys = await register_firms(settings, firms)
