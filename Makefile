@@ -70,7 +70,7 @@ test-unit: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services shared schemas deploy bench
+	$(VENV)/bin/mypy services shared schemas deploy bench xietong
 
 format: setup
 	$(VENV)/bin/ruff format .

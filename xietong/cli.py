@@ -47,7 +47,7 @@ from schemas.topics import EVENTS_RAW, dlq
 from shared.control import ControlRegistry, ControlWriter, issue_api_key
 from shared.kafka import BatchPublisher, create_producer, ensure_topics, started
 from shared.settings import XietongSettings, load_settings
-from shared.sharecli import share, subscribe
+from xietong.share import share, subscribe
 
 T = TypeVar("T")
 

@@ -5,7 +5,7 @@ gateway is ``--url`` or ``XIETONG_URL``). ``subscribe --kafka TENANT`` is the op
 read the insight topics directly, filtered by the same sharing rule (Kafka ACLs are what keeps
 everyone else off the topics).
 
-To be added to the main group of :mod:`shared.cli`: ``main.add_command(share)`` and
+To be added to the main group of :mod:`xietong.cli`: ``main.add_command(share)`` and
 ``main.add_command(subscribe)``.
 """
 

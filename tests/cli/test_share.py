@@ -16,8 +16,8 @@ from click.testing import CliRunner, Result
 from schemas.insights import Statistics
 from shared.codec import decode
 from shared.settings import XietongSettings
-from shared.sharecli import describe_insight, parse_until, share, split_types, subscribe
 from tests.insight_helpers import benchmark, gateway_app, network, prediction, publish, statistics
+from xietong.share import describe_insight, parse_until, share, split_types, subscribe
 
 
 def test_until_accepts_a_date_or_a_timestamp_in_utc() -> None:
@@ -117,7 +117,7 @@ async def test_operator_subscribes_over_kafka_with_the_same_rule(settings: Xieto
 def test_share_and_subscribe_are_commands_of_the_xietong_cli() -> None:
     from click.testing import CliRunner
 
-    from shared.cli import main
+    from xietong.cli import main
 
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0

@@ -20,11 +20,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from schemas.topics import EVENTS_RAW, dlq
-from shared.cli import main
 from shared.control import ControlRegistry, new_id
 from shared.settings import XietongSettings
 from tests.factories import sales_event
 from tests.ingest.test_gateway import read_topic
+from xietong.cli import main
 
 pytestmark = pytest.mark.integration
 
