@@ -269,7 +269,12 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m deploy.local.demo", description=__doc__)
-    parser.add_argument("--firms", type=int, default=8, help="simulated partner firms")
+    parser.add_argument(
+        "--firms",
+        type=int,
+        default=15,
+        help="simulated partner firms (5+ per industry for benchmarks)",
+    )
     parser.add_argument(
         "--rate", type=float, default=400, help="events per second, all firms together"
     )

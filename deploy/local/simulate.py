@@ -65,7 +65,9 @@ def make_firms(count: int = 8, seed: int = 7) -> list[Firm]:
                 tenant=f"{industry[:5]}-{i:02d}",
                 name=f"{industry.title()} Works {i:02d}",
                 industry=industry,
-                region=REGIONS[(i // len(industries)) % len(REGIONS)],
+                # Five firms of each industry per region before the next region opens: a
+                # benchmark needs at least five firms of one industry and region.
+                region=REGIONS[(i // (len(industries) * 5)) % len(REGIONS)],
                 size=round(rng.uniform(0.5, 3.0), 2),
                 price_level=round(rng.uniform(0.8, 1.25), 3),
             )
