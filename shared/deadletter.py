@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from aiokafka import ConsumerRecord
 from pydantic import ValidationError
@@ -89,24 +89,48 @@ def split_valid_events(
                 raise TypeError("an event must be a JSON object")
             good.append((record, validate_event(data)))
         except ValidationError as error:
-            bad.append(_refuse(record, service, "invalid event", field_errors(error)))
+            bad.append(
+                record_dead_letter(
+                    record, "invalid event", service=service, errors=field_errors(error)
+                )
+            )
         except (DecodeError, TypeError, UnknownEventType) as error:
-            bad.append(_refuse(record, service, str(error)))
+            bad.append(record_dead_letter(record, str(error), service=service))
     return good, bad
 
 
-def _refuse(
-    record: ConsumerRecord[bytes, bytes],
-    service: str,
+class ConsumedRecord(Protocol):
+    """What a dead letter needs of a consumed Kafka record (aiokafka's ConsumerRecord has it)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+def record_dead_letter(
+    record: ConsumedRecord,
     reason: str,
+    *,
+    service: str,
     errors: Sequence[FieldError] = (),
+    tenant: str | None = None,
 ) -> DeadLetter:
+    """The dead letter of a consumed record: its bytes and coordinates; tenant from its key."""
+    if tenant is None and record.key:
+        tenant = record.key.decode("utf-8", "replace")
     return dead_letter(
         record.value or b"",
         reason,
         errors=errors,
         service=service,
-        tenant=record.key.decode("utf-8", "replace") if record.key else None,
+        tenant=tenant,
         source_topic=record.topic,
         source_partition=record.partition,
         source_offset=record.offset,

@@ -71,7 +71,7 @@ from services.analytics.settings import AnalyticsSettings, load_analytics_settin
 from services.analytics.windows import PartitionWindows, Window, WindowEvent
 from shared.codec import decode, encode
 from shared.control import ControlRegistry
-from shared.deadletter import dead_letter, dead_letter_record
+from shared.deadletter import dead_letter_record, record_dead_letter
 from shared.kafka import (
     Batch,
     BatchPublisher,
@@ -218,14 +218,8 @@ class FirmWindows:
                     event = parse_clean_event(record.offset, record.value)
                 except (ValueError, TypeError) as error:
                     state.next_offset = record.offset + 1
-                    letter = dead_letter(
-                        record.value or b"",
-                        f"unreadable clean event: {error}",
-                        service=SERVICE,
-                        tenant=record.key.decode(errors="replace") if record.key else None,
-                        source_topic=tp.topic,
-                        source_partition=tp.partition,
-                        source_offset=record.offset,
+                    letter = record_dead_letter(
+                        record, f"unreadable clean event: {error}", service=SERVICE
                     )
                     out[dlq(self.source)].append(dead_letter_record(letter))
                     DEAD_LETTERS.inc()

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import ValidationError
@@ -54,7 +54,7 @@ from schemas.events import PAYLOADS, UnknownEventType, model_for
 from schemas.insights import FieldError
 from services.clean.settings import CleanSettings
 from shared.codec import DecodeError, decode, encode
-from shared.deadletter import dead_letter, dead_letter_record, field_errors
+from shared.deadletter import ConsumedRecord, dead_letter_record, field_errors, record_dead_letter
 from shared.kafka import OutRecord
 
 SERVICE = "clean"
@@ -440,19 +440,8 @@ class CleanState:
 # --------------------------------------------------------------------------- the batch
 
 
-class RawRecord(Protocol):
-    """What :func:`clean_batch` reads of a consumed record (aiokafka's ``ConsumerRecord``)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
+RawRecord = ConsumedRecord
+"""What :func:`clean_batch` reads of a consumed record (aiokafka's ``ConsumerRecord``)."""
 
 
 @dataclass
@@ -473,19 +462,8 @@ class CleanedBatch:
 def _dead_letter(
     record: RawRecord, reason: str, errors: Sequence[FieldError] = (), tenant: str | None = None
 ) -> OutRecord:
-    if tenant is None and record.key:
-        tenant = record.key.decode("utf-8", "replace")
     return dead_letter_record(
-        dead_letter(
-            record.value or b"",
-            reason,
-            service=SERVICE,
-            errors=errors,
-            tenant=tenant,
-            source_topic=record.topic,
-            source_partition=record.partition,
-            source_offset=record.offset,
-        )
+        record_dead_letter(record, reason, service=SERVICE, errors=errors, tenant=tenant)
     )
 
 

@@ -20,6 +20,7 @@ from deploy.local.infra import free_port
 from shared.kafka import ensure_topics
 from shared.settings import XietongSettings
 from tests.analytics.test_app import HOUR, W0, firm_events, publish, ticks
+from tests.processes import wait_until_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,16 +55,7 @@ async def test_the_service_runs_reports_health_and_metrics_and_stops_on_sigterm(
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(60):
-                while True:
-                    assert process.returncode is None, "the service exited"
-                    try:
-                        async with session.get(f"{url}/readyz") as response:
-                            if response.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        pass
-                    await asyncio.sleep(0.2)
+            await wait_until_ready(session, url, process)
 
             tenant = f"main-{uuid.uuid4().hex[:8]}"
             sent = firm_events(tenant, random.Random(1), 10.0, 5.0, 100.0)

@@ -18,26 +18,11 @@ from shared.kafka import BatchPublisher, OutRecord, create_producer, ensure_topi
 from shared.settings import XietongSettings
 from tests.clean.test_app import read_all
 from tests.factories import sales_event
+from tests.processes import wait_until_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def wait_until_ready(
-    session: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process
-) -> None:
-    async with asyncio.timeout(60):
-        while True:
-            if process.returncode is not None:
-                raise AssertionError(f"the service exited with {process.returncode}")
-            try:
-                async with session.get(f"{url}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.2)
 
 
 async def test_the_service_runs_reports_health_and_metrics_and_stops_on_sigterm(
