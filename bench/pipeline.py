@@ -96,6 +96,12 @@ def _rows(options: Options) -> dict[str, Row]:
             "ingest gateway / naive gateway that parses NDJSON and produces (records/s)",
             events=n,
         ),
+        "R4.ceiling": Row(
+            "R4.ceiling",
+            "pass-through gateway (checks nothing, publishes acks=all) / bare aiohttp 202 "
+            "(records/s)",
+            events=n,
+        ),
         "R5.p50": Row(
             "R5.p50",
             "HTTP->clean latency p50 at half capacity / 2 x raw hop (ms)",
@@ -135,7 +141,9 @@ async def pipeline_rows(settings: XietongSettings, options: Options, say: Progre
         try:
             await gateway_row(rows, settings, options, say, keys, workdir)
         except Exception as error:
-            _unavailable(rows, ["R4", "R4.naive"], f"{type(error).__name__}: {error}", "error")
+            _unavailable(
+                rows, ["R4", "R4.naive", "R4.ceiling"], f"{type(error).__name__}: {error}", "error"
+            )
         if missing:
             reason = f"services.{', services.'.join(missing)} not there yet"
             _unavailable(rows, list(rows), reason, "not available")
@@ -301,11 +309,14 @@ async def gateway_row(
     keys: dict[str, str],
     workdir: Path,
 ) -> None:
-    """R4, and for information the same gateway against a naive one that parses and produces."""
-    target = unique_topic("naive-gateway")
-    await create_topics(settings, [target], partitions=options.partitions, append_time=False)
+    """R4, and for information the same gateway against a naive one that parses and produces,
+    and what a gateway that checks nothing reaches against the bare handler (the ceiling)."""
+    target, passed = unique_topic("naive-gateway"), unique_topic("passthrough-gateway")
+    await create_topics(
+        settings, [target, passed], partitions=options.partitions, append_time=False
+    )
     ingest, ingest_port = start_service("ingest", settings, workdir)
-    bare_port, naive_port = free_port(), free_port()
+    bare_port, naive_port, ceiling_port = free_port(), free_port(), free_port()
     bare = start_raw("bare-gateway", ["gateway", "--port", str(bare_port)], settings, workdir)
     naive = start_raw(
         "naive-gateway",
@@ -313,16 +324,20 @@ async def gateway_row(
         settings,
         workdir,
     )
-    samples: dict[str, list[float]] = {"ingest": [], "bare": [], "naive": []}
-    with stopping([ingest, bare, naive]):
-        await wait_for_port(ingest, ingest_port)
-        await wait_for_port(bare, bare_port)
-        await wait_for_port(naive, naive_port)
-        urls = {
-            "ingest": f"http://127.0.0.1:{ingest_port}/v1/events",
-            "bare": f"http://127.0.0.1:{bare_port}/v1/events",
-            "naive": f"http://127.0.0.1:{naive_port}/v1/events",
-        }
+    ceiling = start_raw(
+        "passthrough-gateway",
+        ["gateway", "--port", str(ceiling_port), "--target", passed, "--passthrough"],
+        settings,
+        workdir,
+    )
+    samples: dict[str, list[float]] = {"ingest": [], "bare": [], "naive": [], "ceiling": []}
+    with stopping([ingest, bare, naive, ceiling]):
+        ports = {"ingest": ingest_port, "bare": bare_port, "naive": naive_port}
+        ports["ceiling"] = ceiling_port
+        children = {"ingest": ingest, "bare": bare, "naive": naive, "ceiling": ceiling}
+        for side, port in ports.items():
+            await wait_for_port(children[side], port)
+        urls = {side: f"http://127.0.0.1:{port}/v1/events" for side, port in ports.items()}
         # Rotating the three sides is what bench.harness._rotate does; inlined to avoid a cycle.
         sides = list(urls)
         for round_no in range(options.warmup + options.repeats):
@@ -336,7 +351,8 @@ async def gateway_row(
                 rates[side] = result.rate
             say(
                 f"gateway round {round_no}: ingest {rates['ingest']:,.0f} "
-                f"bare {rates['bare']:,.0f} naive {rates['naive']:,.0f} records/s"
+                f"bare {rates['bare']:,.0f} naive {rates['naive']:,.0f} "
+                f"pass-through {rates['ceiling']:,.0f} records/s"
             )
             if round_no >= options.warmup:
                 for side, rate in rates.items():
@@ -349,6 +365,12 @@ async def gateway_row(
         Side("naive gateway: json + AIOKafkaProducer.send", "records/s", samples["naive"]),
     )
     rows["R4.naive"].status = "info"
+    paired(
+        rows["R4.ceiling"],
+        Side("pass-through gateway: split lines + BatchPublisher", "records/s", samples["ceiling"]),
+        Side("bare aiohttp 202", "records/s", samples["bare"]),
+    )
+    rows["R4.ceiling"].status = "info"
 
 
 # --------------------------------------------------------------------------- R2, R5, RSS

@@ -31,6 +31,7 @@ ROW_KEYS = (
     "R3",
     "R4",
     "R4.naive",
+    "R4.ceiling",
     "R5.p50",
     "R5.p99",
     "rss.ingest",

@@ -417,7 +417,12 @@ async def _publish_direct(
     # The CLI reuses the gateway's parsers and intake (imported here, not at start-up: the
     # operator commands need none of it).
     from services.ingest.csvmap import CsvError, parse_csv
-    from services.ingest.handlers import RequestError, parse_json_array, parse_ndjson
+    from services.ingest.handlers import (
+        RequestError,
+        parse_json_array,
+        split_ndjson,
+        validate_parsed,
+    )
     from services.ingest.intake import ForeignTenant, publish_intake, validate_records
 
     registry = await loaded_registry(settings)
@@ -439,11 +444,12 @@ async def _publish_direct(
                     items = parse_csv(chunk.body, tenant, type_name, version)
                     originals = {item.index: item.original for item in items}
                     original_of: Callable[[int], bytes | str] = originals.__getitem__
-                    system = "csv"
+                    intake = validate_records(items, tenant, source_system="csv")
                 else:
-                    parsed = (parse_ndjson if fmt == "ndjson" else parse_json_array)(chunk.body)
-                    items, original_of, system = parsed.items, parsed.original_of, "cli"
-                intake = validate_records(items, tenant, source_system=system)
+                    parsed = (split_ndjson if fmt == "ndjson" else parse_json_array)(chunk.body)
+                    parsed.source_system = "cli"
+                    original_of = parsed.original_of
+                    intake = validate_parsed(parsed, tenant)
             except (CsvError, RequestError) as error:
                 raise click.ClickException(str(error)) from None
             except ForeignTenant as error:

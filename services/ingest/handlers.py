@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -318,7 +319,23 @@ class Parsed:
 
 
 def parse_json_array(body: bytes | bytearray) -> Parsed:
-    """A JSON array of events (400 if the body is not JSON or not an array)."""
+    """A JSON array of events (400 if the body is not JSON or not an array), as the JSON text of
+    each element: validated straight from it like an NDJSON line."""
+    try:
+        elements: list[bytes] = [bytes(element) for element in JSON_ARRAY.decode(body)]
+    except (msgspec.DecodeError, RecursionError):
+        # Says precisely what is wrong; should orjson read what msgspec did not, use that.
+        elements = [encode(record) for record in _json_array(body)]
+    lines = list(enumerate(elements))
+    return Parsed([], dict(lines).__getitem__, "json", lines=lines)
+
+
+JSON_ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
+"""A JSON array as the undecoded text of each element."""
+
+
+def _json_array(body: bytes | bytearray) -> list[Any]:
+    """The body decoded, or 400 with what is wrong: not JSON, or JSON but not an array."""
     try:
         data = decode(body)
     except DecodeError as error:
@@ -328,9 +345,7 @@ def parse_json_array(body: bytes | bytearray) -> Parsed:
             400,
             f"the body must be a JSON array of events, not a JSON {type(data).__name__}",
         )
-    # The original of a record is only needed if it is refused: encode it then.
-    items = [Incoming(index, b"", record) for index, record in enumerate(data)]
-    return Parsed(items, lambda index: encode(data[index]), "json")
+    return data
 
 
 def split_ndjson(body: bytes | bytearray) -> Parsed:
@@ -342,18 +357,6 @@ def split_ndjson(body: bytes | bytearray) -> Parsed:
         if line and not line.isspace()
     ]
     return Parsed([], dict(lines).__getitem__, "ndjson", lines=lines)
-
-
-def parse_ndjson(body: bytes | bytearray) -> Parsed:
-    """One JSON event per line, decoded; a bad line is refused on its own, blank lines skipped."""
-    parsed = split_ndjson(body)
-    for index, line in parsed.lines or ():
-        try:
-            parsed.items.append(Incoming(index, b"", decode(line)))
-        except DecodeError as error:
-            parsed.items.append(Incoming(index, b"", None, f"invalid JSON: {error}"))
-    parsed.lines = None
-    return parsed
 
 
 def parse_csv_body(body: bytes | bytearray, request: web.Request, tenant: str) -> Parsed:
@@ -382,6 +385,14 @@ def parse_body(body: bytes | bytearray, request: web.Request, tenant: str) -> Pa
     raise RequestError(415, f"unsupported content type {media!r}; use one of: {known}")
 
 
+def validate_parsed(parsed: Parsed, tenant: str) -> Intake:
+    """Validate a parsed body for ``tenant``: lines from their bytes, CSV rows as decoded.
+    Raises :class:`~services.ingest.intake.ForeignTenant`."""
+    if parsed.lines is not None:
+        return validate_json_lines(parsed.lines, tenant, source_system=parsed.source_system)
+    return validate_records(parsed.items, tenant, source_system=parsed.source_system)
+
+
 def refusals_of(intake: Intake) -> list[dict[str, Any]]:
     return [
         {"index": refused.index, "field": error.field, "reason": error.reason}
@@ -406,14 +417,7 @@ async def post_events(request: web.Request) -> web.Response:
         raise RequestError(400, "the body is empty")
     parsed = parse_body(body, request, tenant.tenant)
     try:
-        if parsed.lines is not None:
-            intake = validate_json_lines(
-                parsed.lines, tenant.tenant, source_system=parsed.source_system
-            )
-        else:
-            intake = validate_records(
-                parsed.items, tenant.tenant, source_system=parsed.source_system
-            )
+        intake = validate_parsed(parsed, tenant.tenant)
     except ForeignTenant as error:
         raise RequestError(403, str(error), index=error.index) from None
     intake.refused = [

@@ -9,14 +9,13 @@ The tenant always comes from the credentials: a record naming another tenant rai
 :class:`ForeignTenant` (the gateway answers 403 for the whole request), a record naming none is
 stamped with the caller's.
 
-Speed: a record is first validated in one pass in Rust against :data:`EVENT_ADAPTER`, a
-discriminated union of every contract (on ``type``, then ``schema_version``);
-:func:`validate_json_lines` does that straight from a record's JSON bytes, without decoding it to
-a dict first. Only a record that fails this (or names no tenant or source, which must be stamped)
-takes the precise path — decoded with orjson, stamped, validated against ``model_for(type,
-version)`` — so its refusal says exactly what it said before. Both paths accept the same records
-with two exceptions of the fast one: ``schema_version`` ``1.0`` counts as ``1`` (as the contract's
-JSON Schema ``const`` does) and a tenant is compared after the contract strips its whitespace.
+Speed: :func:`validate_json_lines` first checks a record straight from its JSON bytes with
+:func:`schemas.fast.fast_event` (msgspec mirrors of the contracts, ~4 us instead of ~12 us),
+and an accepted record goes to Kafka as the bytes the partner sent (the raw topic is what was
+sent; clean parses it with the contract). Only a record the mirror does not accept (it is
+stricter than the contract, never looser) takes the precise path: decoded with orjson, stamped
+with tenant and source where missing, validated against ``model_for(type, version)``, and sent
+as the contract serialises it; a refusal says what the contract says.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field, TypeAdapter, ValidationError
 
 from schemas.events import EVENT_MODELS, EventEnvelope, UnknownEventType, model_for
+from schemas.fast import fast_event
 from schemas.insights import FieldError
 from schemas.topics import EVENTS_RAW, dlq
 from shared.codec import DecodeError, decode
@@ -85,7 +85,8 @@ class Refused:
 class Intake:
     """The outcome of validating one batch."""
 
-    accepted: list[EventEnvelope] = field(default_factory=list)
+    accepted: list[bytes] = field(default_factory=list)
+    """The JSON of each accepted record, as it goes to the raw topic."""
     refused: list[Refused] = field(default_factory=list)
 
 
@@ -129,18 +130,12 @@ def validate_json_lines(
     """
     result = Intake()
     accepted = result.accepted
-    validate_json = EVENT_ADAPTER.validator.validate_json  # the Rust validator, no wrapper
     misses = 0
     for index, line in lines:
         if misses < FAST_PATH_MISSES:
-            try:
-                event = validate_json(line)
-            except ValidationError:
-                pass
-            else:
-                if event.tenant == tenant:
-                    accepted.append(event)
-                    continue
+            if fast_event(line, tenant) is not None:
+                accepted.append(line)
+                continue
             misses += 1
         try:
             data = decode(line)
@@ -177,14 +172,14 @@ def _validate_dict(
     if "source" not in data:
         data = {**data, "source": {"system": source_system}}
     try:
-        result.accepted.append(EVENT_ADAPTER.validate_python(data))
-        return
+        event = EVENT_ADAPTER.validate_python(data)
     except ValidationError:
         pass  # the union's errors name the union's tags: ask the pair's model for the reasons
+    else:
+        result.accepted.append(_json_of(event))
+        return
     try:
-        result.accepted.append(
-            model_for(data.get("type"), data.get("schema_version")).model_validate(data)
-        )
+        event = model_for(data.get("type"), data.get("schema_version")).model_validate(data)
     except UnknownEventType as error:
         result.refused.append(
             Refused(
@@ -193,6 +188,13 @@ def _validate_dict(
         )
     except ValidationError as error:
         result.refused.append(Refused(index, field_errors(error), original))
+    else:
+        result.accepted.append(_json_of(event))
+
+
+def _json_of(event: EventEnvelope) -> bytes:
+    # Each model serialises itself in Rust: no dict, no second pass.
+    return type(event).__pydantic_serializer__.to_json(event)
 
 
 async def publish_intake(
@@ -200,11 +202,7 @@ async def publish_intake(
 ) -> None:
     """Accepted -> raw topic, refused -> its dead-letter topic; all acknowledged on return."""
     key = tenant.encode()
-    # Each model serialises itself in Rust: no dict, no second pass.
-    accepted = [
-        OutRecord(key, type(event).__pydantic_serializer__.to_json(event))
-        for event in intake.accepted
-    ]
+    accepted = [OutRecord(key, value) for value in intake.accepted]
     letters = [
         dead_letter_record(
             dead_letter(

@@ -13,7 +13,13 @@ from services.ingest.csvmap import (
     parse_csv,
     resolve_type,
 )
-from services.ingest.handlers import RequestError, parse_json_array, parse_ndjson, reason_label
+from services.ingest.handlers import (
+    RequestError,
+    parse_json_array,
+    reason_label,
+    split_ndjson,
+    validate_parsed,
+)
 from services.ingest.intake import validate_records
 
 HEADER = "occurred_at,order_id,customer_id,product_sku,quantity"
@@ -114,15 +120,17 @@ def test_csv_that_is_not_utf8_or_not_csv_refuses_the_request() -> None:
 
 def test_ndjson_indices_are_line_numbers_and_originals_come_back_byte_for_byte() -> None:
     body = bytearray(b'{"a": 1}\r\n\n  \n[1, 2]\n{broken\n"\xe4\xb8\xad"')
-    parsed = parse_ndjson(body)
-    assert [(i.index, i.data, i.error is None) for i in parsed.items] == [
-        (0, {"a": 1}, True),
-        (3, [1, 2], True),
-        (4, None, False),
-        (5, "中", True),
-    ]
+    parsed = split_ndjson(body)
+    assert [index for index, _ in parsed.lines or ()] == [0, 3, 4, 5]
     assert parsed.original_of(4) == b"{broken"
     assert parsed.original_of(0) == b'{"a": 1}\r'
+    intake = validate_parsed(parsed, "acme")
+    assert [(r.index, r.reason) for r in intake.refused] == [
+        (0, "unknown event type"),
+        (3, "a record must be a JSON object"),
+        (4, "invalid JSON: unexpected character, expected a string key: line 1 column 2 (char 1)"),
+        (5, "a record must be a JSON object"),
+    ]
 
 
 def test_a_json_body_must_be_an_array_and_elements_keep_their_content() -> None:
@@ -133,6 +141,9 @@ def test_a_json_body_must_be_an_array_and_elements_keep_their_content() -> None:
         parse_json_array(b"[1,")
     parsed = parse_json_array(b'[{"x": "\xe4\xb8\xad"}, 2]')
     assert orjson.loads(parsed.original_of(0)) == {"x": "中"}
+    deep = b"[" * 5000 + b"]" * 5000  # deeper than either JSON reader goes: 400, not 500
+    with pytest.raises(RequestError, match="not valid JSON"):
+        parse_json_array(deep)
 
 
 def test_metric_labels_for_refusal_reasons_are_bounded() -> None:

@@ -1,0 +1,202 @@
+"""The msgspec mirrors of the contracts (schemas.fast) are never looser than the contracts.
+
+Every field of a valid event of every type is replaced, one at a time, by values the contracts
+and msgspec could disagree on (whitespace, lax numbers, infinities, naive times, wrong types ...),
+or removed, or joined by an unknown field. Whatever the mirror accepts, the contract must accept
+too; and the mirror must accept the valid events themselves, or the fast path is not one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from deploy.local.simulate import firm_events, make_firms
+from schemas.events import PAYLOADS, validate_event
+from schemas.fast import FAST_EVENTS, NEEDS_CONTRACT, fast_event
+
+TENANT = "acme"
+
+HAND_MADE = {
+    "purchase_order": {
+        "po_id": "PO-1",
+        "line_no": 2,
+        "supplier_id": "S-9",
+        "product_sku": "BOLT-M8",
+        "quantity": 100,
+        "unit": "pcs",
+        "unit_price": 0.5,
+        "currency": "CNY",
+        "promised_date": "2026-12-01",
+    },
+    "supplier_delivery": {
+        "po_id": "PO-1",
+        "supplier_id": "S-9",
+        "product_sku": "BOLT-M8",
+        "delivered_quantity": 90,
+        "unit": "pcs",
+        "rejected_quantity": 2.5,
+        "promised_date": "2026-12-01",
+        "delivered_date": "2026-12-03",
+    },
+}
+
+# Values the two validators might read differently; JSON text, so infinities can be written.
+SUSPECTS = [
+    "null",
+    '""',
+    '"  "',
+    '" x"',
+    '"x "',
+    '"\\u3000"',
+    '"\\t"',
+    '"\\u00a0x"',
+    '"\\u3000\\u3000"',
+    '"\\ud800"',
+    '"\\ud83d\\ude00"',
+    '"中"',
+    "0",
+    "-1",
+    "-0.0",
+    "1",
+    "1.0",
+    "1.5",
+    '"1"',
+    '"1.5"',
+    "1e999",
+    "-1e999",
+    "1e308",
+    "9223372036854775808",
+    "true",
+    "[]",
+    "{}",
+    '"ABC"',
+    '"abc"',
+    '"ABC "',
+    '"2026-11-01"',
+    '"2026-11-01T08:00:00"',
+    '"2026-11-01T08:00:00Z"',
+    '"2026-11-01T08:00:00+08:00"',
+    '"2026-11-01 08:00:00+08:00"',
+    '"2026-11-01T08:00:00.1234567Z"',
+    '"2026-11-01t08:00:00z"',
+    '"2026-13-01T08:00:00Z"',
+    "1700000000",
+    '"20261101"',
+    '"00000000-0000-0000-0000-000000000000"',
+    '"{12345678-1234-5678-1234-567812345678}"',
+    '"12345678123456781234567812345678"',
+    '"urn:uuid:12345678-1234-5678-1234-567812345678"',
+    '"create"',
+    '"delete"',
+    '"zh"',
+    '"news"',
+    '"sales_order_line"',
+]
+
+
+def valid_events() -> list[dict[str, Any]]:
+    """One event of every type, each with every optional field it has in the simulator."""
+    seen: dict[str, dict[str, Any]] = {}
+    for firm in make_firms(6):
+        for event in itertools.islice(firm_events(firm), 300):
+            seen.setdefault(event["type"], event)
+    template = next(iter(seen.values()))
+    for type_name, payload in HAND_MADE.items():
+        seen[type_name] = {**template, "type": type_name, "payload": payload}
+    events = [
+        {**event, "tenant": TENANT, "event_id": str(uuid.uuid4()), "corrects": None}
+        for event in seen.values()
+    ]
+    assert {event["type"] for event in events} == {name for name, _ in PAYLOADS}
+    return events
+
+
+def paths(value: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield (*prefix, key)
+            yield from paths(child, (*prefix, key))
+
+
+MARK = "\x00suspect\x00"
+
+
+def with_value(event: dict[str, Any], path: tuple[str, ...], text: str | None) -> bytes:
+    """The event's JSON with the value at ``path`` replaced by the JSON ``text`` (or removed)."""
+    copy = json.loads(json.dumps(event))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    if text is None:
+        del target[path[-1]]
+        return orjson.dumps(copy)
+    target[path[-1]] = MARK
+    return orjson.dumps(copy).replace(orjson.dumps(MARK), text.encode())
+
+
+def contract_accepts(line: bytes) -> bool:
+    try:
+        event = validate_event(orjson.loads(line))
+    except (ValidationError, orjson.JSONDecodeError, ValueError):
+        return False
+    return event.tenant == TENANT
+
+
+def mutations() -> Iterator[tuple[str, bytes]]:
+    for event in valid_events():
+        for path in paths(event):
+            name = f"{event['type']}:{'.'.join(path)}"
+            yield f"{name} removed", with_value(event, path, None)
+            for text in SUSPECTS:
+                yield f"{name}={text}", with_value(event, path, text)
+        yield f"{event['type']} extra field", orjson.dumps({**event, "extra": 1})
+        yield (
+            f"{event['type']} extra payload field",
+            orjson.dumps({**event, "payload": {**event["payload"], "extra": 1}}),
+        )
+        yield f"{event['type']} spaced", json.dumps(event, ensure_ascii=False).encode()
+        yield f"{event['type']} ascii", json.dumps(event).encode()
+
+
+def test_the_mirror_accepts_every_valid_event_as_sent() -> None:
+    for event in valid_events():
+        for line in (orjson.dumps(event), json.dumps(event, separators=(",", ":")).encode()):
+            assert fast_event(line, TENANT) is not None, line
+
+
+def test_whatever_the_mirror_accepts_the_contract_accepts() -> None:
+    looser = []
+    checked = accepted = 0
+    for name, line in mutations():
+        checked += 1
+        if fast_event(line, TENANT) is not None:
+            accepted += 1
+            if not contract_accepts(line):
+                looser.append(name)
+    assert not looser, f"the mirror accepts what the contract refuses: {looser[:20]}"
+    assert checked > 2000 and accepted > 300  # the corpus exercises both outcomes
+
+
+def test_the_mirror_refuses_another_tenant_even_when_valid() -> None:
+    event = valid_events()[0]
+    assert fast_event(orjson.dumps(event), "rival") is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [': " x"', ':"\\u3000"', ': "\\t"', ':"\\u00A0"', ':"\\n"', ':"\u2003"'],
+)
+def test_a_value_starting_with_whitespace_goes_to_the_contract(text: str) -> None:
+    assert NEEDS_CONTRACT.search(text.encode()) is not None
+
+
+def test_every_event_type_has_a_mirror() -> None:
+    assert set(FAST_EVENTS) == {name for name, _ in PAYLOADS}
