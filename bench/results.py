@@ -44,6 +44,7 @@ LIBRARIES = (
     "aiokafka",
     "confluent-kafka",
     "orjson",
+    "msgspec",
     "aiohttp",
     "pydantic",
     "pandas",
