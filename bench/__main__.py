@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short run to see that it works")
     parser.add_argument("--output", type=Path, help="results file (default bench/results.json)")
     parser.add_argument(
-        "--no-readme", action="store_true", help="do not rewrite the table in bench/README.md"
+        "--no-readme",
+        action="store_true",
+        help="do not rewrite the table in bench/README.md and README.md",
     )
     args = parser.parse_args(argv)
     options = Options.quick() if args.quick else Options()
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     document = run(options)
     if not args.no_readme:
         write_readme(README, document)
+        write_readme(README.parent.parent / "README.md", document, append=False)
     return 0
 
 

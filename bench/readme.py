@@ -29,14 +29,16 @@ def results_section(document: dict[str, Any]) -> str:
     )
 
 
-def write_readme(path: Path, document: dict[str, Any]) -> None:
-    """Replace the section between the markers (or append one)."""
+def write_readme(path: Path, document: dict[str, Any], *, append: bool = True) -> None:
+    """Replace the section between the markers (or append one, unless ``append`` is False)."""
     section = results_section(document)
     text = path.read_text() if path.exists() else ""
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         tail = rest.split(END, 1)[1]
         text = head + section + tail
-    else:
+    elif append:
         text = text.rstrip() + ("\n\n" if text else "") + section + "\n"
+    else:
+        return
     path.write_text(text)

@@ -244,7 +244,10 @@ class EventEnvelope(Contract):
     occurred_at: AwareDatetime = Field(description="Event time with its UTC offset (RFC 3339).")
     source: Source = Field(description="Originating system and record.")
     corrects: UUID | None = Field(
-        None, description="The event this one corrects (an ERP update or delete), if any."
+        None,
+        description="The row this event restates, if any: the id of the event it corrects, or "
+        "(ERP change data) the id every change of the same database row names. An update "
+        "replaces that row, a delete removes it, a create puts it back.",
     )
     payload: Any = Field(description="The typed payload; its model depends on type and version.")
 

@@ -142,8 +142,9 @@ def parse_clean_event(offset: int, value: bytes | None) -> WindowEvent:
         schema_version=version,
         metrics=clean,
         event_id=str(data.get("event_id") or ""),
-        corrects=str(corrects) if corrects and operation in ("update", "delete") else None,
+        corrects=str(corrects) if corrects else None,
         deleted=operation == "delete",
+        update=operation == "update",
     )
 
 

@@ -6,10 +6,11 @@ Each source partition keeps its own *stream time* (the largest event time it has
 window is already closed is *late*: it is counted and dropped, never emitted as a revision, so a
 window's insights are final once published.
 
-Corrections (an ERP update or delete: ``source.operation`` update/delete with ``corrects`` set)
-are not new observations: an update replaces the row of the event it corrects, a delete removes
-it, in every open window that holds it. A correction of a row whose window has closed is late,
-like any late event: counted and dropped.
+Corrections are not new observations. An event with ``corrects`` set stands for the row that
+``corrects`` names (an earlier event, or a row id that every change of an ERP row names): an
+update replaces that row in every open window that holds it, a delete removes it, and a create
+puts it in (replacing it, should the same row be there already). An update of a row whose window
+has closed is late, like any late event: counted and dropped.
 
 Restart safety without a state store: the state of a partition is a pure function of its events
 from the first offset of its oldest open window on, plus its stream time at that moment.
@@ -41,6 +42,8 @@ class WindowEvent:
     event_id: str = ""
     corrects: str | None = None
     deleted: bool = False
+    update: bool = False
+    """An update: without its row in an open window it is late (the row's window closed)."""
 
     @property
     def row_id(self) -> str:
@@ -117,7 +120,7 @@ class PartitionWindows:
             replaced = self._take_out(event.corrects)
             if event.deleted:
                 return []
-            if not replaced:  # its original is in a closed window (or was never seen): late
+            if event.update and not replaced:  # its row's window closed (or it was never seen)
                 return list(self.sizes_s) if event.metrics else []
         if not event.metrics:
             return []

@@ -13,16 +13,17 @@ original change event, the reason and ``source_ref = "<topic>[<partition>]#<offs
 
 Identity and corrections, computed without any state:
 
-- a create (``op=c``) or snapshot read (``op=r``) gets ``event_id = uuid5(tenant, table, primary
-  key)`` — the *origin id* of the record;
-- an update (``u``) or delete (``d``) gets ``event_id = uuid5(tenant, table, primary key, op, log
-  position)`` (PostgreSQL ``lsn``, MySQL binlog ``file:pos:row``, else the commit ``ts_ms``) and
-  ``corrects = origin id``; a delete carries the ``before`` image (PostgreSQL needs
-  ``REPLICA IDENTITY FULL`` on the table for that image to hold more than the key).
+- every change gets ``event_id = uuid5(tenant, table, primary key, op, log position)``
+  (PostgreSQL ``lsn``, MySQL binlog ``file:pos:row``, else the commit ``ts_ms``): one id per
+  change, the same when Debezium delivers it again;
+- every change names its row in ``corrects``: the *row id* ``uuid5(tenant, table, primary key)``
+  (:func:`row_id`). Analytics keeps one row per row id: a create or snapshot read puts it in,
+  an update replaces it, a delete takes it out; a delete carries the ``before`` image
+  (PostgreSQL needs ``REPLICA IDENTITY FULL`` on the table for it to hold more than the key).
 
 So a change Debezium delivers twice is the same event both times, and the clean service's
-``event_id`` de-duplication drops the second. Known limit: a row deleted and later re-inserted with
-the same primary key gets the same origin id as the first insert.
+``event_id`` de-duplication drops the second; a row deleted and inserted again with the same key
+is a new change (another log position), so it counts again.
 
 Delivery: at least once. ``getmany`` -> map the whole batch -> one publish of accepted and refused
 records, awaited together (``acks=all``) -> commit (consumer group ``ingest-cdc`` unless the
@@ -177,13 +178,13 @@ def position_of(source: dict[str, Any], ts_ms: Any) -> str:
     return f"ts_ms:{ts_ms}"
 
 
-def origin_event_id(tenant: str, table: str, key: str) -> uuid.UUID:
-    """The event id of a record's first appearance (its create or snapshot read)."""
+def row_id(tenant: str, table: str, key: str) -> uuid.UUID:
+    """The id every change of a row names in ``corrects`` (never an event's own id)."""
     return uuid.uuid5(CDC_NAMESPACE, f"{tenant}\x1f{table}\x1f{key}")
 
 
 def change_event_id(tenant: str, table: str, key: str, op: str, position: str) -> uuid.UUID:
-    """The event id of an update or delete: one per change, the same on re-delivery."""
+    """The event id of one change of a row: the same on re-delivery."""
     return uuid.uuid5(CDC_NAMESPACE, f"{tenant}\x1f{table}\x1f{key}\x1f{op}\x1f{position}")
 
 
@@ -256,14 +257,9 @@ def map_change(
             "source.record_id",
         )
     qualified = f"{namespace}.{table}" if namespace else table
-    origin = origin_event_id(mapping.tenant, qualified, key)
-    corrects: uuid.UUID | None = None
-    event_id = origin
-    if op in ("u", "d"):
-        event_id = change_event_id(
-            mapping.tenant, qualified, key, op, position_of(source, change.get("ts_ms"))
-        )
-        corrects = origin
+    event_id = change_event_id(
+        mapping.tenant, qualified, key, op, position_of(source, change.get("ts_ms"))
+    )
     occurred_at = (
         spec.occurred_at_of(row) or _millis(source.get("ts_ms")) or _millis(change.get("ts_ms"))
     )
@@ -280,7 +276,7 @@ def map_change(
         "schema_version": spec.version,
         "occurred_at": occurred_at,
         "source": {"system": system, "record_id": key, "operation": operation},
-        "corrects": corrects,
+        "corrects": row_id(mapping.tenant, qualified, key),
         "payload": spec.payload_of(row),
     }
 

@@ -123,7 +123,13 @@ def test_restarting_from_any_commit_point_closes_the_same_windows() -> None:
 
 
 def correction(
-    offset: int, minute: float, corrects: str, value: float, *, deleted: bool = False
+    offset: int,
+    minute: float,
+    corrects: str,
+    value: float,
+    *,
+    deleted: bool = False,
+    update: bool | None = None,
 ) -> WindowEvent:
     base = event(offset, minute, value=value)
     return WindowEvent(
@@ -136,6 +142,7 @@ def correction(
         event_id=f"c{offset}",
         corrects=corrects,
         deleted=deleted,
+        update=not deleted if update is None else update,
     )
 
 
@@ -155,6 +162,19 @@ def test_an_update_replaces_its_original_and_a_delete_removes_it() -> None:
     windows.add(with_id(event(5, 61), "tick"))
     assert closed_keys(windows.close_due()) == [(HOUR, "acme", T0, (12.0,))]
     assert "a" not in windows.holding  # closed windows leave no index behind
+
+
+def test_a_row_named_by_every_change_can_be_deleted_and_inserted_again() -> None:
+    """ERP change data: creates, updates and deletes all name the row id in ``corrects``."""
+    windows = PartitionWindows((HOUR,), grace_ms=0)
+    assert windows.add(correction(0, 1, corrects="row-1", value=10, update=False)) == []
+    windows.add(correction(1, 2, corrects="row-1", value=11))  # update
+    windows.add(correction(2, 3, corrects="row-1", value=11, deleted=True))
+    windows.add(correction(3, 4, corrects="row-1", value=30, update=False))  # inserted again
+    windows.add(correction(4, 5, corrects="row-2", value=5, update=False))
+    windows.add(correction(5, 6, corrects="row-2", value=5, update=False))  # snapshot again
+    windows.add(with_id(event(6, 61), "tick"))
+    assert closed_keys(windows.close_due()) == [(HOUR, "acme", T0, (30.0, 5.0))]
 
 
 def test_a_correction_of_a_row_in_a_closed_window_is_late() -> None:

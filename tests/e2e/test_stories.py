@@ -42,7 +42,7 @@ from schemas.insights import (
     Statistics,
 )
 from schemas.topics import EVENTS_CLEAN, EVENTS_RAW, INSIGHT_TOPICS
-from services.ingest.cdc import origin_event_id, run_cdc
+from services.ingest.cdc import row_id, run_cdc
 from services.ingest.mapping import Mapping, parse_mapping
 from shared.codec import encode
 from shared.kafka import create_consumer, create_producer, ensure_topics, started
@@ -717,7 +717,8 @@ async def test_erp_changes_stream_through_cdc_into_statistics_and_corrections_re
     """Story 3, the ERP integration engineer: Debezium change events of a PostgreSQL table go
     through the CDC connector (configured by a mapping) into raw, clean and the firm's
     statistics. An update of a row arrives once (Debezium delivered it twice) as a correction of
-    the original event and replaces it in the statistics; a delete removes the row."""
+    the row and replaces it in the statistics; a delete removes a row; a row deleted and
+    inserted again with the same key counts with its new values."""
     tenant = f"erp-{uuid.uuid4().hex[:8]}"
     members = await register(settings, [(tenant, "partner", "rebar", "west")])
     topic = unique_name("erp.public.sales_lines")
@@ -746,11 +747,15 @@ async def test_erp_changes_stream_through_cdc_into_statistics_and_corrections_re
     messages += [update, update]  # Debezium re-delivers after a connector restart
     messages += [change("c", r, 300 + i) for i, r in enumerate(table[2])]
     messages.append(change("d", deleted, 400))
+    cycled = table[2][1]
+    cycled_again = Row(cycled.order_no, cycled.qty + Decimal("2.500"), 250, cycled.ordered_at)
+    messages += [change("d", cycled, 410), change("c", cycled_again, 420)]
     later = Row("SO-900", Decimal("1.000"), 100, STORY3 + timedelta(seconds=10 * WINDOW_S))
     messages.append(change("c", later, 500))  # the day goes on: the windows close
     # the table as it holds the rows now
     current = [r for rows in table.values() for r in rows if r != deleted]
     current[current.index(original)] = updated
+    current[current.index(cycled)] = cycled_again
     expected = expected_statistics(row_frame(tenant, current))
 
     async with running_system(settings, unique_name, members, **ANALYTICS) as system:
@@ -771,21 +776,21 @@ async def test_erp_changes_stream_through_cdc_into_statistics_and_corrections_re
     # the firm's statistics equal describe() of the table's rows, window by window
     assert_statistics(got, expected)
 
-    # on the clean topic: each row once, the update and the delete once, as corrections
-    assert len(cleaned) == 3 * 6 + 1 + 1 + 1
+    # on the clean topic: each change once (the update, the deletes, the second insert too)
+    assert len(cleaned) == 3 * 6 + 1 + 2 + 1 + 1
     assert duplicates == 1  # the re-delivered update
     by_operation: dict[str, list[dict[str, Any]]] = {}
     for event in cleaned:
         by_operation.setdefault(event["source"]["operation"], []).append(event)
-    (correction,), (removal,) = by_operation["update"], by_operation["delete"]
-    origin = origin_event_id(tenant, "public.sales_lines", f"{original.order_no}/1")
-    assert correction["corrects"] == str(origin) != correction["event_id"]
+    (correction,), removals = by_operation["update"], by_operation["delete"]
+    row = str(row_id(tenant, "public.sales_lines", f"{original.order_no}/1"))
+    assert correction["corrects"] == row != correction["event_id"]
     assert correction["payload"]["quantity"] == float(updated.qty)
     assert correction["payload"]["unit_price"] == updated.price_cents / 100
-    assert [e["event_id"] for e in cleaned].count(str(origin)) == 1
-    assert removal["corrects"] == str(
-        origin_event_id(tenant, "public.sales_lines", f"{deleted.order_no}/1")
-    )
+    assert [e["corrects"] for e in cleaned].count(row) == 2  # its create and its update
+    assert [e["corrects"] for e in removals] == [
+        str(row_id(tenant, "public.sales_lines", f"{r.order_no}/1")) for r in (deleted, cycled)
+    ]
 
 
 # --------------------------------------------------------------------------- story 4

@@ -23,7 +23,7 @@ from services.ingest.cdc import (
     decode_column,
     map_change,
     map_changes,
-    origin_event_id,
+    row_id,
     run_cdc,
 )
 from services.ingest.mapping import Mapping, load_mapping
@@ -230,8 +230,10 @@ def test_a_postgres_insert_with_schema_decodes_decimal_date_and_units() -> None:
         "record_id": "SO-1/1",
         "operation": "create",
     }
-    assert event["event_id"] == origin_event_id("acme", "public.sales_lines", "SO-1/1")
-    assert event["corrects"] is None
+    assert event["event_id"] == change_event_id(
+        "acme", "public.sales_lines", "SO-1/1", "c", "lsn:100"
+    )
+    assert event["corrects"] == row_id("acme", "public.sales_lines", "SO-1/1")
 
 
 def test_the_same_change_without_the_schema_part_needs_the_mapping_to_say_the_encoding() -> None:
@@ -242,9 +244,9 @@ def test_the_same_change_without_the_schema_part_needs_the_mapping_to_say_the_en
     assert event["payload"]["quantity"] == connect_decimal("12.500", 3)
 
 
-def test_updates_and_deletes_correct_the_origin_and_keep_their_id_on_redelivery() -> None:
+def test_updates_and_deletes_name_the_row_and_keep_their_id_on_redelivery() -> None:
     mapping = pg_mapping()
-    origin = origin_event_id("acme", "public.sales_lines", "SO-1/1")
+    origin = row_id("acme", "public.sales_lines", "SO-1/1")
     update = pg_change("u", lsn=200, before=None, after=pg_row("SO-1", qty="13.000"))
     first, again = map_change(mapping, update), map_change(mapping, update)
     assert first is not None and again is not None
@@ -498,34 +500,40 @@ async def test_postgres_changes_come_out_on_the_raw_topic_as_events_and_correcti
             (pg_key("SO-1"), update),  # Debezium re-delivers after a connector restart
             (pg_key("SO-1"), pg_change("d", lsn=300, before=pg_row("SO-1", qty="13.000"))),
             (pg_key("SO-1"), None),  # the tombstone after the delete
+            (pg_key("SO-1"), pg_change("c", lsn=350, after=pg_row("SO-1", qty="20.000"))),
             (pg_key("SO-3"), pg_change("c", lsn=400, after=pg_row("SO-3", price_cents=-1))),
         ],
     )
     raw, dead = await run_until(
-        settings, mapping, unique_name("ingest-cdc"), marks, dlq_marks, 5, 1
+        settings, mapping, unique_name("ingest-cdc"), marks, dlq_marks, 6, 1
     )
 
-    assert len(raw) == 5
+    assert len(raw) == 6
     by_op: dict[str, list[dict[str, Any]]] = {}
     for event in raw:
         assert event["tenant"] == tenant and event["type"] == "sales_order_line"
         assert event["source"]["system"] == "debezium-postgres"
         by_op.setdefault(event["source"]["operation"], []).append(event)
-    (snapshot,), (create,), updates, (delete,) = (
+    (snapshot,), (create, again), updates, (delete,) = (
         by_op["snapshot"],
         by_op["create"],
         by_op["update"],
         by_op["delete"],
     )
-    assert snapshot["source"]["record_id"] == "SO-2/1" and snapshot["corrects"] is None
-    assert create["event_id"] == str(origin_event_id(tenant, "public.sales_lines", "SO-1/1"))
+    row = str(row_id(tenant, "public.sales_lines", "SO-1/1"))
+    assert snapshot["source"]["record_id"] == "SO-2/1"
+    assert snapshot["corrects"] == str(row_id(tenant, "public.sales_lines", "SO-2/1"))
+    assert create["corrects"] == row != create["event_id"]
     assert create["payload"]["quantity"] == 12.5 and create["payload"]["unit_price"] == 19.99
     assert create["payload"]["currency"] == "CNY" and create["payload"]["unit"] == "kg"
     assert datetime.fromisoformat(create["occurred_at"]) == datetime(2026, 11, 3, tzinfo=SHANGHAI)
     assert len(updates) == 2 and updates[0] == updates[1]  # same change twice: same event id
-    assert updates[0]["corrects"] == create["event_id"] != updates[0]["event_id"]
+    assert updates[0]["corrects"] == row != updates[0]["event_id"]
     assert updates[0]["payload"]["quantity"] == 13.0
-    assert delete["corrects"] == create["event_id"] and delete["payload"]["quantity"] == 13.0
+    assert delete["corrects"] == row and delete["payload"]["quantity"] == 13.0
+    # inserted again after the delete: a new change of the same row, not a duplicate
+    assert again["corrects"] == row and again["event_id"] != create["event_id"]
+    assert again["payload"]["quantity"] == 20.0
 
     (letter,) = dead
     assert letter["service"] == "ingest" and letter["source_ref"].startswith(f"{topic}[")
@@ -569,6 +577,7 @@ async def test_mysql_changes_without_schema_come_out_with_decoded_values(
     }
     assert create["payload"]["quantity"] == 25.0 and create["payload"]["unit_price"] == 612.5
     assert create["payload"]["unit"] == "t" and create["payload"]["promised_date"] == "2026-12-01"
-    assert update["corrects"] == create["event_id"] and update["payload"]["quantity"] == 30.0
+    assert update["corrects"] == create["corrects"] != create["event_id"]
+    assert update["payload"]["quantity"] == 30.0
     wall_clock = datetime(1970, 1, 1) + timedelta(milliseconds=1_762_164_000_000)
     assert datetime.fromisoformat(create["occurred_at"]) == wall_clock.replace(tzinfo=SHANGHAI)
