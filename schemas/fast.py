@@ -166,7 +166,7 @@ _DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
 _decode = _DECODER.decode
 
 
-def fast_event(line: bytes, tenant: str) -> Any | None:
+def fast_event(line: bytes | memoryview, tenant: str) -> Any | None:
     """The record's mirror if its JSON certainly meets its contract and names ``tenant`` (a
     registered tenant id); else None: ask the contract.
 

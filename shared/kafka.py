@@ -28,6 +28,10 @@ from shared.settings import XietongSettings
 log = logging.getLogger(__name__)
 
 
+Text = bytes | memoryview
+"""A record's value: its bytes, or a view into a larger buffer (a request body) that the
+producer copies into its batch, so the gateway never copies a record itself."""
+
 NO_HEADERS: list[tuple[str, bytes]] = []
 """Shared by every record without headers (the builder only reads them), as aiokafka's own
 default is: one list less per record on the hot path."""
@@ -37,7 +41,7 @@ class OutRecord(NamedTuple):
     """One record to produce: key and value already encoded."""
 
     key: bytes | None
-    value: bytes
+    value: Text
     headers: Sequence[tuple[str, bytes]] = ()
 
 

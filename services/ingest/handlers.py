@@ -51,7 +51,7 @@ from services.ingest.intake import (
     validate_records,
 )
 from shared.codec import DecodeError, decode, encode, json_response
-from shared.kafka import BatchPublisher, OutRecord
+from shared.kafka import BatchPublisher, OutRecord, Text
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,11 @@ def reason_label(reason: str) -> str:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
-    """The body as one buffer, refused with 413 as soon as it grows past ``limit`` bytes."""
+    """The body as one buffer, refused with 413 as soon as it grows past ``limit`` bytes.
+
+    It is the only copy of the body the gateway holds: the records parsed from it are views
+    into it (see :func:`split_ndjson`, :func:`parse_json_array`) until Kafka's batches take
+    them."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise RequestError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
@@ -314,24 +318,33 @@ class Parsed:
     original_of: Callable[[int], bytes | str]
     format: str
     source_system: str = "http"
-    lines: list[tuple[int, bytes]] | None = None
-    """NDJSON: the non-blank lines (index, bytes), validated straight from their bytes."""
+    lines: list[tuple[int, Text]] | None = None
+    """NDJSON: the non-blank lines, JSON: the elements, as (index, view into the body),
+    validated straight from their bytes."""
 
 
 def parse_json_array(body: bytes | bytearray) -> Parsed:
     """A JSON array of events (400 if the body is not JSON or not an array), as the JSON text of
     each element: validated straight from it like an NDJSON line."""
     try:
-        elements: list[bytes] = [bytes(element) for element in JSON_ARRAY.decode(body)]
+        elements: list[Text] = [memoryview(element) for element in JSON_ARRAY.decode(body)]
     except (msgspec.DecodeError, RecursionError):
         # Says precisely what is wrong; should orjson read what msgspec did not, use that.
         elements = [encode(record) for record in _json_array(body)]
     lines = list(enumerate(elements))
-    return Parsed([], dict(lines).__getitem__, "json", lines=lines)
+    return Parsed([], originals_of(lines), "json", lines=lines)
 
 
 JSON_ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
-"""A JSON array as the undecoded text of each element."""
+"""A JSON array as the undecoded text of each element (each refers to the body, no copy)."""
+
+BLANK = frozenset(b" \t\r\x0b\x0c")
+
+
+def originals_of(lines: list[tuple[int, Text]]) -> Callable[[int], bytes]:
+    """Index -> the record's own bytes (for a refused record's dead letter)."""
+    by_index = dict(lines)
+    return lambda index: bytes(by_index[index])
 
 
 def _json_array(body: bytes | bytearray) -> list[Any]:
@@ -349,14 +362,20 @@ def _json_array(body: bytes | bytearray) -> list[Any]:
 
 
 def split_ndjson(body: bytes | bytearray) -> Parsed:
-    """NDJSON as its non-blank lines, not decoded: :func:`validate_json_lines` validates each
-    straight from its bytes (and decodes only the ones it refuses, to say why)."""
-    lines = [
-        (index, line)
-        for index, line in enumerate(bytes(body).split(b"\n"))
-        if line and not line.isspace()
-    ]
-    return Parsed([], dict(lines).__getitem__, "ndjson", lines=lines)
+    """NDJSON as its non-blank lines, not decoded and not copied (views into the body):
+    :func:`validate_json_lines` validates each straight from its bytes (and decodes only the
+    ones it refuses, to say why)."""
+    view = memoryview(body)
+    lines: list[tuple[int, Text]] = []
+    find, size, start, index = body.find, len(body), 0, 0
+    while start < size:
+        end = find(b"\n", start)
+        if end < 0:
+            end = size
+        if end > start and (body[start] not in BLANK or not bytes(view[start:end]).isspace()):
+            lines.append((index, view[start:end]))
+        start, index = end + 1, index + 1
+    return Parsed([], originals_of(lines), "ndjson", lines=lines)
 
 
 def parse_csv_body(body: bytes | bytearray, request: web.Request, tenant: str) -> Parsed:

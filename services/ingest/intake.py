@@ -32,7 +32,7 @@ from schemas.insights import FieldError
 from schemas.topics import EVENTS_RAW, dlq
 from shared.codec import DecodeError, decode
 from shared.deadletter import dead_letter, dead_letter_record, field_errors
-from shared.kafka import BatchPublisher, OutRecord
+from shared.kafka import BatchPublisher, OutRecord, Text
 
 SERVICE = "ingest"
 FAST_PATH_MISSES = 8
@@ -85,7 +85,7 @@ class Refused:
 class Intake:
     """The outcome of validating one batch."""
 
-    accepted: list[bytes] = field(default_factory=list)
+    accepted: list[Text] = field(default_factory=list)
     """The JSON of each accepted record, as it goes to the raw topic."""
     refused: list[Refused] = field(default_factory=list)
 
@@ -120,7 +120,7 @@ def validate_records(
 
 
 def validate_json_lines(
-    lines: Sequence[tuple[int, bytes]], tenant: str, *, source_system: str = "http"
+    lines: Sequence[tuple[int, Text]], tenant: str, *, source_system: str = "http"
 ) -> Intake:
     """Validate records given as ``(index, JSON bytes)`` (NDJSON lines) for ``tenant``.
 
@@ -137,21 +137,22 @@ def validate_json_lines(
                 accepted.append(line)
                 continue
             misses += 1
+        original = bytes(line)  # a refusal keeps it; the body it may be a view into goes
         try:
-            data = decode(line)
+            data = decode(original)
         except DecodeError as error:
             reason = f"invalid JSON: {error}"
             result.refused.append(
-                Refused(index, [FieldError(field="", reason=reason)], line, reason)
+                Refused(index, [FieldError(field="", reason=reason)], original, reason)
             )
             continue
         if not isinstance(data, dict):
             reason = "a record must be a JSON object"
             result.refused.append(
-                Refused(index, [FieldError(field="", reason=reason)], line, reason)
+                Refused(index, [FieldError(field="", reason=reason)], original, reason)
             )
             continue
-        _validate_dict(index, data, line, tenant, source_system, result)
+        _validate_dict(index, data, original, tenant, source_system, result)
     return result
 
 

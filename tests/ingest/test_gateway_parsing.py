@@ -124,6 +124,8 @@ def test_ndjson_indices_are_line_numbers_and_originals_come_back_byte_for_byte()
     assert [index for index, _ in parsed.lines or ()] == [0, 3, 4, 5]
     assert parsed.original_of(4) == b"{broken"
     assert parsed.original_of(0) == b'{"a": 1}\r'
+    # the lines are views into the body, not copies of it: a body is held once
+    assert all(isinstance(line, memoryview) and line.obj is body for _, line in parsed.lines or ())
     intake = validate_parsed(parsed, "acme")
     assert [(r.index, r.reason) for r in intake.refused] == [
         (0, "unknown event type"),
