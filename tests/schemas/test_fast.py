@@ -99,6 +99,29 @@ SUSPECTS = [
     '"zh"',
     '"news"',
     '"sales_order_line"',
+    '"workforce"',
+    '"2026-11-01T23:59:60Z"',
+    '"2026-11-01T08:00:00+24:00"',
+    '"2026-11-01T08:00:00-00:00"',
+    '"2026-11-01T08:00Z"',
+    '"2026-02-30"',
+    '"2026-02-30T08:00:00Z"',
+    '"+2026-11-01"',
+    '"2026-11-01T08:00:00.Z"',
+    '"2026-11-01T08:00:00+0800"',
+    '"2026-W44-7"',
+    '"12345678-1234-5678-1234-56781234567"',
+    '"ABCDEF12-1234-5678-1234-567812345678"',
+    "1E2",
+    "-0",
+    "0.0e0",
+    "1e-400",
+    "false",
+    '"\\u0000"',
+    '"a\\u0000"',
+    '"CNY\\n"',
+    '"cny"',
+    '"US$"',
 ]
 
 
@@ -145,7 +168,7 @@ def with_value(event: dict[str, Any], path: tuple[str, ...], text: str | None) -
 def contract_accepts(line: bytes) -> bool:
     try:
         event = validate_event(orjson.loads(line))
-    except (ValidationError, orjson.JSONDecodeError, ValueError):
+    except (ValidationError, orjson.JSONDecodeError, ValueError, LookupError):
         return False
     return event.tenant == TENANT
 
@@ -163,6 +186,17 @@ def mutations() -> Iterator[tuple[str, bytes]]:
             orjson.dumps({**event, "payload": {**event["payload"], "extra": 1}}),
         )
         yield f"{event['type']} spaced", json.dumps(event, ensure_ascii=False).encode()
+        line = orjson.dumps(event)
+        for name in ("type", "tenant", "schema_version", "event_id"):  # JSON keeps the last
+            for other in ('"workforce"', '"rival"', "2", '"x"', "null"):
+                yield (
+                    f"{event['type']} {name} twice={other}",
+                    (line[:-1] + b',"' + name.encode() + b'":' + other.encode() + b"}"),
+                )
+                yield (
+                    f"{event['type']} {name} first={other}",
+                    (b'{"' + name.encode() + b'":' + other.encode() + b"," + line[1:]),
+                )
         yield f"{event['type']} ascii", json.dumps(event).encode()
 
 
