@@ -244,6 +244,18 @@ def test_the_same_change_without_the_schema_part_needs_the_mapping_to_say_the_en
     assert event["payload"]["quantity"] == connect_decimal("12.500", 3)
 
 
+def test_a_second_snapshot_of_an_unchanged_row_is_the_same_event() -> None:
+    mapping = pg_mapping()
+    first = map_change(mapping, pg_change("r", lsn=50, after=pg_row("SO-1")))
+    again = map_change(mapping, pg_change("r", lsn=900, after=pg_row("SO-1")))  # re-snapshot
+    changed = map_change(mapping, pg_change("r", lsn=900, after=pg_row("SO-1", qty="14.000")))
+    assert first is not None and again is not None and changed is not None
+    assert first["event_id"] == again["event_id"] != changed["event_id"]
+    assert (
+        first["corrects"] == changed["corrects"] == row_id("acme", "public.sales_lines", "SO-1/1")
+    )
+
+
 def test_updates_and_deletes_name_the_row_and_keep_their_id_on_redelivery() -> None:
     mapping = pg_mapping()
     origin = row_id("acme", "public.sales_lines", "SO-1/1")

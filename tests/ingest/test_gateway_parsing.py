@@ -21,6 +21,7 @@ from services.ingest.handlers import (
     validate_parsed,
 )
 from services.ingest.intake import validate_records
+from tests.factories import sales_event
 
 HEADER = "occurred_at,order_id,customer_id,product_sku,quantity"
 
@@ -133,6 +134,18 @@ def test_ndjson_indices_are_line_numbers_and_originals_come_back_byte_for_byte()
         (4, "invalid JSON: unexpected character, expected a string key: line 1 column 2 (char 1)"),
         (5, "a record must be a JSON object"),
     ]
+
+
+def test_a_record_with_invalid_utf8_is_refused_on_its_own() -> None:
+    good = orjson.dumps(sales_event("acme", seq=1)), orjson.dumps(sales_event("acme", seq=2))
+    bad = orjson.dumps(sales_event("acme", seq=3)).replace(b'"test"', b'"\xff\xfetest"')
+    for parsed in (
+        split_ndjson(bytearray(b"\n".join([good[0], bad, good[1]]))),
+        parse_json_array(b"[" + b",".join([good[0], bad, good[1]]) + b"]"),
+    ):
+        intake = validate_parsed(parsed, "acme")
+        assert [bytes(v) for v in intake.accepted] == list(good)
+        assert [(r.index, r.reason.split(":")[0]) for r in intake.refused] == [(1, "invalid JSON")]
 
 
 def test_a_json_body_must_be_an_array_and_elements_keep_their_content() -> None:

@@ -122,7 +122,14 @@ SUSPECTS = [
     '"CNY\\n"',
     '"cny"',
     '"US$"',
+    "18446744073709551616",
+    "-9223372036854775809",
+    "1" + "0" * 400,
+    "1" + "0" * 400 + ".5",
 ]
+
+INVALID_UTF8 = [b'"\xffx"', b'"x\xed\xa0\x80"', b'"\xc0\xaf"', b'"\xe4\xb8"']
+"""String values msgspec refuses with UnicodeDecodeError (not its own DecodeError)."""
 
 
 def valid_events() -> list[dict[str, Any]]:
@@ -152,7 +159,7 @@ def paths(value: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]
 MARK = "\x00suspect\x00"
 
 
-def with_value(event: dict[str, Any], path: tuple[str, ...], text: str | None) -> bytes:
+def with_value(event: dict[str, Any], path: tuple[str, ...], text: str | bytes | None) -> bytes:
     """The event's JSON with the value at ``path`` replaced by the JSON ``text`` (or removed)."""
     copy = json.loads(json.dumps(event))
     target = copy
@@ -162,7 +169,9 @@ def with_value(event: dict[str, Any], path: tuple[str, ...], text: str | None) -
         del target[path[-1]]
         return orjson.dumps(copy)
     target[path[-1]] = MARK
-    return orjson.dumps(copy).replace(orjson.dumps(MARK), text.encode())
+    return orjson.dumps(copy).replace(
+        orjson.dumps(MARK), text if isinstance(text, bytes) else text.encode()
+    )
 
 
 def contract_accepts(line: bytes) -> bool:
@@ -180,6 +189,8 @@ def mutations() -> Iterator[tuple[str, bytes]]:
             yield f"{name} removed", with_value(event, path, None)
             for text in SUSPECTS:
                 yield f"{name}={text}", with_value(event, path, text)
+            for raw in INVALID_UTF8:
+                yield f"{name}={raw!r}", with_value(event, path, raw)
         yield f"{event['type']} extra field", orjson.dumps({**event, "extra": 1})
         yield (
             f"{event['type']} extra payload field",
