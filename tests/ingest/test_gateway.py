@@ -428,6 +428,12 @@ async def test_junk_of_many_kinds_never_produces_a_server_error(gateway: Gateway
         b"\n\n\n,,,\n",
         b"\r\n" * 50,
     ]
+    valid = orjson.dumps(event(gateway.tenant))
+    for broken in (b'"\xff\xfe"', b'"\xed\xa0\x80"', b'"\xc0\xaf"'):  # not UTF-8
+        record = valid.replace(b'"' + gateway.tenant.encode() + b'"', broken, 1)
+        junk += [b"[" + record + b"," + valid + b"]", record + b"\n" + valid]
+        record = valid.replace(b'"sales_order_line"', broken, 1)
+        junk += [b"[" + record + b"]", record]
     types = ["application/json", "application/x-ndjson", "text/csv", "text/plain"]
     for body in junk:
         for content_type in types:
