@@ -20,6 +20,12 @@ from it, so re-reading the uncommitted span rebuilds the same open windows and r
 windows (whose insights have deterministic ids, so re-publishing them is harmless). An event
 re-read after a restart whose window had closed before it is skipped as late (it was counted in
 that window, or dropped, the first time); the late-events counter counts it again.
+
+Known limit: an update that moved its row from an older window into a newer one (its event time
+is later, as with Debezium's commit time) is replayed after a restart without the row it
+replaced once that older window has closed, so it is taken for late and the newer window misses
+the row. Closing it needs the commit point to reach back to the start of each row's chain and
+the replay to know which windows were still open when the update first arrived.
 """
 
 from __future__ import annotations
