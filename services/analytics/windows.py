@@ -21,6 +21,9 @@ windows (whose insights have deterministic ids, so re-publishing them is harmles
 re-read after a restart whose window had closed before it is skipped as late (it was counted in
 that window, or dropped, the first time); the late-events counter counts it again.
 
+An event whose id an open window already holds is a duplicate and is not counted again (one of
+a closed window is late anyway).
+
 Known limit: an update that moved its row from an older window into a newer one (its event time
 is later, as with Debezium's commit time) is replayed after a restart without the row it
 replaced once that older window has closed, so it is taken for late and the newer window misses
@@ -120,6 +123,10 @@ class PartitionWindows:
     def add(self, event: WindowEvent) -> list[int]:
         """Put ``event`` in its windows; return the sizes for which it came too late."""
         self.next_offset = event.offset + 1
+        if event.corrects is None and event.event_id and event.event_id in self.holding:
+            # The same event again: clean drops duplicates, but a clean worker that lost its
+            # partition and has not noticed yet can still publish one. A window counts it once.
+            return []
         if self.stream_time_ms is None or event.time_ms > self.stream_time_ms:
             self.stream_time_ms = event.time_ms
         if event.corrects is not None:

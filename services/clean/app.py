@@ -29,6 +29,9 @@ produces no duplicate clean events because de-duplication state is rebuilt from 
   logged: the batch is read again and dropped as duplicates.
 
 Dead letters are at-least-once: a record refused just before a crash may be dead-lettered twice.
+A worker that lost its partition and has not noticed yet (a long pause) can still publish a batch
+its successor publishes too; without Kafka transactions nothing fences it, so analytics counts an
+event id it already holds once (:mod:`services.analytics.windows`).
 An unexpected error (a failed publish, a failed restore) is logged with the batch's
 coordinates and stops the worker without committing, rather than skip data.
 """

@@ -177,6 +177,15 @@ def test_a_row_named_by_every_change_can_be_deleted_and_inserted_again() -> None
     assert closed_keys(windows.close_due()) == [(HOUR, "acme", T0, (30.0, 5.0))]
 
 
+def test_the_same_event_twice_counts_once() -> None:
+    windows = PartitionWindows((HOUR,), grace_ms=0)
+    windows.add(with_id(event(0, 1, value=10), "a"))
+    assert windows.add(with_id(event(1, 1, value=10), "a")) == []  # a zombie's duplicate
+    windows.add(with_id(event(2, 2, value=20), "b"))
+    windows.add(with_id(event(3, 61), "tick"))
+    assert closed_keys(windows.close_due()) == [(HOUR, "acme", T0, (10.0, 20.0))]
+
+
 def test_a_correction_of_a_row_in_a_closed_window_is_late() -> None:
     windows = PartitionWindows((HOUR,), grace_ms=0)
     windows.add(with_id(event(0, 1, value=10), "a"))
