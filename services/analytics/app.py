@@ -21,7 +21,9 @@ Two loops run in one process:
    (``xietong_analytics_late_events_total``), logged and dropped — windows are never revised.
 2. **Network** (low rate; consumer group ``analytics-network`` on the one-partition internal
    topic, so one replica does it): collects the firm summaries; once every source partition's
-   watermark passed a window's end, computes that window's benchmarks per industry, region and
+   watermark passed a window's end (a partition that never had an event, or that has had no new
+   one for ``analytics_quiet_partition_seconds`` while caught up, is not waited for until it
+   speaks again), computes that window's benchmarks per industry, region and
    metric (published only if at least ``k`` firms contributed and none makes more than ``p``
    percent of the total), and every ``cluster_refit_windows`` complete windows refits KMeans on
    the firms' KPI means over the recent period and sends every firm its assignment.
@@ -44,7 +46,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -172,6 +174,8 @@ class FirmWindows:
     states: dict[TopicPartition, PartitionWindows] = field(default_factory=dict)
     restored_at: dict[TopicPartition, float] = field(default_factory=dict)
     reported_idle: set[TopicPartition] = field(default_factory=set)
+    last_event_at: dict[TopicPartition, float] = field(default_factory=dict)
+    """Monotonic time of each partition's latest batch (quiet partitions are found with it)."""
 
     def restore(self, tp: TopicPartition, metadata: str | None) -> None:
         self.states[tp] = PartitionWindows.restore(
@@ -179,11 +183,38 @@ class FirmWindows:
         )
         self.restored_at[tp] = time.monotonic()
         self.reported_idle.discard(tp)
+        self.last_event_at.pop(tp, None)
 
     def drop(self, tp: TopicPartition) -> None:
         self.states.pop(tp, None)
         self.restored_at.pop(tp, None)
         self.reported_idle.discard(tp)
+        self.last_event_at.pop(tp, None)
+
+    def quiet_marks(
+        self, assigned: set[TopicPartition], end_of: Callable[[TopicPartition], int | None]
+    ) -> list[OutRecord]:
+        """Report, once, the partitions that had events but none new for
+        ``analytics_quiet_partition_seconds`` while caught up (``end_of``: the partition's end
+        offset as last fetched), so network-wide windows stop waiting for them. Their next event
+        reports their watermark again, and they are waited for again."""
+        marks = []
+        now = time.monotonic()
+        for tp in sorted(assigned):
+            state = self.states.get(tp)
+            if state is None or state.stream_time_ms is None or tp in self.reported_idle:
+                continue
+            since = self.last_event_at.get(tp, self.restored_at.get(tp, now))
+            if now - since < self.settings.analytics_quiet_partition_seconds:
+                continue
+            end = end_of(tp)
+            if end is None or state.next_offset is None or state.next_offset < end:
+                continue  # not caught up: not quiet, only behind
+            self.reported_idle.add(tp)
+            log.info("source partition quiet: not waited for", extra={"partition": tp.partition})
+            mark = watermark_mark(self.source, tp.partition, self.partitions, None)
+            marks.append(OutRecord(b"network", encode(mark)))
+        return marks
 
     def idle_marks(self, assigned: set[TopicPartition]) -> list[OutRecord]:
         """Called when a ``getmany`` came back empty (caught up): report the partitions that
@@ -213,6 +244,9 @@ class FirmWindows:
                 self.restore(tp, None)
                 state = self.states[tp]
             before = state.watermark_ms
+            self.last_event_at[tp] = time.monotonic()
+            resumed = tp in self.reported_idle  # reported quiet: say its watermark again
+            self.reported_idle.discard(tp)
             late: dict[int, int] = defaultdict(int)
             for record in records:
                 try:
@@ -239,7 +273,7 @@ class FirmWindows:
                 closed.append(window)
                 summaries.append(OutRecord(b"network", encode(firm_summary(window, self.source))))
             watermark = state.watermark_ms
-            if watermark is not None and watermark != before:
+            if watermark is not None and (watermark != before or resumed):
                 mark = watermark_mark(self.source, tp.partition, self.partitions, watermark)
                 summaries.append(OutRecord(b"network", encode(mark)))
         # one grouped pandas computation for every window this batch closed
@@ -312,10 +346,13 @@ async def run_firm_windows(
                 worker.partitions = (
                     len(consumer.partitions_for_topic(source) or ()) or worker.partitions
                 )
+                assigned = consumer.assignment()
+                marks = worker.quiet_marks(assigned, consumer.highwater)
                 if not batch:
-                    marks = worker.idle_marks(consumer.assignment())
-                    if marks:
-                        await publisher.publish(settings.analytics_firm_windows_topic, marks)
+                    marks += worker.idle_marks(assigned)
+                if marks:
+                    await publisher.publish(settings.analytics_firm_windows_topic, marks)
+                if not batch:
                     continue
                 try:
                     out = worker.process(batch, datetime.now(UTC))

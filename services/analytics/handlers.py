@@ -516,8 +516,9 @@ class NetworkState:
     """Closed per-firm window summaries and source watermarks; decides what falls due.
 
     A window is *complete* network-wide when every partition of the source topic has closed it
-    (the smallest of their watermarks passed its end); a partition that never had an event is
-    reported idle and not waited for. Its benchmarks are computed then, once,
+    (the smallest of their watermarks passed its end); a partition that never had an event, or
+    had events but has gone quiet, is reported idle and not waited for until its next watermark.
+    Its benchmarks are computed then, once,
     and never revised: a revision as more firms arrive would let anyone difference two
     aggregates and read a single firm's figure. Summaries that arrive for an already complete
     window are ignored (and counted). Clusters are refitted each time ``cluster_refit_windows``
@@ -535,7 +536,8 @@ class NetworkState:
     ignored_late: int = 0
 
     def network_watermark(self) -> int | None:
-        """The smallest watermark of the source partitions; None until all have reported."""
+        """The smallest watermark of the source partitions that are not idle; None until all
+        have reported (or when all are idle: then nothing new can be complete)."""
         for topic, count in self.partitions.items():
             for partition in range(count):
                 if (topic, partition) not in self.watermarks and (
@@ -543,7 +545,8 @@ class NetworkState:
                     partition,
                 ) not in self.idle:
                     return None
-        return min(self.watermarks.values()) if self.watermarks else None
+        active = [mark for source, mark in self.watermarks.items() if source not in self.idle]
+        return min(active) if active else None
 
     def apply(
         self,
@@ -569,16 +572,17 @@ class NetworkState:
         self.partitions[source[0]] = max(
             int(message["partitions"]), self.partitions.get(source[0], 0)
         )
-        if message["watermark_ms"] is None:
-            if source in self.watermarks or source in self.idle:
+        if message["watermark_ms"] is None:  # never had an event, or has gone quiet
+            if source in self.idle:
                 return []
             self.idle.add(source)
         else:
             mark = int(message["watermark_ms"])
-            if mark <= self.watermarks.get(source, mark - 1):
+            resumed = source in self.idle
+            if mark <= self.watermarks.get(source, mark - 1) and not resumed:
                 return []
             self.idle.discard(source)
-            self.watermarks[source] = mark
+            self.watermarks[source] = max(mark, self.watermarks.get(source, mark))
         return self._due(segment_of, emit=emit, produced_at=produced_at or datetime.now(UTC))
 
     def _due(

@@ -52,6 +52,14 @@ class AnalyticsSettings(XietongSettings):
         description="A source partition without any event for this long after the worker got it "
         "(and caught up) is reported idle, so network-wide windows do not wait for it.",
     )
+    analytics_quiet_partition_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="A source partition that had events but has had no new one for this long "
+        "(and is caught up) is reported quiet: network-wide windows stop waiting for it until "
+        "its next event. Summaries of its firms for windows completed meanwhile come too late "
+        "for those benchmarks.",
+    )
     analytics_retain_windows: int = Field(
         168, ge=1, description="Windows of per-firm summaries the cross-firm loop keeps."
     )

@@ -101,3 +101,26 @@ def test_partitions_without_any_event_are_reported_idle_once() -> None:
     waiting = worker(analytics_idle_partition_seconds=3600)
     waiting.restore(TopicPartition(SOURCE, 0), None)
     assert waiting.idle_marks({TopicPartition(SOURCE, 0)}) == []
+
+
+def test_a_partition_that_goes_quiet_is_reported_once_and_waited_for_again_on_its_next_event() -> (
+    None
+):
+    w = worker(analytics_quiet_partition_seconds=0)
+    w.partitions = 2
+    tp = TopicPartition(SOURCE, 0)
+    w.restore(tp, None)
+    out = w.process({tp: [record(0, event(5, {"x": 1.0}))]}, datetime.now(UTC))
+    (first,) = [decode(r.value) for r in out[w.settings.analytics_firm_windows_topic]]
+    assert w.quiet_marks({tp}, lambda _: 5) == []  # records left to read: behind, not quiet
+    (mark,) = [decode(r.value) for r in w.quiet_marks({tp}, lambda _: 1)]
+    assert mark["kind"] == "watermark" and mark["watermark_ms"] is None
+    assert w.quiet_marks({tp}, lambda _: 1) == []  # once
+    # its next event says its watermark again, even one that did not move
+    out = w.process({tp: [record(1, event(4, {"x": 2.0}))]}, datetime.now(UTC))
+    (again,) = [decode(r.value) for r in out[w.settings.analytics_firm_windows_topic]]
+    assert again["watermark_ms"] == first["watermark_ms"] is not None
+    waiting = worker(analytics_quiet_partition_seconds=3600)
+    waiting.restore(tp, None)
+    waiting.process({tp: [record(0, event(5, {"x": 1.0}))]}, datetime.now(UTC))
+    assert waiting.quiet_marks({tp}, lambda _: 1) == []

@@ -306,6 +306,30 @@ def test_an_idle_partition_is_not_waited_for_and_unknown_segments_are_left_out()
     assert [(b.firms, b.mean) for b in out if isinstance(b, Benchmark)] == [(2, 1.25)]
 
 
+def test_a_quiet_partition_is_not_waited_for_until_it_speaks_again() -> None:
+    state = NetworkState(config(benchmark_min_firms=2), ORIGIN)
+    topic = "events.clean.v1"
+    for firm, value in [("a1", 1.0), ("a2", 1.2)]:
+        state.apply(summary(firm, {"q": [value]}), segments)
+        state.apply(summary(firm, {"q": [value]}, T0 + HOUR_MS), segments)
+
+    def windows(out: list[Any]) -> list[tuple[datetime, int]]:
+        return [(b.provenance.window_start, b.firms) for b in out if isinstance(b, Benchmark)]
+
+    assert state.apply(watermark_mark(topic, 0, 2, T0 + HOUR_MS + 1), segments) == []
+    assert state.apply(watermark_mark(topic, 1, 2, T0 + HOUR_MS // 2), segments) == []
+    # partition 1 had events, then went quiet: the first window no longer waits for it
+    first = datetime.fromtimestamp(T0 / 1000, UTC)
+    assert windows(state.apply(watermark_mark(topic, 1, 2, None), segments)) == [(first, 2)]
+    # it speaks again, behind the rest: the network waits for it again, nothing is redone
+    assert state.apply(watermark_mark(topic, 1, 2, T0 + HOUR_MS // 2), segments) == []
+    assert state.network_watermark() == T0 + HOUR_MS // 2
+    assert state.apply(watermark_mark(topic, 0, 2, T0 + 2 * HOUR_MS), segments) == []
+    second = datetime.fromtimestamp((T0 + HOUR_MS) / 1000, UTC)
+    out = state.apply(watermark_mark(topic, 1, 2, T0 + 2 * HOUR_MS), segments)
+    assert windows(out) == [(second, 2)]
+
+
 def test_clusters_are_refitted_on_complete_windows_and_hide_small_profiles() -> None:
     state = NetworkState(config(cluster_refit_windows=2), ORIGIN)
     kpis, truth = blobs()

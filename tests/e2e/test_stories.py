@@ -85,6 +85,7 @@ ANALYTICS = {
     # declared idle, so network-wide windows close only when all of them have passed them and
     # no firm can be left out of a benchmark or a cluster fit
     "analytics_idle_partition_seconds": 3600.0,
+    "analytics_quiet_partition_seconds": 3600.0,
     "cluster_seed": SEED,
     "cluster_n_init": N_INIT,
     "cluster_k_max": K_MAX,
