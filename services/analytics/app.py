@@ -30,11 +30,10 @@ Two loops run in one process:
 
 Delivery semantics: **at-least-once, idempotent insights**. Nothing is committed before the
 insights and summaries it produced were acknowledged by Kafka (``acks=all``). Window state needs
-no store: the firm loop commits, per partition, the offset where the history of its oldest open
-window's rows starts, with the stream times then and now in the commit metadata, so a restarted
-(or rebalanced) worker re-reads exactly the span that rebuilds its open windows, deciding as it
-did the first time, and windows closed before the crash are not emitted again
-(:mod:`.windows`). The network loop, on getting its partition, re-reads the internal topic up to its
+no store: the firm loop commits, per partition, the first offset of its oldest open window with
+the partition's stream time in the commit metadata, so a restarted (or rebalanced) worker
+re-reads exactly the span that rebuilds its open windows, and windows closed before the crash
+stay closed. The network loop, on getting its partition, re-reads the internal topic up to its
 committed offset without publishing, which rebuilds its state, then goes on. Anything
 re-published after a restart has the same deterministic ``insight_id`` (uuid5 of type, tenant,
 metric and window; of the fit for clusters) and the same content: consumers de-duplicate by id.

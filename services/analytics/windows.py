@@ -13,17 +13,22 @@ puts it in (replacing it, should the same row be there already). An update of a 
 has closed is late, like any late event: counted and dropped.
 
 Restart safety without a state store: the state of a partition is a pure function of its events
-from the offset where the history of its oldest open window's rows starts, plus the stream time
-just before that offset. :meth:`PartitionWindows.commit_point` gives that offset to commit, and
-both stream times (then and now) in the commit's metadata; :meth:`PartitionWindows.restore`
-replays from there with the stream time as it was, so every decision (late or not, which window
-an update takes its row out of) is the one taken the first time, and windows that closed before
-the commit (they end before its watermark) close again silently: their insights went out then.
-A row an update moved from an older window into a newer one starts where that row first came in,
-so the replay finds it. An event that was late the first time is late again and counted again.
+from the first offset of its oldest open window on, plus its stream time at that moment.
+:meth:`PartitionWindows.commit_point` gives exactly that pair — the offset to commit and the
+stream time to store in the commit's metadata — and :meth:`PartitionWindows.restore` starts
+from it, so re-reading the uncommitted span rebuilds the same open windows and re-closes the same
+windows (whose insights have deterministic ids, so re-publishing them is harmless). An event
+re-read after a restart whose window had closed before it is skipped as late (it was counted in
+that window, or dropped, the first time); the late-events counter counts it again.
 
 An event whose id an open window already holds is a duplicate and is not counted again (one of
 a closed window is late anyway).
+
+Known limit: an update that moved its row from an older window into a newer one (its event time
+is later, as with Debezium's commit time) is replayed after a restart without the row it
+replaced once that older window has closed, so it is taken for late and the newer window misses
+the row. Closing it needs the commit point to reach back to the start of each row's chain and
+the replay to know which windows were still open when the update first arrived.
 """
 
 from __future__ import annotations
@@ -67,8 +72,6 @@ class Window:
     rows: list[dict[str, float]] = field(default_factory=list)
     schema_versions: dict[str, int] = field(default_factory=dict)
     row_ids: list[str] = field(default_factory=list)
-    replay_stream_ms: int | None = None
-    """Stream time just before ``first_offset``: replaying from there starts as it was then."""
 
     @property
     def end_ms(self) -> int:
@@ -100,9 +103,6 @@ def window_start_ms(time_ms: int, size_s: int) -> int:
 WindowKey = tuple[int, str, int]
 """(size in seconds, tenant, start in ms)."""
 
-Chain = tuple[int, int | None]
-"""(offset, stream time just before it): where a row's history starts."""
-
 
 @dataclass
 class PartitionWindows:
@@ -115,12 +115,6 @@ class PartitionWindows:
     open: dict[WindowKey, Window] = field(default_factory=dict)
     holding: dict[str, list[WindowKey]] = field(default_factory=dict)
     """Row id -> the open windows that hold it (so a correction finds its original)."""
-    chains: dict[str, Chain] = field(default_factory=dict)
-    """Row id -> where the row's history starts: the offset of the event that first put it in
-    an open window (an update inherits its row's) and the stream time just before it."""
-    suppress_through_ms: int | None = None
-    """After a restore: windows ending at or before this closed before the crash (their
-    insights went out then), so closing them again in the replay emits nothing."""
 
     @property
     def watermark_ms(self) -> int | None:
@@ -133,17 +127,14 @@ class PartitionWindows:
             # The same event again: clean drops duplicates, but a clean worker that lost its
             # partition and has not noticed yet can still publish one. A window counts it once.
             return []
-        chain: Chain = (event.offset, self.stream_time_ms)
         if self.stream_time_ms is None or event.time_ms > self.stream_time_ms:
             self.stream_time_ms = event.time_ms
         if event.corrects is not None:
             replaced = self._take_out(event.corrects)
             if event.deleted:
                 return []
-            if event.update and replaced is None:  # its row's window closed (or never seen)
+            if event.update and not replaced:  # its row's window closed (or it was never seen)
                 return list(self.sizes_s) if event.metrics else []
-            if replaced is not None:
-                chain = min(replaced, chain, key=lambda c: c[0])
         if not event.metrics:
             return []
         watermark = self.stream_time_ms - self.grace_ms
@@ -156,24 +147,17 @@ class PartitionWindows:
             key = (size, event.tenant, start)
             window = self.open.get(key)
             if window is None:
-                window = self.open[key] = Window(
-                    size, event.tenant, start, chain[0], replay_stream_ms=chain[1]
-                )
-            elif chain[0] < window.first_offset:
-                window.first_offset, window.replay_stream_ms = chain
+                window = self.open[key] = Window(size, event.tenant, start, event.offset)
             window.add(event)
             self.holding.setdefault(event.row_id, []).append(key)
-            self.chains[event.row_id] = chain
         return late
 
-    def _take_out(self, row_id: str) -> Chain | None:
-        """Remove the row from every open window; its chain start if it was in one."""
-        chain = self.chains.pop(row_id, None)
+    def _take_out(self, row_id: str) -> bool:
         removed = False
         for key in self.holding.pop(row_id, []):
             window = self.open.get(key)
             removed = bool(window is not None and window.remove(row_id)) or removed
-        return chain if removed else None
+        return removed
 
     def close_due(self) -> list[Window]:
         """Remove and return the windows the watermark has passed, oldest first."""
@@ -189,51 +173,26 @@ class PartitionWindows:
                     keys.remove(key)
                     if not keys:
                         del self.holding[row_id]
-                        self.chains.pop(row_id, None)
-        if self.suppress_through_ms is not None:
-            closed = [w for w in closed if w.end_ms > self.suppress_through_ms]
         closed.sort(key=lambda w: (w.start_ms, w.size_s, w.tenant))
         return closed
 
     def commit_point(self) -> tuple[int, str] | None:
-        """``(offset, metadata)`` to commit: re-reading from there rebuilds this state.
-
-        The offset is where the history of the oldest open window's rows starts (a row an
-        update moved in from an older window starts where that row first came in); the metadata
-        holds the stream time now (windows that ended before its watermark are closed and
-        emitted) and the stream time just before that offset (the replay starts from it, so it
-        takes the same decisions as the first time)."""
+        """``(offset, metadata)`` to commit: re-reading from there rebuilds this state."""
         if self.next_offset is None:
             return None
-        oldest = min(self.open.values(), key=lambda w: w.first_offset, default=None)
-        offset, replay_stream = (
-            (oldest.first_offset, oldest.replay_stream_ms)
-            if oldest is not None
-            else (self.next_offset, self.stream_time_ms)
-        )
-        metadata = {"stream_time_ms": self.stream_time_ms, "replay_stream_time_ms": replay_stream}
-        return offset, orjson.dumps(metadata).decode()
+        offset = min((w.first_offset for w in self.open.values()), default=self.next_offset)
+        return offset, orjson.dumps({"stream_time_ms": self.stream_time_ms}).decode()
 
     @classmethod
     def restore(
         cls, sizes_s: tuple[int, ...], grace_ms: int, metadata: str | None
     ) -> PartitionWindows:
         """State to resume from a commit made with :meth:`commit_point`."""
-        try:
-            saved = orjson.loads(metadata) if metadata else {}
-        except orjson.JSONDecodeError:
-            saved = {}
-        if not isinstance(saved, dict):
-            saved = {}
-        stream_time = saved.get("stream_time_ms")
-        stream_time = stream_time if isinstance(stream_time, int) else None
-        if "replay_stream_time_ms" not in saved or stream_time is None:
-            # (a commit of an older version: windows closed before it simply stay closed)
-            return cls(sizes_s, grace_ms, stream_time_ms=stream_time)
-        replay = saved["replay_stream_time_ms"]
-        return cls(
-            sizes_s,
-            grace_ms,
-            stream_time_ms=replay if isinstance(replay, int) else None,
-            suppress_through_ms=stream_time - grace_ms,
-        )
+        stream_time: int | None = None
+        if metadata:
+            try:
+                value = orjson.loads(metadata).get("stream_time_ms")
+            except (orjson.JSONDecodeError, AttributeError):
+                value = None
+            stream_time = value if isinstance(value, int) else None
+        return cls(sizes_s, grace_ms, stream_time_ms=stream_time)
