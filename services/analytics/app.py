@@ -146,7 +146,6 @@ def parse_clean_event(offset: int, value: bytes | None) -> WindowEvent:
         event_id=str(data.get("event_id") or ""),
         corrects=str(corrects) if corrects else None,
         deleted=operation == "delete",
-        update=operation == "update",
     )
 
 

@@ -6,11 +6,16 @@ Each source partition keeps its own *stream time* (the largest event time it has
 window is already closed is *late*: it is counted and dropped, never emitted as a revision, so a
 window's insights are final once published.
 
-Corrections are not new observations. An event with ``corrects`` set stands for the row that
-``corrects`` names (an earlier event, or a row id that every change of an ERP row names): an
-update replaces that row in every open window that holds it, a delete removes it, and a create
-puts it in (replacing it, should the same row be there already). An update of a row whose window
-has closed is late, like any late event: counted and dropped.
+Corrections restate a row rather than add one. An event with ``corrects`` set stands for the
+row that ``corrects`` names (an earlier event, or a row id that every change of an ERP row
+names): it takes that row out of every open window that holds it; a delete ends there, an update
+or a create then goes into its own window like any event — late if that window has closed. So a
+correction that keeps its original's event time restates the original in its window (or is late
+with it), and a change stamped with a later time (an ERP commit time) counts once, as the row's
+value in the later window; windows already closed keep the earlier value (they are final).
+
+This keeps restarts exact: whether an update found its row or not, it lands in the same window,
+so re-reading from the commit point (below) rebuilds the same open windows.
 
 Restart safety without a state store: the state of a partition is a pure function of its events
 from the first offset of its oldest open window on, plus its stream time at that moment.
@@ -24,11 +29,6 @@ that window, or dropped, the first time); the late-events counter counts it agai
 An event whose id an open window already holds is a duplicate and is not counted again (one of
 a closed window is late anyway).
 
-Known limit: an update that moved its row from an older window into a newer one (its event time
-is later, as with Debezium's commit time) is replayed after a restart without the row it
-replaced once that older window has closed, so it is taken for late and the newer window misses
-the row. Closing it needs the commit point to reach back to the start of each row's chain and
-the replay to know which windows were still open when the update first arrived.
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ class WindowEvent:
     event_id: str = ""
     corrects: str | None = None
     deleted: bool = False
-    update: bool = False
-    """An update: without its row in an open window it is late (the row's window closed)."""
 
     @property
     def row_id(self) -> str:
@@ -130,11 +128,9 @@ class PartitionWindows:
         if self.stream_time_ms is None or event.time_ms > self.stream_time_ms:
             self.stream_time_ms = event.time_ms
         if event.corrects is not None:
-            replaced = self._take_out(event.corrects)
+            self._take_out(event.corrects)
             if event.deleted:
                 return []
-            if event.update and not replaced:  # its row's window closed (or it was never seen)
-                return list(self.sizes_s) if event.metrics else []
         if not event.metrics:
             return []
         watermark = self.stream_time_ms - self.grace_ms
@@ -152,12 +148,11 @@ class PartitionWindows:
             self.holding.setdefault(event.row_id, []).append(key)
         return late
 
-    def _take_out(self, row_id: str) -> bool:
-        removed = False
+    def _take_out(self, row_id: str) -> None:
         for key in self.holding.pop(row_id, []):
             window = self.open.get(key)
-            removed = bool(window is not None and window.remove(row_id)) or removed
-        return removed
+            if window is not None:
+                window.remove(row_id)
 
     def close_due(self) -> list[Window]:
         """Remove and return the windows the watermark has passed, oldest first."""
