@@ -25,10 +25,9 @@ Identity and corrections, computed without any state:
 
 So a change Debezium delivers twice is the same event both times, and the clean service's
 ``event_id`` de-duplication drops the second; a row deleted and inserted again with the same key
-is a new change (another log position), so it counts again. Left as it is: a row first seen as
-a create and later read again by a new snapshot gets two ids (no state remembers the create);
-when the mapping takes ``occurred_at`` from the row, both fall in the same window and the second
-is late there, but with Debezium's ``ts_ms`` as event time the snapshot lands in a later window.
+is a new change (another log position), so it counts again. A row first seen as a create and
+read again by a later snapshot gets two ids (no state remembers the create): the snapshot is
+one more change of the row, counted in the window of its event time like any change.
 
 Delivery: at least once. ``getmany`` -> map the whole batch -> one publish of accepted and refused
 records, awaited together (``acks=all``) -> commit (consumer group ``ingest-cdc`` unless the
