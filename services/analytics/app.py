@@ -176,18 +176,29 @@ class FirmWindows:
     last_event_at: dict[TopicPartition, float] = field(default_factory=dict)
     """Monotonic time of each partition's latest batch (quiet partitions are found with it)."""
 
-    def restore(self, tp: TopicPartition, metadata: str | None) -> None:
-        self.states[tp] = PartitionWindows.restore(
+    unannounced: set[TopicPartition] = field(default_factory=set)
+    """Partitions restored but not yet heard of: their first batch says their watermark even
+    if it did not move (the previous owner may have reported them quiet)."""
+
+    def restore(self, tp: TopicPartition, metadata: str | None, offset: int | None = None) -> None:
+        """Fresh state of ``tp`` from its commit's metadata; ``offset`` is the committed offset
+        (where reading resumes), so a partition with nothing new can still be found quiet."""
+        state = PartitionWindows.restore(
             self.settings.window_sizes, self.settings.analytics_grace_seconds * 1000, metadata
         )
+        if offset is not None and state.stream_time_ms is not None:
+            state.next_offset = offset
+        self.states[tp] = state
         self.restored_at[tp] = time.monotonic()
         self.reported_idle.discard(tp)
+        self.unannounced.add(tp)
         self.last_event_at.pop(tp, None)
 
     def drop(self, tp: TopicPartition) -> None:
         self.states.pop(tp, None)
         self.restored_at.pop(tp, None)
         self.reported_idle.discard(tp)
+        self.unannounced.discard(tp)
         self.last_event_at.pop(tp, None)
 
     def quiet_marks(
@@ -244,8 +255,11 @@ class FirmWindows:
                 state = self.states[tp]
             before = state.watermark_ms
             self.last_event_at[tp] = time.monotonic()
-            resumed = tp in self.reported_idle  # reported quiet: say its watermark again
+            # reported quiet (by this worker or, before a restore, maybe by another): say its
+            # watermark again, so the network waits for it again
+            resumed = tp in self.reported_idle or tp in self.unannounced
             self.reported_idle.discard(tp)
+            self.unannounced.discard(tp)
             late: dict[int, int] = defaultdict(int)
             for record in records:
                 try:
@@ -315,8 +329,10 @@ class _RestoreWindows(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         for tp in assigned:
             found = committed.get(tp)
-            metadata = found.metadata if found is not None and found.offset >= 0 else None
-            self.worker.restore(tp, metadata)
+            if found is not None and found.offset >= 0:
+                self.worker.restore(tp, found.metadata, found.offset)
+            else:
+                self.worker.restore(tp, None)
         log.info(
             "firm windows restored", extra={"partitions": sorted(tp.partition for tp in assigned)}
         )

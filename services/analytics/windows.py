@@ -52,11 +52,6 @@ class WindowEvent:
     corrects: str | None = None
     deleted: bool = False
 
-    @property
-    def row_id(self) -> str:
-        """The row this event is in a window: a correction takes the place of its original."""
-        return self.corrects or self.event_id
-
 
 @dataclass(slots=True)
 class Window:
@@ -70,15 +65,19 @@ class Window:
     rows: list[dict[str, float]] = field(default_factory=list)
     schema_versions: dict[str, int] = field(default_factory=dict)
     row_ids: list[str] = field(default_factory=list)
+    seen_ids: set[str] = field(default_factory=set)
+    """Ids of every event this window took, also those a correction took out again."""
 
     @property
     def end_ms(self) -> int:
         return self.start_ms + self.size_s * 1000
 
-    def add(self, event: WindowEvent) -> None:
+    def add(self, event: WindowEvent, row_id: str) -> None:
         self.times_ms.append(event.time_ms)
         self.rows.append(event.metrics)
-        self.row_ids.append(event.row_id)
+        self.row_ids.append(row_id)
+        if event.event_id:
+            self.seen_ids.add(event.event_id)
         known = self.schema_versions.get(event.event_type, 0)
         self.schema_versions[event.event_type] = max(known, event.schema_version)
 
@@ -113,6 +112,11 @@ class PartitionWindows:
     open: dict[WindowKey, Window] = field(default_factory=dict)
     holding: dict[str, list[WindowKey]] = field(default_factory=dict)
     """Row id -> the open windows that hold it (so a correction finds its original)."""
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Id of a correction in an open window -> the row it stands for (a correction of a
+    correction restates the same row)."""
+    _aliases_of: dict[str, list[str]] = field(default_factory=dict)
+    _closed: list[Window] = field(default_factory=list)
 
     @property
     def watermark_ms(self) -> int | None:
@@ -121,15 +125,24 @@ class PartitionWindows:
     def add(self, event: WindowEvent) -> list[int]:
         """Put ``event`` in its windows; return the sizes for which it came too late."""
         self.next_offset = event.offset + 1
-        if event.corrects is None and event.event_id and event.event_id in self.holding:
+        # Windows the stream time has passed are closed before the next event touches them, so
+        # the outcome is the same however the events were batched.
+        self._close_passed()
+        row = (
+            self.aliases.get(event.corrects, event.corrects)
+            if event.corrects is not None
+            else event.event_id
+        )
+        if event.event_id and self._seen(event):
             # The same event again: clean drops duplicates, but a clean worker that lost its
-            # partition and has not noticed yet can still publish one. A window counts it once.
+            # partition and has not noticed yet can still publish one. Its window took it once.
             return []
         if self.stream_time_ms is None or event.time_ms > self.stream_time_ms:
             self.stream_time_ms = event.time_ms
         if event.corrects is not None:
-            self._take_out(event.corrects)
+            self._take_out(row)
             if event.deleted:
+                self._forget(row)
                 return []
         if not event.metrics:
             return []
@@ -144,9 +157,20 @@ class PartitionWindows:
             window = self.open.get(key)
             if window is None:
                 window = self.open[key] = Window(size, event.tenant, start, event.offset)
-            window.add(event)
-            self.holding.setdefault(event.row_id, []).append(key)
+            window.add(event, row)
+            self.holding.setdefault(row, []).append(key)
+        if event.corrects is not None and event.event_id and len(late) < len(self.sizes_s):
+            self.aliases[event.event_id] = row
+            self._aliases_of.setdefault(row, []).append(event.event_id)
         return late
+
+    def _seen(self, event: WindowEvent) -> bool:
+        """Whether one of the event's own open windows already took this event id."""
+        for size in self.sizes_s:
+            window = self.open.get((size, event.tenant, window_start_ms(event.time_ms, size)))
+            if window is not None and event.event_id in window.seen_ids:
+                return True
+        return False
 
     def _take_out(self, row_id: str) -> None:
         for key in self.holding.pop(row_id, []):
@@ -154,20 +178,32 @@ class PartitionWindows:
             if window is not None:
                 window.remove(row_id)
 
-    def close_due(self) -> list[Window]:
-        """Remove and return the windows the watermark has passed, oldest first."""
+    def _forget(self, row_id: str) -> None:
+        """The row is in no open window any more: its corrections' ids need no lookup."""
+        if row_id not in self.holding:
+            for alias in self._aliases_of.pop(row_id, ()):
+                self.aliases.pop(alias, None)
+
+    def _close_passed(self) -> None:
         watermark = self.watermark_ms
         if watermark is None:
-            return []
+            return
         due = [key for key, window in self.open.items() if window.end_ms <= watermark]
-        closed = [self.open.pop(key) for key in due]
-        for key, window in zip(due, closed, strict=True):
+        for key in due:
+            window = self.open.pop(key)
+            self._closed.append(window)
             for row_id in window.row_ids:
                 keys = self.holding.get(row_id)
                 if keys is not None and key in keys:
                     keys.remove(key)
                     if not keys:
                         del self.holding[row_id]
+                        self._forget(row_id)
+
+    def close_due(self) -> list[Window]:
+        """Remove and return the windows the watermark has passed, oldest first."""
+        self._close_passed()
+        closed, self._closed = self._closed, []
         closed.sort(key=lambda w: (w.start_ms, w.size_s, w.tenant))
         return closed
 

@@ -124,3 +124,23 @@ def test_a_partition_that_goes_quiet_is_reported_once_and_waited_for_again_on_it
     waiting.restore(tp, None)
     waiting.process({tp: [record(0, event(5, {"x": 1.0}))]}, datetime.now(UTC))
     assert waiting.quiet_marks({tp}, lambda _: 1) == []
+
+
+def test_after_a_restore_a_partition_is_found_quiet_and_its_first_batch_is_announced() -> None:
+    w = worker(analytics_quiet_partition_seconds=0)
+    tp = TopicPartition(SOURCE, 0)
+    w.restore(tp, None)
+    w.process({tp: [record(0, event(5, {"x": 1.0}))]}, datetime.now(UTC))
+    _, metadata = w.commit_points({tp})[tp]
+    # a new owner with nothing new to read: caught up at the committed offset, so quiet
+    quiet = worker(analytics_quiet_partition_seconds=0)
+    quiet.restore(tp, metadata, 0)
+    (mark,) = [decode(r.value) for r in quiet.quiet_marks({tp}, lambda _: 0)]
+    assert mark["watermark_ms"] is None
+    # a new owner whose first event does not move the watermark still says it (the previous
+    # owner may have reported the partition quiet)
+    again = worker()
+    again.restore(tp, metadata, 0)
+    out = again.process({tp: [record(0, event(5, {"x": 1.0}))]}, datetime.now(UTC))
+    (said,) = [decode(r.value) for r in out[again.settings.analytics_firm_windows_topic]]
+    assert said["kind"] == "watermark" and said["watermark_ms"] is not None

@@ -249,3 +249,70 @@ def test_restarting_rebuilds_rows_that_updates_moved_into_later_windows() -> Non
         second = PartitionWindows.restore(sizes, grace, metadata)
         closed_after = run(second, [e for e in events if e.offset >= offset])
         assert closed_keys(closed_before) + closed_keys(closed_after) == expected, crash_after
+
+
+def change(
+    offset: int,
+    minute: float,
+    event_id: str,
+    value: float,
+    corrects: str | None = None,
+    *,
+    deleted: bool = False,
+) -> WindowEvent:
+    return WindowEvent(
+        offset,
+        "acme",
+        T0 + int(minute * MINUTE_MS),
+        "sales_order_line",
+        1,
+        {"sales.quantity": value},
+        event_id=event_id,
+        corrects=corrects,
+        deleted=deleted,
+    )
+
+
+def test_a_duplicate_is_recognised_by_its_own_window_also_after_a_restart() -> None:
+    grace = 5 * MINUTE_MS
+    events = [
+        change(0, 62, "a", 1.0),  # A in the second hour
+        change(1, 58, "u", 2.0, "a"),  # restated in the first hour (still open): A moves there
+        change(2, 62, "a", 1.0),  # a stale duplicate of A: its window took it already
+        change(3, 70, "t", 0.0),
+        change(4, 200, "z", 9.0),
+    ]
+    expected = closed_keys(run(PartitionWindows((HOUR,), grace), events))
+    assert expected == [(HOUR, "acme", T0, (2.0,)), (HOUR, "acme", T0 + HOUR * 1000, (0.0,))]
+    first = PartitionWindows((HOUR,), grace)
+    before = run(first, events[:4])
+    offset, metadata = first.commit_point() or (0, None)
+    second = PartitionWindows.restore((HOUR,), grace, metadata)
+    after = run(second, [e for e in events if e.offset >= offset])
+    assert closed_keys(before) + closed_keys(after) == expected
+
+
+def test_a_correction_of_a_correction_restates_the_same_row() -> None:
+    windows = PartitionWindows((HOUR,), grace_ms=0)
+    for e in [change(0, 1, "a", 10), change(1, 2, "u", 11, "a"), change(2, 3, "u2", 12, "u")]:
+        windows.add(e)
+    windows.add(change(3, 61, "t", 0))
+    assert closed_keys(windows.close_due()) == [(HOUR, "acme", T0, (12.0,))]
+
+
+def test_a_stale_duplicate_does_not_bring_back_a_deleted_row() -> None:
+    windows = PartitionWindows((HOUR,), grace_ms=0)
+    windows.add(change(0, 1, "a", 10))
+    windows.add(change(1, 2, "d", 0, "a", deleted=True))
+    assert windows.add(change(2, 1, "a", 10)) == []
+    windows.add(change(3, 61, "t", 0))
+    assert closed_keys(windows.close_due()) == [(HOUR, "acme", T0, ())]
+
+
+def test_the_outcome_does_not_depend_on_how_events_were_batched() -> None:
+    events = [change(0, 30, "a", 5), change(1, 70, "t", 0), change(2, 80, "u", 6, "a")]
+    one_by_one = closed_keys(run(PartitionWindows((HOUR,), grace_ms=0), events))
+    batched = PartitionWindows((HOUR,), grace_ms=0)
+    for e in events:  # one getmany batch: windows are closed once, at its end
+        batched.add(e)
+    assert closed_keys(batched.close_due()) == one_by_one == [(HOUR, "acme", T0, (5.0,))]
