@@ -33,6 +33,7 @@ a closed window is late anyway).
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import orjson
@@ -117,6 +118,8 @@ class PartitionWindows:
     correction restates the same row)."""
     _aliases_of: dict[str, list[str]] = field(default_factory=dict)
     _closed: list[Window] = field(default_factory=list)
+    _ends: list[tuple[int, WindowKey]] = field(default_factory=list)
+    """Heap of (end, key) of the open windows: what the stream time passes, in O(log n)."""
 
     @property
     def watermark_ms(self) -> int | None:
@@ -127,16 +130,23 @@ class PartitionWindows:
         self.next_offset = event.offset + 1
         # Windows the stream time has passed are closed before the next event touches them, so
         # the outcome is the same however the events were batched.
-        self._close_passed()
+        passed = self.watermark_ms
+        if self._ends and passed is not None and self._ends[0][0] <= passed:
+            self._close_passed()
         row = (
             self.aliases.get(event.corrects, event.corrects)
             if event.corrects is not None
             else event.event_id
         )
-        if event.event_id and self._seen(event):
-            # The same event again: clean drops duplicates, but a clean worker that lost its
-            # partition and has not noticed yet can still publish one. Its window took it once.
-            return []
+        keys = [(size, event.tenant, window_start_ms(event.time_ms, size)) for size in self.sizes_s]
+        if event.event_id:
+            for key in keys:
+                window = self.open.get(key)
+                if window is not None and event.event_id in window.seen_ids:
+                    # The same event again: clean drops duplicates, but a clean worker that lost
+                    # its partition and has not noticed yet can still publish one. Its window
+                    # took it once.
+                    return []
         if self.stream_time_ms is None or event.time_ms > self.stream_time_ms:
             self.stream_time_ms = event.time_ms
         if event.corrects is not None:
@@ -148,29 +158,21 @@ class PartitionWindows:
             return []
         watermark = self.stream_time_ms - self.grace_ms
         late: list[int] = []
-        for size in self.sizes_s:
-            start = window_start_ms(event.time_ms, size)
+        for key in keys:
+            size, _, start = key
             if start + size * 1000 <= watermark:
                 late.append(size)
                 continue
-            key = (size, event.tenant, start)
             window = self.open.get(key)
             if window is None:
                 window = self.open[key] = Window(size, event.tenant, start, event.offset)
+                heapq.heappush(self._ends, (window.end_ms, key))
             window.add(event, row)
             self.holding.setdefault(row, []).append(key)
         if event.corrects is not None and event.event_id and len(late) < len(self.sizes_s):
             self.aliases[event.event_id] = row
             self._aliases_of.setdefault(row, []).append(event.event_id)
         return late
-
-    def _seen(self, event: WindowEvent) -> bool:
-        """Whether one of the event's own open windows already took this event id."""
-        for size in self.sizes_s:
-            window = self.open.get((size, event.tenant, window_start_ms(event.time_ms, size)))
-            if window is not None and event.event_id in window.seen_ids:
-                return True
-        return False
 
     def _take_out(self, row_id: str) -> None:
         for key in self.holding.pop(row_id, []):
@@ -188,9 +190,11 @@ class PartitionWindows:
         watermark = self.watermark_ms
         if watermark is None:
             return
-        due = [key for key, window in self.open.items() if window.end_ms <= watermark]
-        for key in due:
-            window = self.open.pop(key)
+        while self._ends and self._ends[0][0] <= watermark:
+            _, key = heapq.heappop(self._ends)
+            window = self.open.pop(key, None)
+            if window is None:
+                continue
             self._closed.append(window)
             for row_id in window.row_ids:
                 keys = self.holding.get(row_id)
