@@ -8,7 +8,8 @@ window's insights are final once published.
 
 Corrections restate a row rather than add one. An event with ``corrects`` set stands for the
 row that ``corrects`` names (an earlier event, or a row id that every change of an ERP row
-names): it takes that row out of every open window that holds it; a delete ends there, an update
+names, or a correction that named one): it takes that row out of every open window that holds
+it; a delete ends there, an update
 or a create then goes into its own window like any event — late if that window has closed. So a
 correction that keeps its original's event time restates the original in its window (or is late
 with it), and a change stamped with a later time (an ERP commit time) counts once, as the row's
@@ -26,9 +27,10 @@ windows (whose insights have deterministic ids, so re-publishing them is harmles
 re-read after a restart whose window had closed before it is skipped as late (it was counted in
 that window, or dropped, the first time); the late-events counter counts it again.
 
-An event whose id an open window already holds is a duplicate and is not counted again (one of
-a closed window is late anyway).
-
+An event whose own window already took its id (even if a correction took it out again) is a
+duplicate and is not counted again; one whose window has closed is late anyway. Windows the
+stream time has passed are closed before the next event is put anywhere, so the outcome is the
+same however the events were batched.
 """
 
 from __future__ import annotations
