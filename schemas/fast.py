@@ -58,22 +58,23 @@ _BOUNDS: dict[type, tuple[float, float]] = {
 }
 
 
+_BOUND_NAMES: dict[type, str] = {
+    annotated_types.MinLen: "min_length",
+    annotated_types.MaxLen: "max_length",
+    annotated_types.Ge: "ge",
+    annotated_types.Gt: "gt",
+    annotated_types.Le: "le",
+    annotated_types.Lt: "lt",
+}
+
+
 def _constraints(metadata: list[Any]) -> dict[str, Any]:
     """msgspec ``Meta`` arguments of a pydantic field's constraints."""
     meta: dict[str, Any] = {}
     for item in metadata:
-        if isinstance(item, annotated_types.MinLen):
-            meta["min_length"] = item.min_length
-        elif isinstance(item, annotated_types.MaxLen):
-            meta["max_length"] = item.max_length
-        elif isinstance(item, annotated_types.Ge):
-            meta["ge"] = item.ge
-        elif isinstance(item, annotated_types.Gt):
-            meta["gt"] = item.gt
-        elif isinstance(item, annotated_types.Le):
-            meta["le"] = item.le
-        elif isinstance(item, annotated_types.Lt):
-            meta["lt"] = item.lt
+        bound = _BOUND_NAMES.get(type(item))
+        if bound is not None:
+            meta[bound] = getattr(item, bound)  # msgspec's Meta names them as annotated_types
         elif type(item).__name__ == "AllowInfNan":
             pass  # every float mirror is finite (see _BOUNDS)
         elif getattr(item, "pattern", None) is not None:

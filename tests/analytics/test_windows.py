@@ -197,60 +197,6 @@ def test_a_correction_counts_in_the_window_of_its_own_time() -> None:
     assert closed_keys(windows.close_due()) == [(HOUR, "acme", T0 + HOUR * 1000, (1.0, 12.0))]
 
 
-def test_restarting_rebuilds_rows_that_updates_moved_into_later_windows() -> None:
-    """ERP change data: an update's event time (the commit time) is later than its row's
-    create, so it takes the row out of an older window into a newer one. Restarting from any
-    commit point must close the same windows with the same rows."""
-    rng = random.Random(11)
-    sizes, grace = (HOUR,), 5 * MINUTE_MS
-    events: list[WindowEvent] = []
-    rows: list[tuple[str, float]] = []  # row id, minute of its latest change
-    for i in range(600):
-        minute = i * 0.5 + rng.uniform(-3, 1)
-        if rows and rng.random() < 0.35:
-            row, _ = rows.pop(rng.randrange(len(rows)))
-            deleted = rng.random() < 0.2
-            events.append(
-                WindowEvent(
-                    i,
-                    "a",
-                    T0 + int(minute * MINUTE_MS),
-                    "sales_order_line",
-                    1,
-                    {"sales.quantity": float(i)},
-                    event_id=f"u{i}",
-                    corrects=row,
-                    deleted=deleted,
-                )
-            )
-            if not deleted:
-                rows.append((row, minute))
-        else:
-            row = f"r{i}"
-            events.append(
-                WindowEvent(
-                    i,
-                    "a",
-                    T0 + int(minute * MINUTE_MS),
-                    "sales_order_line",
-                    1,
-                    {"sales.quantity": float(i)},
-                    event_id=f"c{i}",
-                    corrects=row,
-                )
-            )
-            rows.append((row, minute))
-    expected = closed_keys(run(PartitionWindows(sizes, grace), events))
-    assert len(expected) > 3
-    for crash_after in range(20, 600, 23):
-        first = PartitionWindows(sizes, grace)
-        closed_before = run(first, events[:crash_after])
-        offset, metadata = first.commit_point() or (0, None)
-        second = PartitionWindows.restore(sizes, grace, metadata)
-        closed_after = run(second, [e for e in events if e.offset >= offset])
-        assert closed_keys(closed_before) + closed_keys(closed_after) == expected, crash_after
-
-
 def change(
     offset: int,
     minute: float,
@@ -271,6 +217,37 @@ def change(
         corrects=corrects,
         deleted=deleted,
     )
+
+
+def test_restarting_rebuilds_rows_that_updates_moved_into_later_windows() -> None:
+    """ERP change data: an update's event time (the commit time) is later than its row's
+    create, so it takes the row out of an older window into a newer one. Restarting from any
+    commit point must close the same windows with the same rows."""
+    rng = random.Random(11)
+    sizes, grace = (HOUR,), 5 * MINUTE_MS
+    events: list[WindowEvent] = []
+    rows: list[tuple[str, float]] = []  # row id, minute of its latest change
+    for i in range(600):
+        minute = i * 0.5 + rng.uniform(-3, 1)
+        if rows and rng.random() < 0.35:
+            row, _ = rows.pop(rng.randrange(len(rows)))
+            deleted = rng.random() < 0.2
+            events.append(change(i, minute, f"u{i}", float(i), row, deleted=deleted))
+            if not deleted:
+                rows.append((row, minute))
+        else:
+            row = f"r{i}"
+            events.append(change(i, minute, f"c{i}", float(i), row))
+            rows.append((row, minute))
+    expected = closed_keys(run(PartitionWindows(sizes, grace), events))
+    assert len(expected) > 3
+    for crash_after in range(20, 600, 23):
+        first = PartitionWindows(sizes, grace)
+        closed_before = run(first, events[:crash_after])
+        offset, metadata = first.commit_point() or (0, None)
+        second = PartitionWindows.restore(sizes, grace, metadata)
+        closed_after = run(second, [e for e in events if e.offset >= offset])
+        assert closed_keys(closed_before) + closed_keys(closed_after) == expected, crash_after
 
 
 def test_a_duplicate_is_recognised_by_its_own_window_also_after_a_restart() -> None:
