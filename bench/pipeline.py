@@ -331,14 +331,17 @@ async def gateway_row(
         workdir,
     )
     samples: dict[str, list[float]] = {"ingest": [], "bare": [], "naive": [], "ceiling": []}
-    with stopping([ingest, bare, naive, ceiling]):
-        ports = {"ingest": ingest_port, "bare": bare_port, "naive": naive_port}
-        ports["ceiling"] = ceiling_port
-        children = {"ingest": ingest, "bare": bare, "naive": naive, "ceiling": ceiling}
-        for side, port in ports.items():
-            await wait_for_port(children[side], port)
-        urls = {side: f"http://127.0.0.1:{port}/v1/events" for side, port in ports.items()}
-        # Rotating the three sides is what bench.harness._rotate does; inlined to avoid a cycle.
+    servers = {
+        "ingest": (ingest, ingest_port),
+        "bare": (bare, bare_port),
+        "naive": (naive, naive_port),
+        "ceiling": (ceiling, ceiling_port),
+    }
+    with stopping([child for child, _ in servers.values()]):
+        for child, port in servers.values():
+            await wait_for_port(child, port)
+        urls = {side: f"http://127.0.0.1:{port}/v1/events" for side, (_, port) in servers.items()}
+        # Rotating the sides is what bench.harness._rotate does; inlined to avoid a cycle.
         sides = list(urls)
         for round_no in range(options.warmup + options.repeats):
             requests = build_requests(make_events(options.events), keys, options.events_per_request)

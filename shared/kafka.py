@@ -130,24 +130,17 @@ class BatchPublisher:
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = self.producer.create_batch()
+            headers = list(record.headers) if record.headers else NO_HEADERS
             appended = builder.append(
-                key=record.key,
-                value=record.value,
-                timestamp=None,
-                headers=list(record.headers) if record.headers else NO_HEADERS,
+                key=record.key, value=record.value, timestamp=None, headers=headers
             )
             if appended is None:  # the batch is full: ship it and start another
                 futures.append(await self.producer.send_batch(builder, topic, partition=partition))
                 builder = builders[partition] = self.producer.create_batch()
-                if (
-                    builder.append(
-                        key=record.key,
-                        value=record.value,
-                        timestamp=None,
-                        headers=list(record.headers) if record.headers else NO_HEADERS,
-                    )
-                    is None
-                ):
+                appended = builder.append(
+                    key=record.key, value=record.value, timestamp=None, headers=headers
+                )
+                if appended is None:
                     raise ValueError(f"record of {len(record.value)} bytes exceeds the batch size")
         for partition, builder in builders.items():
             if builder.record_count():

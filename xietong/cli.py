@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import dataclasses
 import io
 import sys
 import uuid
@@ -418,12 +417,13 @@ async def _publish_direct(
     # operator commands need none of it).
     from services.ingest.csvmap import CsvError, parse_csv
     from services.ingest.handlers import (
+        Parsed,
         RequestError,
         parse_json_array,
         split_ndjson,
         validate_parsed,
     )
-    from services.ingest.intake import ForeignTenant, publish_intake, validate_records
+    from services.ingest.intake import ForeignTenant, publish_intake
 
     registry = await loaded_registry(settings)
     try:
@@ -442,23 +442,17 @@ async def _publish_direct(
                 if fmt == "csv":
                     assert type_name is not None and version is not None
                     items = parse_csv(chunk.body, tenant, type_name, version)
-                    originals = {item.index: item.original for item in items}
-                    original_of: Callable[[int], bytes | str] = originals.__getitem__
-                    intake = validate_records(items, tenant, source_system="csv")
+                    parsed = Parsed(items, "csv", source_system="csv")
                 else:
                     parsed = (split_ndjson if fmt == "ndjson" else parse_json_array)(chunk.body)
                     parsed.source_system = "cli"
-                    original_of = parsed.original_of
-                    intake = validate_parsed(parsed, tenant)
+                intake = validate_parsed(parsed, tenant)
             except (CsvError, RequestError) as error:
                 raise click.ClickException(str(error)) from None
             except ForeignTenant as error:
                 raise click.ClickException(
                     f"{error} (nothing of this batch was published)"
                 ) from None
-            intake.refused = [
-                dataclasses.replace(r, original=original_of(r.index)) for r in intake.refused
-            ]
             await publish_intake(
                 publisher, intake, tenant, source_ref=f"{source_ref}@{chunk.first}"
             )

@@ -201,42 +201,41 @@ class FirmWindows:
         self.unannounced.discard(tp)
         self.last_event_at.pop(tp, None)
 
-    def quiet_marks(
-        self, assigned: set[TopicPartition], end_of: Callable[[TopicPartition], int | None]
+    def idle_marks(
+        self,
+        assigned: set[TopicPartition],
+        end_of: Callable[[TopicPartition], int | None],
+        *,
+        fetched_nothing: bool,
     ) -> list[OutRecord]:
-        """Report, once, the partitions that had events but none new for
-        ``analytics_quiet_partition_seconds`` while caught up (``end_of``: the partition's end
-        offset as last fetched), so network-wide windows stop waiting for them. Their next event
-        reports their watermark again, and they are waited for again."""
-        marks = []
-        now = time.monotonic()
-        for tp in sorted(assigned):
-            state = self.states.get(tp)
-            if state is None or state.stream_time_ms is None or tp in self.reported_idle:
-                continue
-            since = self.last_event_at.get(tp, self.restored_at.get(tp, now))
-            if now - since < self.settings.analytics_quiet_partition_seconds:
-                continue
-            end = end_of(tp)
-            if end is None or state.next_offset is None or state.next_offset < end:
-                continue  # not caught up: not quiet, only behind
-            self.reported_idle.add(tp)
-            log.info("source partition quiet: not waited for", extra={"partition": tp.partition})
-            mark = watermark_mark(self.source, tp.partition, self.partitions, None)
-            marks.append(OutRecord(b"network", encode(mark)))
-        return marks
+        """Report, once each, the partitions the network side need not wait for:
 
-    def idle_marks(self, assigned: set[TopicPartition]) -> list[OutRecord]:
-        """Called when a ``getmany`` came back empty (caught up): report the partitions that
-        never had an event, once, so the network side does not wait for them."""
+        - one that never had an event, ``analytics_idle_partition_seconds`` after this worker
+          got it, when a ``getmany`` came back empty (``fetched_nothing``: caught up);
+        - one that had events but none new for ``analytics_quiet_partition_seconds`` while caught
+          up (``end_of``: its end offset as last fetched).
+
+        Their next event reports their watermark again, and they are waited for again."""
         marks = []
         now = time.monotonic()
         for tp in sorted(assigned):
             state = self.states.get(tp)
-            if state is None or state.stream_time_ms is not None or tp in self.reported_idle:
+            if state is None or tp in self.reported_idle:
                 continue
-            if now - self.restored_at.get(tp, now) < self.settings.analytics_idle_partition_seconds:
-                continue
+            if state.stream_time_ms is None:
+                waited = now - self.restored_at.get(tp, now)
+                if not fetched_nothing or waited < self.settings.analytics_idle_partition_seconds:
+                    continue
+            else:
+                since = self.last_event_at.get(tp, self.restored_at.get(tp, now))
+                if now - since < self.settings.analytics_quiet_partition_seconds:
+                    continue
+                end = end_of(tp)
+                if end is None or state.next_offset is None or state.next_offset < end:
+                    continue  # not caught up: not quiet, only behind
+                log.info(
+                    "source partition quiet: not waited for", extra={"partition": tp.partition}
+                )
             self.reported_idle.add(tp)
             mark = watermark_mark(self.source, tp.partition, self.partitions, None)
             marks.append(OutRecord(b"network", encode(mark)))
@@ -361,10 +360,9 @@ async def run_firm_windows(
                 worker.partitions = (
                     len(consumer.partitions_for_topic(source) or ()) or worker.partitions
                 )
-                assigned = consumer.assignment()
-                marks = worker.quiet_marks(assigned, consumer.highwater)
-                if not batch:
-                    marks += worker.idle_marks(assigned)
+                marks = worker.idle_marks(
+                    consumer.assignment(), consumer.highwater, fetched_nothing=not batch
+                )
                 if marks:
                     await publisher.publish(settings.analytics_firm_windows_topic, marks)
                 if not batch:

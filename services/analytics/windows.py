@@ -9,11 +9,11 @@ window's insights are final once published.
 Corrections restate a row rather than add one. An event with ``corrects`` set stands for the
 row that ``corrects`` names (an earlier event, or a row id that every change of an ERP row
 names, or a correction that named one): it takes that row out of every open window that holds
-it; a delete ends there, an update
-or a create then goes into its own window like any event — late if that window has closed. So a
-correction that keeps its original's event time restates the original in its window (or is late
-with it), and a change stamped with a later time (an ERP commit time) counts once, as the row's
-value in the later window; windows already closed keep the earlier value (they are final).
+it; a delete ends there, an update or a create then goes into its own window like any event —
+late if that window has closed. So a correction that keeps its original's event time restates
+the original in its window (or is late with it), and a change stamped with a later time (an ERP
+commit time) counts once, as the row's value in the later window; windows already closed keep
+the earlier value (they are final).
 
 This keeps restarts exact: whether an update found its row or not, it lands in the same window,
 so re-reading from the commit point (below) rebuilds the same open windows.
@@ -132,9 +132,7 @@ class PartitionWindows:
         self.next_offset = event.offset + 1
         # Windows the stream time has passed are closed before the next event touches them, so
         # the outcome is the same however the events were batched.
-        passed = self.watermark_ms
-        if self._ends and passed is not None and self._ends[0][0] <= passed:
-            self._close_passed()
+        self._close_passed()
         row = (
             self.aliases.get(event.corrects, event.corrects)
             if event.corrects is not None

@@ -312,10 +312,9 @@ async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
 
 @dataclass
 class Parsed:
-    """Records of a body, and how to recover the original text of one by its index."""
+    """Records of a body (every refusal the intake makes keeps its record's own text)."""
 
     items: list[Incoming]
-    original_of: Callable[[int], bytes | str]
     format: str
     source_system: str = "http"
     lines: list[tuple[int, Text]] | None = None
@@ -331,20 +330,13 @@ def parse_json_array(body: bytes | bytearray) -> Parsed:
     except (msgspec.DecodeError, RecursionError):
         # Says precisely what is wrong; should orjson read what msgspec did not, use that.
         elements = [encode(record) for record in _json_array(body)]
-    lines = list(enumerate(elements))
-    return Parsed([], originals_of(lines), "json", lines=lines)
+    return Parsed([], "json", lines=list(enumerate(elements)))
 
 
 JSON_ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
 """A JSON array as the undecoded text of each element (each refers to the body, no copy)."""
 
 BLANK = frozenset(b" \t\r\x0b\x0c")
-
-
-def originals_of(lines: list[tuple[int, Text]]) -> Callable[[int], bytes]:
-    """Index -> the record's own bytes (for a refused record's dead letter)."""
-    by_index = dict(lines)
-    return lambda index: bytes(by_index[index])
 
 
 def _json_array(body: bytes | bytearray) -> list[Any]:
@@ -375,7 +367,7 @@ def split_ndjson(body: bytes | bytearray) -> Parsed:
         if end > start and (body[start] not in BLANK or not bytes(view[start:end]).isspace()):
             lines.append((index, view[start:end]))
         start, index = end + 1, index + 1
-    return Parsed([], originals_of(lines), "ndjson", lines=lines)
+    return Parsed([], "ndjson", lines=lines)
 
 
 def parse_csv_body(body: bytes | bytearray, request: web.Request, tenant: str) -> Parsed:
@@ -384,8 +376,7 @@ def parse_csv_body(body: bytes | bytearray, request: web.Request, tenant: str) -
         items = parse_csv(body, tenant, type_name, version)
     except CsvError as error:
         raise RequestError(error.status, str(error)) from None
-    originals = {item.index: item.original for item in items}
-    return Parsed(items, originals.__getitem__, "csv", source_system="csv")
+    return Parsed(items, "csv", source_system="csv")
 
 
 def parse_body(body: bytes | bytearray, request: web.Request, tenant: str) -> Parsed:
@@ -439,10 +430,6 @@ async def post_events(request: web.Request) -> web.Response:
         intake = validate_parsed(parsed, tenant.tenant)
     except ForeignTenant as error:
         raise RequestError(403, str(error), index=error.index) from None
-    intake.refused = [
-        dataclasses.replace(refused, original=parsed.original_of(refused.index))
-        for refused in intake.refused
-    ]
     fmt = parsed.format
     del body, parsed  # the records are all that is needed from here on
 

@@ -94,13 +94,15 @@ def test_partitions_without_any_event_are_reported_idle_once() -> None:
         {TopicPartition(SOURCE, 1): [record(0, event(5, {"x": 1.0}), partition=1)]},
         datetime.now(UTC),
     )
-    marks = [decode(r.value) for r in w.idle_marks(tps)]
+    marks = [decode(r.value) for r in w.idle_marks(tps, lambda _: None, fetched_nothing=True)]
     assert sorted(m["partition"] for m in marks) == [0, 2]
     assert all(m["watermark_ms"] is None and m["partitions"] == 3 for m in marks)
-    assert w.idle_marks(tps) == []
+    assert w.idle_marks(tps, lambda _: None, fetched_nothing=True) == []
     waiting = worker(analytics_idle_partition_seconds=3600)
     waiting.restore(TopicPartition(SOURCE, 0), None)
-    assert waiting.idle_marks({TopicPartition(SOURCE, 0)}) == []
+    assert (
+        waiting.idle_marks({TopicPartition(SOURCE, 0)}, lambda _: None, fetched_nothing=True) == []
+    )
 
 
 def test_a_partition_that_goes_quiet_is_reported_once_and_waited_for_again_on_its_next_event() -> (
@@ -112,10 +114,12 @@ def test_a_partition_that_goes_quiet_is_reported_once_and_waited_for_again_on_it
     w.restore(tp, None)
     out = w.process({tp: [record(0, event(5, {"x": 1.0}))]}, datetime.now(UTC))
     (first,) = [decode(r.value) for r in out[w.settings.analytics_firm_windows_topic]]
-    assert w.quiet_marks({tp}, lambda _: 5) == []  # records left to read: behind, not quiet
-    (mark,) = [decode(r.value) for r in w.quiet_marks({tp}, lambda _: 1)]
+    assert (
+        w.idle_marks({tp}, lambda _: 5, fetched_nothing=False) == []
+    )  # records left to read: behind, not quiet
+    (mark,) = [decode(r.value) for r in w.idle_marks({tp}, lambda _: 1, fetched_nothing=False)]
     assert mark["kind"] == "watermark" and mark["watermark_ms"] is None
-    assert w.quiet_marks({tp}, lambda _: 1) == []  # once
+    assert w.idle_marks({tp}, lambda _: 1, fetched_nothing=False) == []  # once
     # its next event says its watermark again, even one that did not move
     out = w.process({tp: [record(1, event(4, {"x": 2.0}))]}, datetime.now(UTC))
     (again,) = [decode(r.value) for r in out[w.settings.analytics_firm_windows_topic]]
@@ -123,7 +127,7 @@ def test_a_partition_that_goes_quiet_is_reported_once_and_waited_for_again_on_it
     waiting = worker(analytics_quiet_partition_seconds=3600)
     waiting.restore(tp, None)
     waiting.process({tp: [record(0, event(5, {"x": 1.0}))]}, datetime.now(UTC))
-    assert waiting.quiet_marks({tp}, lambda _: 1) == []
+    assert waiting.idle_marks({tp}, lambda _: 1, fetched_nothing=False) == []
 
 
 def test_after_a_restore_a_partition_is_found_quiet_and_its_first_batch_is_announced() -> None:
@@ -135,7 +139,7 @@ def test_after_a_restore_a_partition_is_found_quiet_and_its_first_batch_is_annou
     # a new owner with nothing new to read: caught up at the committed offset, so quiet
     quiet = worker(analytics_quiet_partition_seconds=0)
     quiet.restore(tp, metadata, 0)
-    (mark,) = [decode(r.value) for r in quiet.quiet_marks({tp}, lambda _: 0)]
+    (mark,) = [decode(r.value) for r in quiet.idle_marks({tp}, lambda _: 0, fetched_nothing=False)]
     assert mark["watermark_ms"] is None
     # a new owner whose first event does not move the watermark still says it (the previous
     # owner may have reported the partition quiet)

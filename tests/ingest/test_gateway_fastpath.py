@@ -122,4 +122,7 @@ def test_the_union_picks_the_model_of_the_type_and_the_version() -> None:
 def test_split_ndjson_keeps_line_numbers_and_skips_blank_lines() -> None:
     parsed = split_ndjson(bytearray(b'{"a": 1}\r\n\n  \n[1, 2]\n{broken\n\x0c\n"x"'))
     assert parsed.lines == [(0, b'{"a": 1}\r'), (3, b"[1, 2]"), (4, b"{broken"), (6, b'"x"')]
-    assert parsed.original_of(4) == b"{broken" and parsed.items == []
+    originals = {
+        r.index: r.original for r in validate_json_lines(parsed.lines or [], "acme").refused
+    }
+    assert originals[4] == b"{broken" and parsed.items == []
