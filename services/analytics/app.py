@@ -12,17 +12,19 @@ Two loops run in one process:
 
 1. **Firm windows** (high rate; aiokafka batch loop, consumer group ``analytics``): ``getmany`` on
    the clean topic, each event put in its event-time tumbling windows (default one hour, a daily
-   UTC window on request) per source partition (:mod:`.windows`). When a partition's watermark
-   (its largest event time minus the grace period) passes a window's end, the window closes:
-   ``describe()`` of each metric and ``corr`` of the metrics are computed with pandas and
-   published, and a summary of the window (per metric count and sum) goes to the internal
-   one-partition topic ``analytics.firm-windows.v1``, followed by the partition's new watermark.
+   UTC window on request) per firm (:mod:`.windows`). When the firm's watermark (its largest
+   event time minus the grace period: one firm's clock never moves another firm's windows)
+   passes a window's end, the window closes: ``describe()`` of each metric and ``corr`` of the
+   metrics are computed with pandas and published, and a summary of the window (per metric count
+   and sum) goes to the internal one-partition topic ``analytics.firm-windows.v1``, followed by
+   the partition's network watermark: the smallest of its firms' watermarks that are waited for
+   (not quiet, not far behind the others; a firm ahead cannot close network windows early).
    An event whose window has already closed is late: it is counted
    (``xietong_analytics_late_events_total``), logged and dropped — windows are never revised.
 2. **Network** (low rate; consumer group ``analytics-network`` on the one-partition internal
    topic, so one replica does it): collects the firm summaries; once every source partition's
-   watermark passed a window's end (a partition that never had an event, or that has had no new
-   one for ``analytics_quiet_partition_seconds`` while caught up, is not waited for until it
+   watermark passed a window's end (a partition that never had an event, or whose firms have all
+   sent nothing for ``analytics_quiet_partition_seconds``, is not waited for until one of them
    speaks again), computes that window's benchmarks per industry, region and
    metric (published only if at least ``k`` firms contributed and none makes more than ``p``
    percent of the total), and every ``cluster_refit_windows`` complete windows refits KMeans on
@@ -31,7 +33,7 @@ Two loops run in one process:
 Delivery semantics: **at-least-once, idempotent insights**. Nothing is committed before the
 insights and summaries it produced were acknowledged by Kafka (``acks=all``). Window state needs
 no store: the firm loop commits, per partition, the first offset of its oldest open window with
-the partition's stream time in the commit metadata, so a restarted (or rebalanced) worker
+every firm's watermark in the commit metadata, so a restarted (or rebalanced) worker
 re-reads exactly the span that rebuilds its open windows, and windows closed before the crash
 stay closed. The network loop, on getting its partition, re-reads the internal topic up to its
 committed offset without publishing, which rebuilds its state, then goes on. Anything
@@ -162,6 +164,10 @@ def insight_records(insights: Sequence[Insight]) -> dict[str, list[OutRecord]]:
 # --------------------------------------------------------------------------- firm windows
 
 
+_UNREPORTED = object()
+"""A partition whose network watermark has not been reported since this worker got it."""
+
+
 @dataclass
 class FirmWindows:
     """The per-firm side: windows per source partition, what closes, what to commit."""
@@ -172,13 +178,14 @@ class FirmWindows:
     partitions: int = 1
     states: dict[TopicPartition, PartitionWindows] = field(default_factory=dict)
     restored_at: dict[TopicPartition, float] = field(default_factory=dict)
-    reported_idle: set[TopicPartition] = field(default_factory=set)
-    last_event_at: dict[TopicPartition, float] = field(default_factory=dict)
-    """Monotonic time of each partition's latest batch (quiet partitions are found with it)."""
-
-    unannounced: set[TopicPartition] = field(default_factory=set)
-    """Partitions restored but not yet heard of: their first batch says their watermark even
-    if it did not move (the previous owner may have reported them quiet)."""
+    heard_at: dict[TopicPartition, dict[str, float]] = field(default_factory=dict)
+    """Monotonic time each firm's latest event was read (quiet firms are found with it)."""
+    quiet: dict[TopicPartition, set[str]] = field(default_factory=dict)
+    """The firms of each partition found quiet, until they send again."""
+    reported: dict[TopicPartition, object] = field(default_factory=dict)
+    """The network watermark last reported per partition (None: idle). A partition restored
+    but not yet reported says its watermark even if it did not move: the previous owner may
+    have reported it idle."""
 
     def restore(self, tp: TopicPartition, metadata: str | None, offset: int | None = None) -> None:
         """Fresh state of ``tp`` from its commit's metadata; ``offset`` is the committed offset
@@ -186,60 +193,111 @@ class FirmWindows:
         state = PartitionWindows.restore(
             self.settings.window_sizes, self.settings.analytics_grace_seconds * 1000, metadata
         )
-        if offset is not None and state.stream_time_ms is not None:
+        if offset is not None and state.heard_of:
             state.next_offset = offset
         self.states[tp] = state
         self.restored_at[tp] = time.monotonic()
-        self.reported_idle.discard(tp)
-        self.unannounced.add(tp)
-        self.last_event_at.pop(tp, None)
+        self.heard_at[tp] = {}
+        self.quiet[tp] = set()
+        self.reported[tp] = _UNREPORTED
 
     def drop(self, tp: TopicPartition) -> None:
         self.states.pop(tp, None)
         self.restored_at.pop(tp, None)
-        self.reported_idle.discard(tp)
-        self.unannounced.discard(tp)
-        self.last_event_at.pop(tp, None)
+        self.heard_at.pop(tp, None)
+        self.quiet.pop(tp, None)
+        self.reported.pop(tp, None)
 
-    def idle_marks(
+    def quiet_firms(self, tp: TopicPartition, caught_up: bool) -> set[str]:
+        """Firms of ``tp`` that have sent nothing for ``analytics_quiet_partition_seconds``
+        while the partition is caught up (behind, a firm's events may still be on their way)."""
+        state = self.states[tp]
+        if not caught_up:
+            return set()
+        now, limit = time.monotonic(), self.settings.analytics_quiet_partition_seconds
+        restored = self.restored_at.get(tp, now)
+        heard = self.heard_at.get(tp, {})
+        return {t for t in state.watermarks if now - heard.get(t, restored) >= limit}
+
+    def _mark(self, tp: TopicPartition, watermark: int | None) -> list[OutRecord]:
+        """The partition's network watermark, when it is news."""
+        if self.reported.get(tp, _UNREPORTED) == watermark:
+            return []
+        self.reported[tp] = watermark
+        mark = watermark_mark(self.source, tp.partition, self.partitions, watermark)
+        return [OutRecord(b"network", encode(mark))]
+
+    def network_watermark(self, tp: TopicPartition, quiet: set[str]) -> int | None:
+        state = self.states[tp]
+        lag_ms = int(self.settings.analytics_firm_max_lag_seconds * 1000)
+        return state.network_watermark(set(state.watermarks) - quiet, lag_ms)
+
+    def idle(
         self,
         assigned: set[TopicPartition],
         end_of: Callable[[TopicPartition], int | None],
         *,
         fetched_nothing: bool,
-    ) -> list[OutRecord]:
-        """Report, once each, the partitions the network side need not wait for:
+        now: datetime,
+    ) -> dict[str, list[OutRecord]]:
+        """What time alone produces, by topic:
 
-        - one that never had an event, ``analytics_idle_partition_seconds`` after this worker
-          got it, when a ``getmany`` came back empty (``fetched_nothing``: caught up);
-        - one that had events but none new for ``analytics_quiet_partition_seconds`` while caught
-          up (``end_of``: its end offset as last fetched).
-
-        Their next event reports their watermark again, and they are waited for again."""
-        marks = []
-        now = time.monotonic()
+        - a partition that never had an event is reported idle (watermark None)
+          ``analytics_idle_partition_seconds`` after this worker got it, when a ``getmany`` came
+          back empty (``fetched_nothing``: caught up);
+        - a firm that has sent nothing for ``analytics_quiet_partition_seconds`` while its
+          partition is caught up (``end_of``: its end offset as last fetched) is *quiet*: its
+          windows that ended (by the wall clock ``now``) more than the grace period ago are
+          closed, and the partition's network watermark no longer waits for it (all quiet:
+          idle). Its next event makes it waited for again; events for windows closed meanwhile
+          are late.
+        """
+        s = self.settings
+        out: dict[str, list[OutRecord]] = defaultdict(list)
+        closed: list[Window] = []
+        summaries = out[s.analytics_firm_windows_topic]
         for tp in sorted(assigned):
             state = self.states.get(tp)
-            if state is None or tp in self.reported_idle:
+            if state is None:
                 continue
-            if state.stream_time_ms is None:
-                waited = now - self.restored_at.get(tp, now)
-                if not fetched_nothing or waited < self.settings.analytics_idle_partition_seconds:
-                    continue
-            else:
-                since = self.last_event_at.get(tp, self.restored_at.get(tp, now))
-                if now - since < self.settings.analytics_quiet_partition_seconds:
-                    continue
-                end = end_of(tp)
-                if end is None or state.next_offset is None or state.next_offset < end:
-                    continue  # not caught up: not quiet, only behind
+            if not state.heard_of:
+                waited = time.monotonic() - self.restored_at.get(tp, time.monotonic())
+                if fetched_nothing and waited >= s.analytics_idle_partition_seconds:
+                    summaries += self._mark(tp, None)
+                continue
+            end = end_of(tp)
+            caught_up = end is not None and state.next_offset is not None
+            caught_up = caught_up and state.next_offset >= end  # type: ignore[operator]
+            quiet = self.quiet[tp] = self.quiet_firms(tp, caught_up)
+            upto = int(now.timestamp() * 1000) - s.analytics_grace_seconds * 1000
+            if any([state.close_quiet(t, upto) for t in sorted(quiet & state.open_tenants())]):
                 log.info(
-                    "source partition quiet: not waited for", extra={"partition": tp.partition}
+                    "quiet firms' windows closed",
+                    extra={"partition": tp.partition, "firms": len(quiet)},
                 )
-            self.reported_idle.add(tp)
-            mark = watermark_mark(self.source, tp.partition, self.partitions, None)
-            marks.append(OutRecord(b"network", encode(mark)))
-        return marks
+                for window in state.close_due():
+                    closed.append(window)
+                    summaries.append(
+                        OutRecord(b"network", encode(firm_summary(window, self.source)))
+                    )
+            summaries += self._mark(tp, self.network_watermark(tp, quiet))
+        self._publish_insights(closed, now, out)
+        return out
+
+    def _publish_insights(
+        self, closed: list[Window], produced_at: datetime, out: dict[str, list[OutRecord]]
+    ) -> None:
+        # one grouped pandas computation for every window closed at once
+        s = self.settings
+        insights = window_insights(
+            closed,
+            self.origin,
+            produced_at,
+            align_s=s.analytics_correlation_align_seconds,
+            min_points=s.analytics_correlation_min_points,
+        )
+        for topic, records_out in insight_records(insights).items():
+            out[topic] += records_out
 
     def process(self, batch: Batch, produced_at: datetime) -> dict[str, list[OutRecord]]:
         """Everything one ``getmany`` batch produces, by topic."""
@@ -252,13 +310,9 @@ class FirmWindows:
                 log.warning("partition without restored state", extra={"partition": tp.partition})
                 self.restore(tp, None)
                 state = self.states[tp]
-            before = state.watermark_ms
-            self.last_event_at[tp] = time.monotonic()
-            # reported quiet (by this worker or, before a restore, maybe by another): say its
-            # watermark again, so the network waits for it again
-            resumed = tp in self.reported_idle or tp in self.unannounced
-            self.reported_idle.discard(tp)
-            self.unannounced.discard(tp)
+            heard = self.heard_at.setdefault(tp, {})
+            now = time.monotonic()
+            heard_now: set[str] = set()
             late: dict[int, int] = defaultdict(int)
             for record in records:
                 try:
@@ -271,8 +325,11 @@ class FirmWindows:
                     out[dlq(self.source)].append(dead_letter_record(letter))
                     DEAD_LETTERS.inc()
                     continue
+                heard[event.tenant] = now
+                heard_now.add(event.tenant)
                 for size in state.add(event):
                     late[size] += 1
+            state.take_late()
             EVENTS.inc(len(records))
             for size, count in late.items():
                 LATE_EVENTS.labels(str(size)).inc(count)
@@ -284,26 +341,16 @@ class FirmWindows:
             for window in state.close_due():
                 closed.append(window)
                 summaries.append(OutRecord(b"network", encode(firm_summary(window, self.source))))
-            watermark = state.watermark_ms
-            if watermark is not None and (watermark != before or resumed):
-                mark = watermark_mark(self.source, tp.partition, self.partitions, watermark)
-                summaries.append(OutRecord(b"network", encode(mark)))
-        # one grouped pandas computation for every window this batch closed
-        insights = window_insights(
-            closed,
-            self.origin,
-            produced_at,
-            align_s=s.analytics_correlation_align_seconds,
-            min_points=s.analytics_correlation_min_points,
-        )
-        for topic, records_out in insight_records(insights).items():
-            out[topic] += records_out
+            # the firms just read are not quiet any more; which others are, time alone says
+            quiet = self.quiet[tp] = self.quiet.get(tp, set()) - set(heard_now)
+            summaries += self._mark(tp, self.network_watermark(tp, quiet))
+        self._publish_insights(closed, produced_at, out)
         return out
 
     def commit_points(self, assigned: set[TopicPartition]) -> dict[TopicPartition, tuple[int, str]]:
         points = {}
         for tp, state in self.states.items():
-            point = state.commit_point()
+            point = state.commit_point(self.settings.analytics_commit_metadata_max_bytes)
             if tp in assigned and point is not None:
                 points[tp] = point
         return points
@@ -360,11 +407,16 @@ async def run_firm_windows(
                 worker.partitions = (
                     len(consumer.partitions_for_topic(source) or ()) or worker.partitions
                 )
-                marks = worker.idle_marks(
-                    consumer.assignment(), consumer.highwater, fetched_nothing=not batch
+                idle = worker.idle(
+                    consumer.assignment(),
+                    consumer.highwater,
+                    fetched_nothing=not batch,
+                    now=datetime.now(UTC),
                 )
-                if marks:
-                    await publisher.publish(settings.analytics_firm_windows_topic, marks)
+                if any(idle.values()):
+                    await publisher.publish_many(dict(idle.items()))
+                    if not batch:  # quiet firms' windows closed: the commit moves on
+                        await _commit(consumer, worker.commit_points(consumer.assignment()))
                 if not batch:
                     continue
                 try:

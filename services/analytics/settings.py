@@ -55,10 +55,23 @@ class AnalyticsSettings(XietongSettings):
     analytics_quiet_partition_seconds: float = Field(
         300.0,
         ge=0,
-        description="A source partition that had events but has had no new one for this long "
-        "(and is caught up) is reported quiet: network-wide windows stop waiting for it until "
-        "its next event. Summaries of its firms for windows completed meanwhile come too late "
-        "for those benchmarks.",
+        description="A firm that has sent nothing for this long (its source partition caught up) "
+        "is quiet: its windows that ended by the wall clock are closed, and network-wide windows "
+        "stop waiting for it until its next event (a partition whose firms are all quiet is "
+        "idle). Summaries of its windows completed meanwhile come too late for benchmarks.",
+    )
+    analytics_firm_max_lag_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="A firm whose watermark is more than this behind the median of its "
+        "partition's firms (a clock stuck in the past, a firm only back-filling) is not waited "
+        "for by network-wide windows; a firm ahead never closes them for the others.",
+    )
+    analytics_commit_metadata_max_bytes: int = Field(
+        4096,
+        ge=64,
+        description="Most bytes of firm watermarks a commit carries (the broker's "
+        "offset.metadata.max.bytes); firms beyond it are kept in the local state store.",
     )
     analytics_retain_windows: int = Field(
         168, ge=1, description="Windows of per-firm summaries the cross-firm loop keeps."

@@ -41,6 +41,7 @@ from schemas.insights import (
 from schemas.topics import INSIGHT_TOPICS
 from services.analytics.app import run_analytics
 from services.analytics.settings import AnalyticsSettings
+from services.analytics.windows import decode_metadata, watermarks_of
 from shared.codec import decode, encode
 from shared.control import ControlWriter
 from shared.kafka import (
@@ -407,15 +408,18 @@ async def test_a_known_data_set_comes_out_as_pandas_and_scikit_learn_compute_it(
             assert profile == {}
 
 
-async def committed_stream_times(settings: AnalyticsSettings, source: str) -> dict[int, int]:
+async def committed_watermarks(
+    settings: AnalyticsSettings, source: str
+) -> dict[int, dict[str, int]]:
     admin = AIOKafkaAdminClient(**connection_config(settings))
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(settings.analytics_group_id)
     finally:
         await admin.close()
+    grace_ms = settings.analytics_grace_seconds * 1000
     return {
-        tp.partition: decode(meta.metadata)["stream_time_ms"]
+        tp.partition: watermarks_of(decode_metadata(meta.metadata), grace_ms)[0]
         for tp, meta in offsets.items()
         if tp.topic == source and meta.offset >= 0 and meta.metadata
     }
@@ -451,15 +455,18 @@ async def test_a_restarted_worker_keeps_its_open_windows_and_does_not_reopen_clo
     await ensure_topics(s, [source], partitions=PARTITIONS)
     await publish(s, source, part_one)
 
-    # what each partition's committed stream time must reach once the first worker read it all
+    # what each firm's committed watermark (floored to the hour) must reach once the first
+    # worker read it all
     partition_of = {
         t: DefaultPartitioner()(t.encode(), list(range(PARTITIONS)), list(range(PARTITIONS)))
         for t in firms
     }
-    wanted: dict[int, int] = {}
+    wanted: dict[int, dict[str, int]] = {}
     for e in part_one:
-        p = partition_of[e.tenant]
-        wanted[p] = max(wanted.get(p, 0), int(e.at.timestamp() * 1000))
+        mark = int((e.at - timedelta(seconds=s.analytics_grace_seconds)).timestamp() * 1000)
+        mark -= mark % 3_600_000
+        firm_marks = wanted.setdefault(partition_of[e.tenant], {})
+        firm_marks[e.tenant] = max(firm_marks.get(e.tenant, mark), mark)
 
     ours = set(firms)
     async with analytics(s, source) as first:
@@ -473,7 +480,7 @@ async def test_a_restarted_worker_keeps_its_open_windows_and_does_not_reopen_clo
         )
         async with asyncio.timeout(60):
             while {
-                p: t for p, t in (await committed_stream_times(s, source)).items() if p in wanted
+                p: t for p, t in (await committed_watermarks(s, source)).items() if p in wanted
             } != wanted:
                 assert not first.done()
                 await asyncio.sleep(0.2)
@@ -591,3 +598,46 @@ async def test_the_network_side_rebuilds_its_state_after_a_restart(
     # W0 had six firms: benchmarked once, before the restart; W1 had three: never
     assert {b.provenance.window_start for b in benchmarks} == {W0}
     assert len(latest(benchmarks)) == 3
+
+
+async def test_a_firm_dating_an_event_2036_leaves_another_firms_windows_working_after_a_restart(
+    analytics_settings: AnalyticsSettings, unique_name: Callable[[str], str]
+) -> None:
+    s = analytics_settings
+    source = unique_name("clean")
+    tag = uuid.uuid4().hex[:6]
+    ahead, on_time = f"ahead-{tag}", f"ontime-{tag}"
+    rng = random.Random(2036)
+    before = [
+        *firm_events(on_time, rng, 50.0, 20.0, 900.0),
+        Sent(ahead, datetime(2036, 1, 1, tzinfo=UTC), {"sales.quantity": 1.0}),
+        *firm_events(on_time, rng, 50.0, 20.0, 900.0, W0 + HOUR)[:4],
+    ]
+    after = [
+        *firm_events(on_time, rng, 50.0, 20.0, 900.0, W0 + HOUR)[4:],
+        *ticks([on_time], W0 + 2 * HOUR + timedelta(minutes=10)),
+    ]
+    await register(s, {ahead: (f"clock-{tag}", "east"), on_time: (f"clock-{tag}", "east")})
+    await ensure_topics(s, [source], partitions=1)  # both firms on one partition
+    await publish(s, source, before)
+    late = ("xietong_analytics_late_events_total", {"window_seconds": "3600"})
+    late_before = REGISTRY.get_sample_value(*late) or 0.0
+
+    def of_on_time(i: Insight) -> bool:
+        return i.tenant == on_time
+
+    async with analytics(s, source) as first:
+        await collect(s, "statistics", of_on_time, lambda got: len(latest(got)) >= 3, first)
+        async with asyncio.timeout(60):  # the firm's watermark is committed
+            while on_time not in (await committed_watermarks(s, source)).get(0, {}):
+                assert not first.done()
+                await asyncio.sleep(0.2)
+    await publish(s, source, after)
+    async with analytics(s, source) as second:
+        statistics = await collect(
+            s, "statistics", of_on_time, lambda got: len(latest(got)) >= 6, second
+        )
+    # nothing of on_time's came late
+    assert (REGISTRY.get_sample_value(*late) or 0.0) == late_before
+    expected = counted_frame([e for e in [*before, *after] if e.tenant == on_time])
+    assert_statistics_equal_describe(list(latest(statistics).values()), expected)  # type: ignore[arg-type]

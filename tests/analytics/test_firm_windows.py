@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from aiokafka import TopicPartition
@@ -15,6 +16,7 @@ from services.analytics.app import FirmWindows
 from services.analytics.handlers import Origin
 from services.analytics.settings import load_analytics_settings
 from shared.codec import decode, encode
+from shared.kafka import OutRecord
 
 SOURCE = "events.clean.v1"
 W0 = datetime(2026, 11, 2, 10, tzinfo=UTC)
@@ -44,6 +46,19 @@ def worker(**overrides: object) -> FirmWindows:
     return FirmWindows(settings, SOURCE, Origin((SOURCE,), "test"))
 
 
+def marks_of(
+    w: FirmWindows,
+    assigned: set[TopicPartition],
+    end_of: Callable[[TopicPartition], int | None],
+    *,
+    fetched_nothing: bool,
+) -> list[OutRecord]:
+    """The watermark marks time alone produces."""
+    out = w.idle(assigned, end_of, fetched_nothing=fetched_nothing, now=datetime.now(UTC))
+    internal = out[w.settings.analytics_firm_windows_topic]
+    return [r for r in internal if decode(r.value)["kind"] == "watermark"]
+
+
 def test_a_batch_closes_windows_into_insights_summaries_and_a_watermark_mark() -> None:
     w = worker()
     tp = TopicPartition(SOURCE, 0)
@@ -67,7 +82,10 @@ def test_a_batch_closes_windows_into_insights_summaries_and_a_watermark_mark() -
     # the window closed: the commit moves past it, with the stream time in the metadata
     offset, metadata = w.commit_points({tp})[tp]
     assert offset == len(values)
-    assert decode(metadata)["stream_time_ms"] == internal[1]["watermark_ms"] + 60_000
+    # the firm's watermark, floored to the hour (every window end is a whole hour)
+    assert decode(metadata)["w"] == {
+        str(int((W0 + timedelta(hours=1)).timestamp()) // 3600): "acme"
+    }
 
 
 def test_unreadable_records_go_to_the_dead_letter_topic_and_the_batch_goes_on() -> None:
@@ -94,14 +112,14 @@ def test_partitions_without_any_event_are_reported_idle_once() -> None:
         {TopicPartition(SOURCE, 1): [record(0, event(5, {"x": 1.0}), partition=1)]},
         datetime.now(UTC),
     )
-    marks = [decode(r.value) for r in w.idle_marks(tps, lambda _: None, fetched_nothing=True)]
+    marks = [decode(r.value) for r in marks_of(w, tps, lambda _: None, fetched_nothing=True)]
     assert sorted(m["partition"] for m in marks) == [0, 2]
     assert all(m["watermark_ms"] is None and m["partitions"] == 3 for m in marks)
-    assert w.idle_marks(tps, lambda _: None, fetched_nothing=True) == []
+    assert marks_of(w, tps, lambda _: None, fetched_nothing=True) == []
     waiting = worker(analytics_idle_partition_seconds=3600)
     waiting.restore(TopicPartition(SOURCE, 0), None)
     assert (
-        waiting.idle_marks({TopicPartition(SOURCE, 0)}, lambda _: None, fetched_nothing=True) == []
+        marks_of(waiting, {TopicPartition(SOURCE, 0)}, lambda _: None, fetched_nothing=True) == []
     )
 
 
@@ -115,19 +133,25 @@ def test_a_partition_that_goes_quiet_is_reported_once_and_waited_for_again_on_it
     out = w.process({tp: [record(0, event(5, {"x": 1.0}))]}, datetime.now(UTC))
     (first,) = [decode(r.value) for r in out[w.settings.analytics_firm_windows_topic]]
     assert (
-        w.idle_marks({tp}, lambda _: 5, fetched_nothing=False) == []
+        marks_of(w, {tp}, lambda _: 5, fetched_nothing=False) == []
     )  # records left to read: behind, not quiet
-    (mark,) = [decode(r.value) for r in w.idle_marks({tp}, lambda _: 1, fetched_nothing=False)]
+    quiet = w.idle({tp}, lambda _: 1, fetched_nothing=False, now=datetime.now(UTC))
+    summary, mark = [decode(r.value) for r in quiet[w.settings.analytics_firm_windows_topic]]
+    # its only firm is quiet: its window, long past by the wall clock, closes without a next
+    # event, and the partition is not waited for
+    assert summary["kind"] == "window" and summary["tenant"] == "acme"
+    assert len(quiet[INSIGHT_TOPICS["statistics"]]) == 1
     assert mark["kind"] == "watermark" and mark["watermark_ms"] is None
-    assert w.idle_marks({tp}, lambda _: 1, fetched_nothing=False) == []  # once
-    # its next event says its watermark again, even one that did not move
+    assert marks_of(w, {tp}, lambda _: 1, fetched_nothing=False) == []  # once
+    # its next event says its watermark again: the end of the window closed
     out = w.process({tp: [record(1, event(4, {"x": 2.0}))]}, datetime.now(UTC))
     (again,) = [decode(r.value) for r in out[w.settings.analytics_firm_windows_topic]]
-    assert again["watermark_ms"] == first["watermark_ms"] is not None
+    assert again["watermark_ms"] == int((W0 + timedelta(hours=1)).timestamp() * 1000)
+    assert again["watermark_ms"] > first["watermark_ms"]
     waiting = worker(analytics_quiet_partition_seconds=3600)
     waiting.restore(tp, None)
     waiting.process({tp: [record(0, event(5, {"x": 1.0}))]}, datetime.now(UTC))
-    assert waiting.idle_marks({tp}, lambda _: 1, fetched_nothing=False) == []
+    assert marks_of(waiting, {tp}, lambda _: 1, fetched_nothing=False) == []
 
 
 def test_after_a_restore_a_partition_is_found_quiet_and_its_first_batch_is_announced() -> None:
@@ -139,7 +163,7 @@ def test_after_a_restore_a_partition_is_found_quiet_and_its_first_batch_is_annou
     # a new owner with nothing new to read: caught up at the committed offset, so quiet
     quiet = worker(analytics_quiet_partition_seconds=0)
     quiet.restore(tp, metadata, 0)
-    (mark,) = [decode(r.value) for r in quiet.idle_marks({tp}, lambda _: 0, fetched_nothing=False)]
+    (mark,) = [decode(r.value) for r in marks_of(quiet, {tp}, lambda _: 0, fetched_nothing=False)]
     assert mark["watermark_ms"] is None
     # a new owner whose first event does not move the watermark still says it (the previous
     # owner may have reported the partition quiet)
@@ -148,3 +172,48 @@ def test_after_a_restore_a_partition_is_found_quiet_and_its_first_batch_is_annou
     out = again.process({tp: [record(0, event(5, {"x": 1.0}))]}, datetime.now(UTC))
     (said,) = [decode(r.value) for r in out[again.settings.analytics_firm_windows_topic]]
     assert said["kind"] == "watermark" and said["watermark_ms"] is not None
+
+
+def firm_event(tenant: str, at: datetime, metrics: dict[str, float]) -> bytes:
+    return encode(
+        CleanEvent(
+            event_id=uuid.uuid4(),
+            tenant=tenant,
+            type="sales_order_line",
+            schema_version=1,
+            occurred_at=at,
+            source={"system": "test"},  # type: ignore[arg-type]
+            payload={},
+            metrics=metrics,
+        )
+    )
+
+
+def test_a_firm_ahead_closes_no_other_firms_window_and_no_network_window() -> None:
+    w = worker(analytics_quiet_partition_seconds=3600)
+    tp = TopicPartition(SOURCE, 0)
+    w.restore(tp, None)
+    values = [
+        firm_event("bb", W0 + timedelta(minutes=5), {"x": 1.0}),
+        firm_event("aa", datetime(2036, 1, 1, tzinfo=UTC), {"x": 1.0}),
+        firm_event("bb", W0 + timedelta(minutes=30), {"x": 2.0}),
+    ]
+    out = w.process({tp: [record(i, v) for i, v in enumerate(values)]}, datetime.now(UTC))
+    assert out[INSIGHT_TOPICS["statistics"]] == []  # b's window is open, a's too
+    (mark,) = [decode(r.value) for r in out[w.settings.analytics_firm_windows_topic]]
+    assert mark["watermark_ms"] == int((W0 + timedelta(minutes=29)).timestamp() * 1000)
+    # b's next hour closes b's window, and the partition's mark is still b's
+    out = w.process(
+        {tp: [record(3, firm_event("bb", W0 + timedelta(minutes=62), {"x": 3.0}))]},
+        datetime.now(UTC),
+    )
+    (stats,) = [decode(r.value) for r in out[INSIGHT_TOPICS["statistics"]]]
+    assert stats["tenant"] == "bb" and stats["count"] == 2
+    marks = [decode(r.value) for r in out[w.settings.analytics_firm_windows_topic]]
+    assert marks[-1]["watermark_ms"] == int((W0 + timedelta(minutes=61)).timestamp() * 1000)
+    # b goes quiet: no longer waited for; now a, alone, is the partition's mark
+    w.heard_at[tp]["bb"] -= 7200
+    (quiet,) = [decode(r.value) for r in marks_of(w, {tp}, lambda _: 4, fetched_nothing=False)]
+    assert (
+        quiet["watermark_ms"] == int(datetime(2036, 1, 1, tzinfo=UTC).timestamp() * 1000) - 60_000
+    )

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import random
 
-from services.analytics.windows import PartitionWindows, Window, WindowEvent, window_start_ms
+from services.analytics.windows import (
+    PartitionWindows,
+    Window,
+    WindowEvent,
+    decode_metadata,
+    window_start_ms,
+)
 
 HOUR = 3600
 MINUTE_MS = 60_000
@@ -57,11 +63,12 @@ def test_an_event_within_grace_counts_and_one_after_it_is_late() -> None:
     assert closed_keys(closed) == [(HOUR, "acme", T0, (1.0, 3.0))]
 
 
-def test_events_without_metrics_move_stream_time_but_fill_no_window() -> None:
+def test_events_without_metrics_move_their_firms_watermark_but_fill_no_window() -> None:
     state = PartitionWindows((HOUR,), grace_ms=0)
     state.add(event(0, 5))
-    tick = WindowEvent(1, "other", T0 + 3 * HOUR * 1000, "text_document", 1, {})
-    assert state.add(tick) == []
+    state.add(WindowEvent(1, "other", T0 + 3 * HOUR * 1000, "text_document", 1, {}))
+    assert state.close_due() == []  # another firm's tick closes nothing of acme's
+    state.add(WindowEvent(2, "acme", T0 + 3 * HOUR * 1000, "text_document", 1, {}))
     assert [w.tenant for w in state.close_due()] == ["acme"]
     assert state.open == {}
 
@@ -76,7 +83,7 @@ def test_daily_and_hourly_windows_side_by_side() -> None:
     assert (86_400, "acme", window_start_ms(T0, 86_400)) in state.open
 
 
-def test_commit_point_is_the_oldest_open_window_and_carries_stream_time() -> None:
+def test_commit_point_is_the_oldest_open_window_and_carries_every_firms_watermark() -> None:
     state = PartitionWindows((HOUR,), grace_ms=5 * MINUTE_MS)
     assert state.commit_point() is None
     state.add(event(10, 50, tenant="a"))
@@ -85,11 +92,19 @@ def test_commit_point_is_the_oldest_open_window_and_carries_stream_time() -> Non
     offset, metadata = state.commit_point() or (None, "")
     assert offset == 10
     restored = PartitionWindows.restore((HOUR,), 5 * MINUTE_MS, metadata)
-    assert restored.stream_time_ms == state.stream_time_ms
-    state.add(event(13, 80, tenant="c"))  # closes both first windows
+    # floored to the hour: every decision compares a watermark with a window end
+    assert restored.watermarks == {"a": T0 + HOUR * 1000, "b": T0}
+    state.add(event(13, 80, tenant="a"))  # closes a's first window only
+    state.add(event(14, 80, tenant="c"))
+    assert [w.tenant for w in state.close_due()] == ["a"]
+    assert state.commit_point()[0] == 11  # type: ignore[index]  # b's window is still open
+    state.add(event(15, 70, tenant="b"))
     state.close_due()
-    assert state.commit_point() == (12, state.commit_point()[1])  # type: ignore[index]
-    assert PartitionWindows.restore((HOUR,), 0, "not json").stream_time_ms is None
+    assert state.commit_point()[0] == 12  # type: ignore[index]
+    assert PartitionWindows.restore((HOUR,), 0, "not json").watermarks == {}
+    # a commit made when the stream time was the partition's keeps its windows closed
+    legacy = PartitionWindows.restore((HOUR,), 0, f'{{"stream_time_ms": {T0 + HOUR * 1000}}}')
+    assert legacy.add(event(0, 30, tenant="new")) == [HOUR]
 
 
 def run(state: PartitionWindows, events: list[WindowEvent]) -> list[Window]:
@@ -120,6 +135,97 @@ def test_restarting_from_any_commit_point_closes_the_same_windows() -> None:
         closed_after = run(second, [e for e in events if e.offset >= offset])
         # windows closed before the crash are not closed again, and nothing is lost
         assert closed_keys(closed_before) + closed_keys(closed_after) == expected
+
+
+SKEW_MINUTES = {"a": 0.0, "b": -45.0, "c": 20.0, "d": -150.0, "far": 5_000_000.0}
+"""Firms' clocks: on time, behind, ahead, far behind, and one dated about ten years ahead."""
+
+
+def skewed_events(count: int, seed: int) -> list[WindowEvent]:
+    rng = random.Random(seed)
+    return [
+        event(i, max(0.0, 200 + i * 0.7 + SKEW_MINUTES[t] + rng.uniform(-12, 3)), t, float(i))
+        for i, t in ((i, rng.choice(list(SKEW_MINUTES))) for i in range(count))
+    ]
+
+
+def restart_everywhere(
+    events: list[WindowEvent],
+    sizes: tuple[int, ...],
+    grace: int,
+    max_bytes: int = 4096,
+    kept: dict[str, str] | None = None,
+) -> list[tuple[int, str, int, tuple[float, ...]]]:
+    """Closed windows of one run; asserts that a restart from every commit point closes the
+    same (``kept``: where the full metadata of a commit that left firms out is kept)."""
+    expected = closed_keys(run(PartitionWindows(sizes, grace), events))
+    for crash_after in range(1, len(events)):
+        first = PartitionWindows(sizes, grace)
+        closed_before = run(first, events[:crash_after])
+        offset, metadata = first.commit_point(max_bytes) or (0, None)
+        assert metadata is None or len(metadata.encode()) <= max_bytes
+        if kept is not None and first.full_metadata is not None:
+            kept[decode_metadata(metadata)["n"]] = first.full_metadata
+        lookup = None if kept is None else kept.get
+        second = PartitionWindows.restore(sizes, grace, metadata, lookup)
+        closed_after = run(second, [e for e in events if e.offset >= offset])
+        # windows closed before the crash are not closed again, and nothing is lost
+        assert closed_keys(closed_before) + closed_keys(closed_after) == expected, crash_after
+    return expected
+
+
+def test_restarting_from_every_commit_point_with_firms_on_skewed_clocks() -> None:
+    events = skewed_events(300, seed=3)
+    expected = restart_everywhere(events, (HOUR, 86_400), 5 * MINUTE_MS)
+    assert {tenant for _, tenant, _, _ in expected} == set(SKEW_MINUTES)
+    # the firm ten years ahead closed nobody else's window: each firm's hours hold its events
+    assert sum(len(rows) for size, _, _, rows in expected if size == HOUR) > 250
+
+
+def test_metadata_of_hundreds_of_firms_fits_kafkas_limit_and_restores_exactly() -> None:
+    rng = random.Random(5)
+    names = [f"firm-{i:03d}-" + "".join(rng.choices("abcdefghijk", k=40)) for i in range(400)]
+    events = [
+        event(i, i * 0.3 + rng.uniform(-30, 30) + (i % 7) * 90, names[i % len(names)])
+        for i in range(1200)
+    ]
+    state = PartitionWindows((HOUR,), 5 * MINUTE_MS)
+    run(state, events)
+    for tenant in names[20:]:  # gone quiet: their windows closed without a next event
+        state.close_quiet(tenant, T0 + 100 * HOUR * 1000)
+    run(state, [event(1200 + i, 400 + i, names[i % 20]) for i in range(100)])
+    offset, metadata = state.commit_point() or (0, "")
+    assert len(metadata.encode()) <= 4096
+    assert state.full_metadata is not None  # 400 firms of 49 characters do not fit
+    restored = PartitionWindows.restore((HOUR,), 5 * MINUTE_MS, metadata)
+    listed = {t for t in names if t in restored.watermarks}
+    assert state.open_tenants() <= listed and 0 < len(listed) < len(names)
+    # a left-out firm is taken as closed through the latest of their watermarks: never earlier
+    for tenant in set(names) - listed:
+        assert restored.watermark_of(tenant) >= state.watermarks[tenant] - HOUR * 1000  # type: ignore[operator]
+    kept: dict[str, str] = {}
+    exact = PartitionWindows.restore(
+        (HOUR,), 5 * MINUTE_MS, metadata, {decode_metadata(metadata)["n"]: state.full_metadata}.get
+    )
+    assert set(exact.watermarks) == set(names)
+    # with a small limit, restarting from every commit point is exact where the full metadata
+    # was kept ...
+    few = [event(i, i * 1.5 + rng.uniform(-10, 10), names[i % 60], float(i)) for i in range(160)]
+    expected = restart_everywhere(few, (HOUR,), 5 * MINUTE_MS, max_bytes=600, kept=kept)
+    assert kept and expected
+    # ... and without it (a new disk) no window is closed twice and no event counted twice
+    for crash_after in range(1, len(few), 9):
+        first = PartitionWindows((HOUR,), 5 * MINUTE_MS)
+        before = run(first, few[:crash_after])
+        offset, metadata = first.commit_point(600) or (0, "")
+        after = run(
+            PartitionWindows.restore((HOUR,), 5 * MINUTE_MS, metadata),
+            [e for e in few if e.offset >= offset],
+        )
+        keys = [(w.size_s, w.tenant, w.start_ms) for w in before + after]
+        assert len(keys) == len(set(keys))
+        counted = [v for w in before + after for v in (r["sales.quantity"] for r in w.rows)]
+        assert len(counted) == len(set(counted)) <= len(few)
 
 
 def correction(
@@ -159,7 +265,7 @@ def test_an_update_replaces_its_original_and_a_delete_removes_it() -> None:
     windows.add(correction(4, 5, corrects="b", value=20, deleted=True))
     windows.add(with_id(event(5, 61), "tick"))
     assert closed_keys(windows.close_due()) == [(HOUR, "acme", T0, (12.0,))]
-    assert "a" not in windows.holding  # closed windows leave no index behind
+    assert ("acme", "a") not in windows.holding  # closed windows leave no index behind
 
 
 def test_a_row_named_by_every_change_can_be_deleted_and_inserted_again() -> None:
@@ -293,3 +399,17 @@ def test_the_outcome_does_not_depend_on_how_events_were_batched() -> None:
     for e in events:  # one getmany batch: windows are closed once, at its end
         batched.add(e)
     assert closed_keys(batched.close_due()) == one_by_one == [(HOUR, "acme", T0, (5.0,))]
+
+
+def test_one_firms_event_from_2036_does_not_make_another_firms_next_window_late() -> None:
+    state = PartitionWindows((HOUR,), grace_ms=5 * MINUTE_MS)
+    state.add(event(0, 10, tenant="b"))
+    year_2036 = WindowEvent(1, "a", 2_085_000_000_000, "sales_order_line", 1, {"x": 1.0})
+    state.add(year_2036)
+    assert state.add(event(2, 20, tenant="b")) == []  # b's open window still takes it
+    assert state.add(event(3, 70, tenant="b")) == []  # and b's next window is not late
+    assert [(w.tenant, len(w.rows)) for w in state.close_due()] == [("b", 2)]
+    # the same after a restart: the commit carries b's watermark, not the partition's
+    offset, metadata = state.commit_point() or (0, "")
+    restored = PartitionWindows.restore((HOUR,), 5 * MINUTE_MS, metadata)
+    assert restored.add(event(4, 75, tenant="b")) == []
