@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from shared.settings import XietongSettings
 
@@ -46,6 +46,12 @@ class OutRecord(NamedTuple):
 
 
 Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition of ``key`` among ``partitions``, as :class:`BatchPublisher` and Java's
+    default partitioner choose it: murmur2 of the key, made positive, modulo the count."""
+    return int((murmur2(key) & 0x7FFFFFFF) % partitions)
 
 
 def connection_config(settings: XietongSettings) -> dict[str, Any]:
