@@ -17,7 +17,8 @@ make an optional field required. A breaking change is a new event type.
 
 from __future__ import annotations
 
-from datetime import date
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -315,6 +316,52 @@ def model_for(type_name: object, version: object) -> type[EventEnvelope]:
 def validate_event(data: dict[str, Any]) -> EventEnvelope:
     """Validate a decoded event against its contract (``pydantic.ValidationError`` on failure)."""
     return model_for(data.get("type"), data.get("schema_version")).model_validate(data)
+
+
+# --------------------------------------------------------------------------- event time
+
+
+@dataclass(frozen=True)
+class EventTimeBounds:
+    """How far an event's ``occurred_at`` may be from the moment the network received it.
+
+    Not part of the contract (no schema can say "now"): every way in checks it with
+    :func:`event_time_error` — the gateway, CSV, the CDC and file-drop connectors against the
+    time they read the record, the clean service against the record's Kafka timestamp (so a
+    replay of old records later is not refused). Historical data is welcome back to
+    ``earliest``; nothing may come from further ahead than ``max_ahead`` (clock skew)."""
+
+    max_ahead: timedelta = timedelta(hours=1)
+    earliest: datetime = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+DEFAULT_EVENT_TIME = EventTimeBounds()
+
+
+def event_time_error(
+    occurred_at: datetime, received: datetime | None, bounds: EventTimeBounds = DEFAULT_EVENT_TIME
+) -> str | None:
+    """Why ``occurred_at`` (aware) is implausible for a record received at ``received`` (None:
+    unknown, then only ``earliest`` is checked), or None when it is plausible.
+
+    Differences, never sums: ``occurred_at`` may be year 9999 with an offset, which has no UTC
+    datetime (converting it raises ``OverflowError``)."""
+    if occurred_at - bounds.earliest < timedelta(0):
+        return f"{occurred_at.isoformat()} is before {bounds.earliest.isoformat()}"
+    if received is not None and occurred_at - received > bounds.max_ahead:
+        return (
+            f"{occurred_at.isoformat()} is more than {bounds.max_ahead} ahead of the time "
+            f"the record was received ({received.isoformat(timespec='seconds')})"
+        )
+    return None
+
+
+def kafka_received_at(timestamp_ms: int | None) -> datetime | None:
+    """A Kafka record's timestamp as the moment it was received; None when it has none
+    (Kafka's ``-1``; ``0`` too, which no real producer or broker writes)."""
+    if timestamp_ms is None or timestamp_ms <= 0:
+        return None
+    return datetime.fromtimestamp(timestamp_ms / 1000, UTC)
 
 
 def payload_fields(type_name: str, version: int | None = None) -> dict[str, Any]:

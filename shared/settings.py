@@ -7,10 +7,13 @@ process starts, never at import time, so tests can override any of them. Secrets
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AwareDatetime, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.events import EventTimeBounds
 
 
 class XietongSettings(BaseSettings):
@@ -51,6 +54,23 @@ class XietongSettings(BaseSettings):
     state_dir: str = Field(
         ".run/state", description="Local state (RocksDB tables, file-drop memory)."
     )
+    event_time_max_ahead_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="How far ahead of the moment it is received an event's occurred_at may be "
+        "(ingest, connectors and clean refuse it beyond).",
+    )
+    event_time_earliest: AwareDatetime = Field(
+        datetime(2000, 1, 1, tzinfo=UTC),
+        description="Events that occurred before this are refused as implausible.",
+    )
+
+    def event_time_bounds(self) -> EventTimeBounds:
+        """The bounds of ``occurred_at`` that every way in applies."""
+        return EventTimeBounds(
+            max_ahead=timedelta(seconds=self.event_time_max_ahead_seconds),
+            earliest=self.event_time_earliest,
+        )
 
 
 def load_settings(**overrides: object) -> XietongSettings:

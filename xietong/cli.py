@@ -446,7 +446,7 @@ async def _publish_direct(
                 else:
                     parsed = (split_ndjson if fmt == "ndjson" else parse_json_array)(chunk.body)
                     parsed.source_system = "cli"
-                intake = validate_parsed(parsed, tenant)
+                intake = validate_parsed(parsed, tenant, settings.event_time_bounds())
             except (CsvError, RequestError) as error:
                 raise click.ClickException(str(error)) from None
             except ForeignTenant as error:

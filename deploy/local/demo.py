@@ -38,6 +38,11 @@ from shared.settings import XietongSettings, load_settings
 HEALTH_PORT_OFFSETS = {"clean": 0, "analytics": 1, "ml": 2, "nlp": 3, "storage": 4}
 
 
+DEMO_MAX_AHEAD_SECONDS = 10 * 366 * 86400
+"""The simulated firms run event time hundreds of times faster than the clock (so windows close
+while one watches), soon ahead of it: the demo's services accept events that far ahead."""
+
+
 def existing_services() -> list[str]:
     return sorted(p.parent.name for p in (ROOT / "services").glob("*/__main__.py"))
 
@@ -55,6 +60,7 @@ def start_services(
             **os.environ,
             f"XIETONG_{name.upper()}_HTTP_PORT": str(port),
             "XIETONG_STATE_DIR": str(RUN_DIR / "state"),
+            "XIETONG_EVENT_TIME_MAX_AHEAD_SECONDS": str(DEMO_MAX_AHEAD_SECONDS),
         }
         log = (logs / f"{name}.log").open("ab")
         processes[name] = subprocess.Popen(
@@ -163,6 +169,7 @@ async def publish_loop(
                         [Incoming(i, encode(e), e) for i, e in enumerate(batch)],
                         firm.tenant,
                         source_system="demo",
+                        bounds=settings.event_time_bounds(),
                     )
                     await publish_intake(publisher, intake, firm.tenant, source_ref="demo")
                     stats["accepted"] += len(intake.accepted)
@@ -233,7 +240,7 @@ async def watch(
 
 
 async def run(args: argparse.Namespace) -> None:
-    settings = load_settings()
+    settings = load_settings(event_time_max_ahead_seconds=DEMO_MAX_AHEAD_SECONDS)
     RUN_DIR.mkdir(parents=True, exist_ok=True)  # a fresh clone has no .run/ yet
     await ensure_topics(settings, [spec.name for spec in TOPICS], compacted=COMPACTED_TOPICS)
     firms = make_firms(args.firms)

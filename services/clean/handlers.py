@@ -5,7 +5,9 @@
 the dead letters. For each record, in order:
 
 1. **validate** against the contract (``model_for(type, version).model_validate`` — exactly what
-   :func:`schemas.events.validate_event` does); undecodable or invalid -> dead letter;
+   :func:`schemas.events.validate_event` does); undecodable or invalid -> dead letter, and so
+   is an ``occurred_at`` out of :func:`schemas.events.event_time_error`'s bounds (relative to
+   the record's Kafka timestamp, as ingest checks it against its arrival);
 2. **de-duplicate** by ``event_id`` against the ids the partition remembers (:class:`SeenIds`);
 3. **fill** missing values by the contract's ``x-missing`` policy: ``default`` values are written
    before conversion (they are stated in canonical units and CNY), ``refuse`` -> dead letter,
@@ -50,7 +52,15 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
-from schemas.events import PAYLOADS, UnknownEventType, model_for
+from schemas.events import (
+    DEFAULT_EVENT_TIME,
+    PAYLOADS,
+    EventTimeBounds,
+    UnknownEventType,
+    event_time_error,
+    kafka_received_at,
+    model_for,
+)
 from schemas.insights import FieldError
 from services.clean.settings import CleanSettings
 from shared.codec import DecodeError, decode, encode
@@ -74,6 +84,7 @@ class CleanRules:
     window: int = 200
     min_history: int = 20
     threshold: float = 3.5
+    event_time: EventTimeBounds = DEFAULT_EVENT_TIME
 
     @classmethod
     def from_settings(cls, settings: CleanSettings) -> CleanRules:
@@ -84,6 +95,7 @@ class CleanRules:
             window=settings.clean_outlier_window,
             min_history=settings.clean_outlier_min_history,
             threshold=settings.clean_outlier_threshold,
+            event_time=settings.event_time_bounds(),
         )
 
 
@@ -493,6 +505,15 @@ def clean_batch(records: Iterable[RawRecord], state: CleanState) -> CleanedBatch
         except (DecodeError, TypeError, UnknownEventType) as error:
             dead.append(_dead_letter(record, str(error)))
             reasons["undecodable" if not isinstance(error, UnknownEventType) else "invalid"] += 1
+            continue
+        # ... and its event time bounded as at ingest, against when Kafka received the record
+        late = event_time_error(
+            event.occurred_at, kafka_received_at(record.timestamp), rules.event_time
+        )
+        if late is not None:
+            problem = [FieldError(field="occurred_at", reason=late)]
+            dead.append(_dead_letter(record, "event time out of bounds", problem, event.tenant))
+            reasons["invalid"] += 1
             continue
 
         # 2. de-duplicate

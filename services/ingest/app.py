@@ -37,6 +37,7 @@ from aiohttp import web
 from schemas.topics import EVENTS_RAW, dlq
 from services.ingest.auth import REGISTRY_KEY, require_api_key
 from services.ingest.handlers import (
+    EVENT_TIME_KEY,
     MAX_BODY_KEY,
     METRICS_KEY,
     PUBLISH_TIMEOUT_KEY,
@@ -88,6 +89,7 @@ def create_app(settings: IngestSettings) -> web.Application:
     app[METRICS_KEY] = metrics
     app[MAX_BODY_KEY] = settings.ingest_max_body_bytes
     app[PUBLISH_TIMEOUT_KEY] = settings.ingest_publish_timeout_seconds
+    app[EVENT_TIME_KEY] = settings.event_time_bounds()
     app.cleanup_ctx.append(kafka_clients)
 
     async def ready() -> str | None:

@@ -53,6 +53,7 @@ from typing import Any
 import orjson
 from aiokafka import ConsumerRecord
 
+from schemas.events import DEFAULT_EVENT_TIME, EventTimeBounds
 from schemas.insights import FieldError
 from schemas.topics import EVENTS_RAW, dlq
 from services.ingest.intake import Incoming, Intake, Refused, publish_intake, validate_records
@@ -310,8 +311,13 @@ def _check_delete_image(spec: TableMapping, row: dict[str, Any]) -> None:
         )
 
 
-def map_changes(mapping: Mapping, records: Sequence[ConsumerRecord[bytes, bytes]]) -> Intake:
-    """Map and validate the records of one partition; refused ones are indexed by offset."""
+def map_changes(
+    mapping: Mapping,
+    records: Sequence[ConsumerRecord[bytes, bytes]],
+    bounds: EventTimeBounds = DEFAULT_EVENT_TIME,
+) -> Intake:
+    """Map and validate the records of one partition, as received now; refused ones are
+    indexed by offset."""
     incoming: list[Incoming] = []
     refused: list[Refused] = []
     for record in records:
@@ -341,14 +347,19 @@ def map_changes(mapping: Mapping, records: Sequence[ConsumerRecord[bytes, bytes]
             continue
         if event is not None:
             incoming.append(Incoming(record.offset, original, event))
-    intake = validate_records(incoming, mapping.tenant, source_system="debezium")
+    intake = validate_records(incoming, mapping.tenant, source_system="debezium", bounds=bounds)
     intake.refused.extend(refused)
     return intake
 
 
-async def publish_changes(publisher: BatchPublisher, mapping: Mapping, batch: Batch) -> Intake:
+async def publish_changes(
+    publisher: BatchPublisher,
+    mapping: Mapping,
+    batch: Batch,
+    bounds: EventTimeBounds = DEFAULT_EVENT_TIME,
+) -> Intake:
     """Map a whole ``getmany`` batch and publish it; returns when Kafka acknowledged all of it."""
-    intakes = {tp: map_changes(mapping, records) for tp, records in batch.items()}
+    intakes = {tp: map_changes(mapping, records, bounds) for tp, records in batch.items()}
     await asyncio.gather(
         *(
             publish_intake(
@@ -374,9 +385,10 @@ async def run_cdc(
     consumer = create_consumer(settings, group or mapping.consumer_group, *mapping.topics)
     async with started(create_producer(settings)) as producer, started(consumer):
         publisher = BatchPublisher(producer)
+        bounds = settings.event_time_bounds()
 
         async def handle(batch: Batch) -> None:
-            outcome = await publish_changes(publisher, mapping, batch)
+            outcome = await publish_changes(publisher, mapping, batch, bounds)
             log.info(
                 "published changes",
                 extra={"accepted": len(outcome.accepted), "refused": len(outcome.refused)},

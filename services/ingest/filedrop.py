@@ -57,7 +57,13 @@ from typing import Any, Literal
 
 import orjson
 
-from schemas.events import EVENT_TYPES, PAYLOADS, latest_version
+from schemas.events import (
+    DEFAULT_EVENT_TIME,
+    EVENT_TYPES,
+    PAYLOADS,
+    EventTimeBounds,
+    latest_version,
+)
 from schemas.insights import FieldError
 from schemas.topics import EVENTS_RAW, dlq
 from services.ingest.csvmap import CsvError, parse_csv
@@ -184,6 +190,7 @@ class FileDrop:
         event_type: str | None = None,
         version: int | None = None,
         source_system: str | None = None,
+        event_time: EventTimeBounds = DEFAULT_EVENT_TIME,
     ) -> None:
         if mapping is not None and mapping.tenant != tenant:
             raise MappingError(f"the mapping is for {mapping.tenant!r}, the folder for {tenant!r}")
@@ -200,6 +207,7 @@ class FileDrop:
         self.source_system = (
             source_system or (mapping.source_system if mapping else None) or "file-drop"
         )
+        self.event_time = event_time
         self.state = IngestState.load(state_path(state_dir, tenant, self.directory))
         self._last_seen: dict[str, tuple[int, int]] = {}
 
@@ -299,7 +307,9 @@ class FileDrop:
             items = self._ndjson_events(body, type_name, version)
         items = self._stamp(items, type_name, name)
         try:
-            intake = validate_records(items, self.tenant, source_system=self.source_system)
+            intake = validate_records(
+                items, self.tenant, source_system=self.source_system, bounds=self.event_time
+            )
         except ForeignTenant as error:
             raise FileFailure(str(error)) from None
         intake.refused.extend(refused)
@@ -554,6 +564,7 @@ async def run_filedrop(
             mapping=mapping,
             event_type=event_type,
             version=version,
+            event_time=settings.event_time_bounds(),
         )
         while not stop.is_set():
             await drop.poll(settle=not once)

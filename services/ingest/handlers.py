@@ -40,6 +40,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.events import DEFAULT_EVENT_TIME, EventTimeBounds
 from services.ingest.auth import authenticated_tenant
 from services.ingest.csvmap import CsvError, parse_csv, resolve_type
 from services.ingest.intake import (
@@ -268,6 +269,7 @@ PUBLISHER_KEY = web.AppKey("publisher", BatchPublisher)
 METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 PUBLISH_TIMEOUT_KEY = web.AppKey("publish_timeout", float)
+EVENT_TIME_KEY = web.AppKey("event_time_bounds", EventTimeBounds)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -395,12 +397,16 @@ def parse_body(body: bytes | bytearray, request: web.Request, tenant: str) -> Pa
     raise RequestError(415, f"unsupported content type {media!r}; use one of: {known}")
 
 
-def validate_parsed(parsed: Parsed, tenant: str) -> Intake:
-    """Validate a parsed body for ``tenant``: lines from their bytes, CSV rows as decoded.
-    Raises :class:`~services.ingest.intake.ForeignTenant`."""
+def validate_parsed(
+    parsed: Parsed, tenant: str, bounds: EventTimeBounds = DEFAULT_EVENT_TIME
+) -> Intake:
+    """Validate a parsed body for ``tenant``, received now: lines from their bytes, CSV rows as
+    decoded. Raises :class:`~services.ingest.intake.ForeignTenant`."""
     if parsed.lines is not None:
-        return validate_json_lines(parsed.lines, tenant, source_system=parsed.source_system)
-    return validate_records(parsed.items, tenant, source_system=parsed.source_system)
+        return validate_json_lines(
+            parsed.lines, tenant, source_system=parsed.source_system, bounds=bounds
+        )
+    return validate_records(parsed.items, tenant, source_system=parsed.source_system, bounds=bounds)
 
 
 def refusals_of(intake: Intake) -> list[dict[str, Any]]:
@@ -427,7 +433,7 @@ async def post_events(request: web.Request) -> web.Response:
         raise RequestError(400, "the body is empty")
     parsed = parse_body(body, request, tenant.tenant)
     try:
-        intake = validate_parsed(parsed, tenant.tenant)
+        intake = validate_parsed(parsed, tenant.tenant, request.app[EVENT_TIME_KEY])
     except ForeignTenant as error:
         raise RequestError(403, str(error), index=error.index) from None
     fmt = parsed.format

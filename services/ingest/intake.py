@@ -5,6 +5,11 @@ authenticated tenant; :func:`publish_intake` sends the accepted ones to ``events
 tenant) and the refused ones to ``events.raw.v1.dlq`` with their original content, in one
 batch, and returns only when Kafka acknowledged all of them (``acks=all``).
 
+Every way in also bounds the event time (:func:`schemas.events.event_time_error`): a record
+whose ``occurred_at`` lies further ahead of the moment it is validated than
+``bounds.max_ahead`` (default 1 h), or before ``bounds.earliest`` (default 2000-01-01), is refused
+(``field: "occurred_at"``) and dead-lettered like any refused record.
+
 The tenant always comes from the credentials: a record naming another tenant raises
 :class:`ForeignTenant` (the gateway answers 403 for the whole request), a record naming none is
 stamped with the caller's.
@@ -22,11 +27,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from schemas.events import EVENT_MODELS, EventEnvelope, UnknownEventType, model_for
+from schemas.events import (
+    DEFAULT_EVENT_TIME,
+    EVENT_MODELS,
+    EventEnvelope,
+    EventTimeBounds,
+    UnknownEventType,
+    event_time_error,
+    model_for,
+)
 from schemas.fast import fast_event
 from schemas.insights import FieldError
 from schemas.topics import EVENTS_RAW, dlq
@@ -35,6 +49,7 @@ from shared.deadletter import dead_letter, dead_letter_record, field_errors
 from shared.kafka import BatchPublisher, OutRecord, Text
 
 SERVICE = "ingest"
+EVENT_TIME_REFUSED = "event time out of bounds"
 FAST_PATH_MISSES = 8
 """After this many records of one batch failed the fast path, the rest go the precise way at
 once (a client that never sends ``tenant`` would otherwise pay for two validations each)."""
@@ -103,11 +118,31 @@ class Incoming:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Received:
+    """When and by what a batch was received: the reference of the event-time bounds."""
+
+    at: datetime
+    source_system: str
+    bounds: EventTimeBounds
+
+
+def _received(source_system: str, bounds: EventTimeBounds, at: datetime | None) -> Received:
+    return Received(at or datetime.now(UTC), source_system, bounds)
+
+
 def validate_records(
-    items: Sequence[Incoming], tenant: str, *, source_system: str = "http"
+    items: Sequence[Incoming],
+    tenant: str,
+    *,
+    source_system: str = "http",
+    bounds: EventTimeBounds = DEFAULT_EVENT_TIME,
+    received_at: datetime | None = None,
 ) -> Intake:
-    """Validate every record for ``tenant``; raises :class:`ForeignTenant` on a foreign tenant."""
+    """Validate every record for ``tenant``, received at ``received_at`` (default: now);
+    raises :class:`ForeignTenant` on a foreign tenant."""
     result = Intake()
+    received = _received(source_system, bounds, received_at)
     for item in items:
         if item.error is not None or not isinstance(item.data, dict):
             reason = item.error or "a record must be a JSON object"
@@ -115,12 +150,17 @@ def validate_records(
                 Refused(item.index, [FieldError(field="", reason=reason)], item.original, reason)
             )
             continue
-        _validate_dict(item.index, item.data, item.original, tenant, source_system, result)
+        _validate_dict(item.index, item.data, item.original, tenant, received, result)
     return result
 
 
 def validate_json_lines(
-    lines: Sequence[tuple[int, Text]], tenant: str, *, source_system: str = "http"
+    lines: Sequence[tuple[int, Text]],
+    tenant: str,
+    *,
+    source_system: str = "http",
+    bounds: EventTimeBounds = DEFAULT_EVENT_TIME,
+    received_at: datetime | None = None,
 ) -> Intake:
     """Validate records given as ``(index, JSON bytes)`` (NDJSON lines) for ``tenant``.
 
@@ -130,10 +170,12 @@ def validate_json_lines(
     """
     result = Intake()
     accepted = result.accepted
+    received = _received(source_system, bounds, received_at)
     misses = 0
     for index, line in lines:
         if misses < FAST_PATH_MISSES:
-            if fast_event(line, tenant) is not None:
+            fast = fast_event(line, tenant)
+            if fast is not None and event_time_error(fast.occurred_at, received.at, bounds) is None:
                 accepted.append(line)
                 continue
             misses += 1
@@ -152,7 +194,7 @@ def validate_json_lines(
                 Refused(index, [FieldError(field="", reason=reason)], original, reason)
             )
             continue
-        _validate_dict(index, data, original, tenant, source_system, result)
+        _validate_dict(index, data, original, tenant, received, result)
     return result
 
 
@@ -161,23 +203,24 @@ def _validate_dict(
     data: dict[str, Any],
     original: bytes | str,
     tenant: str,
-    source_system: str,
+    received: Received,
     result: Intake,
 ) -> None:
-    """The precise path for one decoded record: stamp, validate, refuse with reasons."""
+    """The precise path for one decoded record: stamp, validate, bound its time, refuse with
+    reasons."""
     claimed = data.get("tenant")
     if claimed is None:
         data = {**data, "tenant": tenant}
     elif claimed != tenant:
         raise ForeignTenant(index, claimed, tenant)
     if "source" not in data:
-        data = {**data, "source": {"system": source_system}}
+        data = {**data, "source": {"system": received.source_system}}
     try:
         event = EVENT_ADAPTER.validate_python(data)
     except ValidationError:
         pass  # the union's errors name the union's tags: ask the pair's model for the reasons
     else:
-        result.accepted.append(_json_of(event))
+        _accept_in_time(index, event, original, received, result)
         return
     try:
         event = model_for(data.get("type"), data.get("schema_version")).model_validate(data)
@@ -190,7 +233,18 @@ def _validate_dict(
     except ValidationError as error:
         result.refused.append(Refused(index, field_errors(error), original))
     else:
+        _accept_in_time(index, event, original, received, result)
+
+
+def _accept_in_time(
+    index: int, event: EventEnvelope, original: bytes | str, received: Received, result: Intake
+) -> None:
+    problem = event_time_error(event.occurred_at, received.at, received.bounds)
+    if problem is None:
         result.accepted.append(_json_of(event))
+    else:
+        error = FieldError(field="occurred_at", reason=problem)
+        result.refused.append(Refused(index, [error], original, EVENT_TIME_REFUSED))
 
 
 def _json_of(event: EventEnvelope) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -217,6 +218,30 @@ def test_event_time_is_converted_to_utc() -> None:
     assert first.occurred_at.utcoffset() == timedelta(0)
     assert "occurred_at" in first.quality.converted
     assert "occurred_at" not in second.quality.converted
+
+
+def test_event_times_out_of_bounds_written_straight_to_the_raw_topic_are_dead_letters() -> None:
+    """The bound ingest applies holds for partners who write to events.raw.v1 themselves; it is
+    relative to the record's Kafka timestamp, so replaying old records later refuses nothing."""
+    sent = datetime(2026, 11, 2, 10, 0, tzinfo=UTC)
+    cases = {
+        "2026-11-02T12:00:00+00:00": False,  # two hours ahead of its Kafka timestamp
+        "9999-12-31T23:59:59-05:00": False,  # has no UTC datetime: converting it would raise
+        "1999-12-31T23:59:59+00:00": False,
+        "2026-11-02T10:30:00+00:00": True,  # ahead of its timestamp, but within the hour
+        "2004-03-01T00:00:00+08:00": True,  # history
+    }
+    raw = records(*(sales_event(seq=i) | {"occurred_at": t} for i, t in enumerate(cases)))
+    stamped = [dataclasses.replace(r, timestamp=int(sent.timestamp() * 1000)) for r in raw]
+    result = clean_batch(stamped, CleanState(RULES))
+    kept = sorted(e.occurred_at for e in cleaned(result))
+    assert kept == sorted(
+        datetime.fromisoformat(t).astimezone(UTC) for t, ok in cases.items() if ok
+    )
+    assert len(letters(result)) == 3
+    for letter in letters(result):
+        assert letter.reason == "event time out of bounds"
+        assert [error.field for error in letter.errors] == ["occurred_at"]
 
 
 # --------------------------------------------------------------------------- metrics

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import uuid
 from collections.abc import Callable
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -428,6 +428,28 @@ def test_a_batch_splits_into_accepted_and_refused_with_reasons_by_offset() -> No
     assert set(refused) == {12, 13}
     assert {e.field for e in refused[12].errors} == {"payload.unit_price"}
     assert refused[13].original == b"{broken"
+
+
+def test_changes_dated_ahead_of_now_or_before_2000_are_refused_and_snapshot_history_is_not() -> (
+    None
+):
+    def dated(order: str, day: date) -> dict[str, Any]:
+        return {**pg_row(order), "order_date": days(day)}
+
+    ahead = datetime.now(UTC).date() + timedelta(days=2)
+    records = [
+        FakeRecord(20, pg_change("r", lsn=20, after=dated("SO-1", date(2005, 3, 1)))),
+        FakeRecord(21, pg_change("c", lsn=21, after=dated("SO-2", ahead))),
+        FakeRecord(22, pg_change("r", lsn=22, after=dated("SO-3", date(1999, 12, 31)))),
+        FakeRecord(23, pg_change("c", lsn=23, after=dated("SO-4", date(9999, 12, 31)))),
+    ]
+    intake = map_changes(pg_mapping(), records)
+    assert [decode(e)["source"]["record_id"] for e in intake.accepted] == ["SO-1/1"]
+    assert {r.index: [e.field for e in r.errors] for r in intake.refused} == {
+        21: ["occurred_at"],
+        22: ["occurred_at"],
+        23: ["occurred_at"],
+    }
 
 
 # --------------------------------------------------------------------------- against the real Kafka

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -258,6 +258,30 @@ async def test_refused_records_go_to_the_dead_letter_topic_and_the_rest_is_publi
     assert [e["field"] for e in letters[0]["errors"]] == ["payload.quantity"]
     assert letters[1]["errors"][0]["field"] == "unit_price" and "lots" in letters[1]["reason"]
     assert "not JSON" in letters[2]["reason"] and letters[2]["original"] == "{not json"
+
+
+@integration
+async def test_an_old_export_is_welcome_but_not_before_2000_nor_ahead_of_now(
+    harness: Harness,
+) -> None:
+    drop = harness.drop()
+    await harness.mark()
+    ahead = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    name = f"{harness.tenant}__sales_order_line__archive.csv"
+    (harness.folder / name).write_text(
+        "order_id,customer_id,product_sku,quantity,occurred_at\n"
+        "SO-1,C-1,S-1,5,2004-02-29T10:00:00+08:00\n"
+        f"SO-2,C-1,S-1,5,{ahead}\n"
+        "SO-3,C-1,S-1,5,1995-06-30T10:00:00+08:00\n",
+        encoding="utf-8",
+    )
+    outcome = only(await drop.poll(settle=False))
+    assert (outcome.status, outcome.accepted, outcome.refused) == ("ingested", 1, 2)
+    (event,) = await harness.raw()
+    assert event["payload"]["order_id"] == "SO-1"
+    letters = sorted(await harness.letters(), key=lambda letter: letter["source_ref"])
+    assert [letter["source_ref"] for letter in letters] == [f"file:{name}#1", f"file:{name}#2"]
+    assert [[e["field"] for e in letter["errors"]] for letter in letters] == [["occurred_at"]] * 2
 
 
 async def read_report(folder: Path, name: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import gzip
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -233,6 +233,36 @@ async def test_ndjson_keeps_chinese_and_other_unicode_and_refuses_bad_lines_alon
     kept = {(letter["original_encoding"], letter["original"]) for letter in letters}
     assert ("utf-8", '{"event_id": "broken') in kept
     assert ("base64", "//4gbm90IHV0Zi04") in kept  # binary junk kept byte for byte
+
+
+async def test_event_times_ahead_of_now_or_before_2000_are_refused_per_record_on_every_format(
+    gateway: Gateway,
+) -> None:
+    tenant = gateway.tenant
+    ahead = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    times = [ahead, "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00Z", "2004-02-29T08:00:00Z"]
+    records = [event(tenant, seq=i, occurred_at=t) for i, t in enumerate(times)]
+    csv_body = (
+        "order_id,customer_id,product_sku,quantity,occurred_at\n"
+        f"SO-1,C-1,BOLT,5,{ahead}\nSO-2,C-1,BOLT,5,1999-12-31T23:00:00Z\n"
+        "SO-3,C-1,BOLT,5,2004-02-29T08:00:00+08:00\n"
+    )
+    answers = [
+        await gateway.post(ndjson(records), "application/x-ndjson"),
+        await gateway.post(orjson.dumps(records), "application/json"),
+        await gateway.post(csv_body, "text/csv", type="sales_order_line"),
+    ]
+    for status, answer in answers:
+        assert status == 202, answer
+        assert answer["accepted"] == 1, answer
+        assert {r["field"] for r in answer["refusals"]} == {"occurred_at"}
+    assert [a["refused"] for _, a in answers] == [3, 3, 2]
+    letters = [
+        orjson.loads(r.value) for r in await read_topic(gateway.settings, dlq(EVENTS_RAW), tenant)
+    ]
+    assert len(letters) == 8
+    assert {letter["reason"] for letter in letters} == {"event time out of bounds"}
+    assert len(await read_topic(gateway.settings, EVENTS_RAW, tenant)) == 3
 
 
 async def test_a_client_retry_of_the_same_batch_publishes_the_same_event_ids(

@@ -3,12 +3,20 @@ accounted for: accepted + refused = sent, and the raw and dead-letter topics hol
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import orjson
 import pytest
 
 from schemas.topics import EVENTS_RAW, dlq
 from shared.settings import XietongSettings
-from tests.ingest.test_gateway import event, ingest_settings, read_topic, running_gateway
+from tests.ingest.test_gateway import (
+    T0,
+    event,
+    ingest_settings,
+    read_topic,
+    running_gateway,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,7 +32,9 @@ async def test_a_100k_record_body_is_accounted_for_record_by_record(
         lines: list[bytes] = []
         bad: set[int] = set()
         for index in range(RECORDS):
-            record = event(gateway.tenant, seq=index)
+            # a second apart (event() would space them a minute apart: 69 days, past the clock)
+            moment = T0 + timedelta(seconds=index)
+            record = event(gateway.tenant, seq=index, occurred_at=moment.isoformat())
             if index % BAD_EVERY == 0:
                 record["payload"]["quantity"] = -1 - index  # breaks the contract (ge=0)
                 bad.add(index)

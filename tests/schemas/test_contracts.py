@@ -2,15 +2,24 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from schemas import generate
 from schemas.compat import breaking_changes
-from schemas.events import EVENT_MODELS, PAYLOADS, UnknownEventType, validate_event
+from schemas.events import (
+    EVENT_MODELS,
+    PAYLOADS,
+    EventTimeBounds,
+    UnknownEventType,
+    event_time_error,
+    kafka_received_at,
+    validate_event,
+)
 from schemas.topics import TOPICS, dlq
 from tests.factories import sales_event
 
@@ -145,3 +154,27 @@ def test_breaking_changes_are_reported(change, expected: str) -> None:  # type: 
     change(new)
     problems = breaking_changes(_schema(), new)
     assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_event_time_bounds_refuse_the_future_and_the_implausibly_old_only() -> None:
+    received = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    bounds = EventTimeBounds(
+        max_ahead=timedelta(hours=1), earliest=datetime(2000, 1, 1, tzinfo=UTC)
+    )
+    parse = TypeAdapter(AwareDatetime).validate_python
+    refused = ["2036-01-01T00:00:00Z", "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+01:00"]
+    refused += ["2026-11-01T13:00:01Z", "2000-01-01T07:59:59+08:00"]
+    for text in refused:
+        assert event_time_error(parse(text), received, bounds) is not None, text
+    for text in ["2026-11-01T13:00:00Z", "2000-01-01T00:00:00Z", "2003-05-17T09:30:00+08:00"]:
+        assert event_time_error(parse(text), received, bounds) is None, text
+    # without a moment of reception (a Kafka record without timestamp) only `earliest` holds
+    assert event_time_error(parse("2036-01-01T00:00:00Z"), None, bounds) is None
+    assert event_time_error(parse("1999-01-01T00:00:00Z"), None, bounds) is not None
+
+
+def test_a_kafka_timestamp_is_the_moment_of_reception_when_there_is_one() -> None:
+    assert kafka_received_at(1_793_534_400_000) == datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    assert kafka_received_at(-1) is None
+    assert kafka_received_at(0) is None
+    assert kafka_received_at(None) is None
