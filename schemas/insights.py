@@ -104,8 +104,9 @@ class ClusterAssignment(Insight):
 class Benchmark(Insight):
     """Quantiles of a metric across the firms of an industry and region.
 
-    Published only when at least ``k`` firms contributed and no single firm makes more than
-    ``p`` percent of the total; otherwise nothing is published.
+    Published only when at least ``k`` firms contributed; the figures are differentially
+    private (values clamped to the metric's declared range, keyed Laplace and exponential
+    mechanisms): one firm changes their probability by at most ``e**epsilon``.
     """
 
     type: Literal["benchmark"] = "benchmark"

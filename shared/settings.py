@@ -54,6 +54,21 @@ class XietongSettings(BaseSettings):
     state_dir: str = Field(
         ".run/state", description="Local state (RocksDB tables, file-drop memory)."
     )
+    network_secret: SecretStr | None = Field(
+        None,
+        description="Secret of the network: keys insight ids and the benchmark noise. Required "
+        "by the analytics service; the same for all its replicas, kept across restarts.",
+    )
+
+    def network_key(self) -> bytes:
+        """The network secret's bytes; exits with a one-line message when it is not set."""
+        secret = self.network_secret.get_secret_value() if self.network_secret else ""
+        if not secret:
+            raise SystemExit(
+                "XIETONG_NETWORK_SECRET is not set: the analytics service keys insight ids and "
+                "benchmark noise with it (make up writes one to .run/local.env)"
+            )
+        return secret.encode()
     event_time_max_ahead_seconds: float = Field(
         3600.0,
         ge=0,

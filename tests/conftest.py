@@ -75,6 +75,7 @@ def settings(kafka_bootstrap: str, tmp_path: Path) -> XietongSettings:
         kafka_fetch_timeout_ms=100,
         state_dir=str(tmp_path / "state"),
         log_format="text",
+        network_secret="test-network-secret",
     )
 
 

@@ -441,6 +441,12 @@ def _write_env_file() -> None:
             f"XIETONG_S3_ACCESS_KEY_ID={s3.access_key_id}",
             f"XIETONG_S3_SECRET_ACCESS_KEY={s3.secret_access_key}",
         ]
+    # Keys insight ids and benchmark noise: generated once, kept so ids stay the same across runs.
+    secret_file = RUN_DIR / "network-secret"
+    if not secret_file.exists():
+        secret_file.touch(mode=0o600)
+        secret_file.write_text(secrets.token_urlsafe(32))
+    lines.append(f"XIETONG_NETWORK_SECRET={secret_file.read_text().strip()}")
     env_file = _env_file()
     env_file.write_text("".join(f"export {line}\n" for line in lines))
     env_file.chmod(0o600)

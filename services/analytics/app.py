@@ -26,8 +26,8 @@ Two loops run in one process:
    watermark passed a window's end (a partition that never had an event, or whose firms have all
    sent nothing for ``analytics_quiet_partition_seconds``, is not waited for until one of them
    speaks again), computes that window's benchmarks per industry, region and
-   metric (published only if at least ``k`` firms contributed and none makes more than ``p``
-   percent of the total), and every ``cluster_refit_windows`` complete windows refits KMeans on
+   metric (differentially private figures, published only if at least ``k`` firms contributed:
+   :mod:`.disclosure`), and every ``cluster_refit_windows`` complete windows refits KMeans on
    the firms' KPI means over the recent period and sends every firm its assignment.
 
 Delivery semantics: **at-least-once, idempotent insights**. Nothing is committed before the
@@ -37,8 +37,9 @@ every firm's watermark in the commit metadata, so a restarted (or rebalanced) wo
 re-reads exactly the span that rebuilds its open windows, and windows closed before the crash
 stay closed. The network loop, on getting its partition, re-reads the internal topic up to its
 committed offset without publishing, which rebuilds its state, then goes on. Anything
-re-published after a restart has the same deterministic ``insight_id`` (uuid5 of type, tenant,
-metric and window; of the fit for clusters) and the same content: consumers de-duplicate by id.
+re-published after a restart has the same deterministic ``insight_id`` (a keyed hash, under the
+network secret, of type, tenant, metric and window; of the fit for clusters) and the same
+content, benchmark noise included: consumers de-duplicate by id.
 """
 
 from __future__ import annotations
@@ -460,7 +461,8 @@ def network_config(settings: AnalyticsSettings) -> NetworkConfig:
         main_size_s=settings.analytics_window_seconds,
         retain_windows=settings.analytics_retain_windows,
         benchmark_min_firms=settings.benchmark_min_firms,
-        benchmark_max_share_percent=settings.benchmark_max_share_percent,
+        benchmark_epsilon=settings.benchmark_epsilon,
+        benchmark_bounds=settings.metric_bounds(),
         benchmark_metrics=tuple(settings.benchmark_metrics),
         cluster_metrics=tuple(settings.cluster_metrics),
         cluster_k_min=settings.cluster_k_min,
@@ -470,6 +472,7 @@ def network_config(settings: AnalyticsSettings) -> NetworkConfig:
         cluster_period_windows=settings.cluster_period_windows,
         cluster_refit_windows=settings.cluster_refit_windows,
         cluster_min_profile_firms=settings.cluster_min_profile_firms,
+        cluster_profile_epsilon=settings.cluster_profile_epsilon,
     )
 
 
@@ -606,7 +609,7 @@ async def run_analytics(
     of them fails (then the other is cancelled and the error propagates)."""
     await ensure_topics(settings, [source, dlq(source), *INSIGHT_TOPICS.values()])
     await ensure_topics(settings, [settings.analytics_firm_windows_topic], partitions=1)
-    origin = Origin(source_topics=(source,), service_version=service_version())
+    origin = Origin((source,), service_version(), settings.network_key())
     async with (
         ControlRegistry(settings) as registry,
         started(create_producer(settings)) as producer,
@@ -638,5 +641,6 @@ async def serve(settings: AnalyticsSettings) -> None:
 
 def main() -> None:
     settings = load_analytics_settings()
+    settings.network_key()  # refuse to start without the network secret
     configure_logging(SERVICE, settings.log_level, settings.log_format)
     asyncio.run(serve(settings))

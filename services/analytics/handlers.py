@@ -5,15 +5,17 @@
 - :func:`correlation_insight`: pandas ``corr`` between a firm's metrics over a window, the
   metrics aligned on event-time buckets (``align_s``) because different event types rarely share
   a timestamp;
-- :func:`benchmark_or_none`: quantiles and mean of per-firm values across firms, or nothing when
-  fewer than ``k`` firms contributed or one firm makes more than ``p`` percent of the total;
+- :func:`benchmark_or_none`: differentially private quantiles and mean of per-firm values
+  across firms (:mod:`.disclosure`), or nothing when fewer than ``k`` firms contributed;
 - :func:`fit_clusters`: KMeans over standardised per-firm KPI vectors, ``k`` chosen by
   silhouette;
 - :class:`NetworkState`: the cross-firm side — closed per-firm window summaries and the source
   partitions' watermarks, from which benchmarks and cluster refits fall due.
 
-Insight ids are deterministic (uuid5 of what the insight is about), so an insight computed twice
-— after a restart re-reads its events — is the same insight, not a second one.
+Insight ids are deterministic for a network secret (a keyed hash of what the insight is about,
+:func:`.disclosure.keyed_uuid`), so an insight computed twice — after a restart re-reads its
+events — is the same insight, not a second one, and nobody without the secret can tell from an
+id which insights exist.
 """
 
 from __future__ import annotations
@@ -41,13 +43,18 @@ from schemas.insights import (
     Statistics,
 )
 from schemas.internal import FirmWindowSummary, MetricPartial, PartitionWatermark
+from services.analytics.disclosure import (
+    Bounds,
+    PrivateFigures,
+    dp_mean,
+    inputs_digest,
+    keyed_rng,
+    keyed_uuid,
+    private_benchmark,
+)
 from services.analytics.windows import Window
 
 SERVICE = "analytics"
-NAMESPACE = uuid.UUID("5b3e2f0e-7a51-4f3c-9d0a-6c1f3b2a9e11")
-"""uuid5 namespace of analytics insight ids."""
-
-QUANTILES: dict[str, float] = {"p10": 0.10, "p25": 0.25, "p50": 0.50, "p75": 0.75, "p90": 0.90}
 
 
 def service_version() -> str:
@@ -57,9 +64,10 @@ def service_version() -> str:
         return "0.0.0+unknown"
 
 
-def insight_id(*parts: object) -> uuid.UUID:
-    """The deterministic id of an insight about ``parts`` (type, tenant, metric, window ...)."""
-    return uuid.uuid5(NAMESPACE, "|".join(str(part) for part in parts))
+def insight_id(key: bytes, *parts: object) -> uuid.UUID:
+    """The id of an insight about ``parts`` (type, tenant, metric, window ...) under the network
+    secret ``key``: deterministic, but unpredictable without the key."""
+    return keyed_uuid(key, *parts)
 
 
 def from_ms(ms: int) -> datetime:
@@ -80,6 +88,8 @@ class Origin:
 
     source_topics: tuple[str, ...]
     service_version: str
+    network_key: bytes = field(repr=False)
+    """The network secret: keys insight ids and the benchmark noise."""
 
     def provenance(
         self,
@@ -180,7 +190,12 @@ def build_statistics(
         insights.append(
             Statistics(
                 insight_id=insight_id(
-                    "statistics", window.tenant, metric, window.size_s, window.start_ms
+                    origin.network_key,
+                    "statistics",
+                    window.tenant,
+                    metric,
+                    window.size_s,
+                    window.start_ms,
                 ),
                 tenant=window.tenant,
                 provenance=origin.provenance(
@@ -252,7 +267,9 @@ def build_correlation(
         return None
     metrics, matrix = correlate(aligned, min_points)
     return Correlation(
-        insight_id=insight_id("correlation", window.tenant, window.size_s, window.start_ms),
+        insight_id=insight_id(
+            origin.network_key, "correlation", window.tenant, window.size_s, window.start_ms
+        ),
         tenant=window.tenant,
         provenance=origin.provenance(
             start_ms=window.start_ms,
@@ -332,34 +349,30 @@ def watermark_mark(
 # --------------------------------------------------------------------------- benchmarks
 
 
-@dataclass(frozen=True)
-class BenchmarkFigures:
-    firms: int
-    quantiles: dict[str, float]
-    mean: float
-
-
 def benchmark_or_none(
-    per_firm_values: Mapping[str, float], k: int, p: float
-) -> BenchmarkFigures | None:
-    """Quantiles (p10..p90, linear as pandas) and mean of per-firm values — or None when fewer
-    than ``k`` firms have a finite value, or when one firm makes more than ``p`` percent of the
-    total (of absolute values), so that no firm's own figure can be read off the aggregate."""
-    values = pd.Series(
-        {firm: v for firm, v in per_firm_values.items() if finite(v) is not None}, dtype=float
-    )
+    per_firm_values: Mapping[str, float],
+    *,
+    k: int,
+    bounds: Bounds,
+    epsilon: float,
+    key: bytes,
+    about: Sequence[object],
+) -> PrivateFigures | None:
+    """Quantiles (p10..p90) and mean of per-firm values, together ``epsilon``-differentially
+    private (:func:`.disclosure.private_benchmark`, values clamped to ``bounds``) — or None when
+    fewer than ``k`` firms have a finite value. Whether it is published depends only on how many
+    firms contributed, never on their values. The noise is drawn from a PRNG keyed by ``key``,
+    ``about`` (what the benchmark is: segment, metric, window) and the exact inputs, so the same
+    inputs give the same figures."""
+    values = {
+        firm: min(max(float(v), bounds.lower), bounds.upper)
+        for firm, v in per_firm_values.items()
+        if finite(v) is not None
+    }
     if len(values) < k:
         return None
-    magnitudes = values.abs()
-    total = float(magnitudes.sum())
-    if total > 0 and float(magnitudes.max()) * 100.0 > p * total:
-        return None
-    quantiles = values.quantile(list(QUANTILES.values())).to_numpy(dtype=float)
-    return BenchmarkFigures(
-        firms=len(values),
-        quantiles={name: float(q) for name, q in zip(QUANTILES, quantiles, strict=True)},
-        mean=float(values.mean()),
-    )
+    rng = keyed_rng(key, "benchmark", *about, inputs_digest(values))
+    return private_benchmark(values, bounds, epsilon, rng)
 
 
 # --------------------------------------------------------------------------- clusters
@@ -372,7 +385,8 @@ class ClusterFit:
     k: int
     silhouette: float
     features: list[str]
-    profiles: list[dict[str, float]]
+    values: list[list[float]]
+    """Per firm (order of ``firms``): its KPI values in original units (order of ``features``)."""
     sizes: list[int]
 
 
@@ -382,8 +396,8 @@ def fit_clusters(
     """KMeans over standardised KPI vectors (rows: firms, columns: KPIs, firms sorted), ``k``
     with the best mean silhouette in ``k_min..min(k_max, n-1)`` (ties: the smaller ``k``).
 
-    Firms missing a KPI are left out. Profiles are the clusters' mean KPIs in original units.
-    None when fewer than three firms, or no ``k`` gives ``k`` non-empty clusters.
+    Firms missing a KPI are left out. None when fewer than three firms, or no ``k`` gives
+    ``k`` non-empty clusters.
     """
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
@@ -409,35 +423,64 @@ def fit_clusters(
     if best is None:
         return None
     score, k, labels = best
-    means = data.groupby(labels).mean().to_numpy(dtype=float)
-    features = [str(c) for c in data.columns]
     return ClusterFit(
         firms=[str(f) for f in data.index],
         labels=[int(label) for label in labels],
         k=k,
         silhouette=score,
-        features=features,
-        profiles=[dict(zip(features, map(float, row), strict=True)) for row in means],
+        features=[str(c) for c in data.columns],
+        values=data.to_numpy(dtype=float).tolist(),
         sizes=[int(s) for s in np.bincount(labels, minlength=k)],
     )
+
+
+def private_profiles(
+    fit: ClusterFit,
+    *,
+    model_version: str,
+    min_profile_firms: int,
+    bounds: Mapping[str, Bounds],
+    epsilon: float,
+    key: bytes,
+) -> list[dict[str, float]]:
+    """Per cluster: the mean of each KPI over its firms in original units, ``epsilon``-
+    differentially private per fit (:func:`.disclosure.dp_mean`, ``epsilon`` split over the
+    KPIs; a firm is in one cluster, so clusters do not add up), the values clamped to the KPI's
+    declared ``bounds``. KPIs without declared bounds are left out, and so is the whole profile
+    of a cluster smaller than ``min_profile_firms``. The noise is keyed like a benchmark's."""
+    bounded = [(i, f) for i, f in enumerate(fit.features) if f in bounds]
+    profiles: list[dict[str, float]] = []
+    for cluster, size in enumerate(fit.sizes):
+        members = [v for v, label in zip(fit.values, fit.labels, strict=True) if label == cluster]
+        profile: dict[str, float] = {}
+        if size >= min_profile_firms and bounded:
+            share = epsilon / len(bounded)
+            for i, feature in bounded:
+                column = {
+                    firm: min(max(v[i], bounds[feature].lower), bounds[feature].upper)
+                    for firm, v, label in zip(fit.firms, fit.values, fit.labels, strict=True)
+                    if label == cluster
+                }
+                rng = keyed_rng(
+                    key, "cluster_profile", model_version, cluster, feature, inputs_digest(column)
+                )
+                profile[feature] = dp_mean([v[i] for v in members], bounds[feature], share, rng)
+        profiles.append(profile)
+    return profiles
 
 
 def cluster_insights(
     fit: ClusterFit,
     *,
     model_version: str,
-    min_profile_firms: int,
+    profiles: list[dict[str, float]],
     provenance: Provenance,
+    key: bytes,
 ) -> list[ClusterAssignment]:
-    """Every clustered firm's :class:`ClusterAssignment`. The profile of a cluster smaller than
-    ``min_profile_firms`` is left empty: it would be one or two firms' own figures."""
-    profiles = [
-        profile if size >= min_profile_firms else {}
-        for profile, size in zip(fit.profiles, fit.sizes, strict=True)
-    ]
+    """Every clustered firm's :class:`ClusterAssignment`, with the (private) ``profiles``."""
     return [
         ClusterAssignment(
-            insight_id=insight_id("cluster_assignment", firm, model_version),
+            insight_id=insight_id(key, "cluster_assignment", firm, model_version),
             tenant=firm,
             provenance=provenance,
             cluster=label,
@@ -499,7 +542,8 @@ class NetworkConfig:
     main_size_s: int
     retain_windows: int
     benchmark_min_firms: int
-    benchmark_max_share_percent: float
+    benchmark_epsilon: float
+    benchmark_bounds: dict[str, Bounds]
     benchmark_metrics: tuple[str, ...]
     cluster_metrics: tuple[str, ...]
     cluster_k_min: int
@@ -509,6 +553,7 @@ class NetworkConfig:
     cluster_period_windows: int
     cluster_refit_windows: int
     cluster_min_profile_firms: int
+    cluster_profile_epsilon: float
 
 
 @dataclass
@@ -628,33 +673,40 @@ class NetworkState:
         segment_of: Callable[[str], Segment | None],
         produced_at: datetime,
     ) -> list[Benchmark]:
-        """Benchmarks of one complete window: per segment (industry, region) and metric, those
-        that pass :func:`benchmark_or_none`. A firm's value is its mean of the metric over the
-        window; firms without a registered industry and region are left out."""
+        """Benchmarks of one complete window: per segment (industry, region) and metric with
+        declared bounds, those that pass :func:`benchmark_or_none`. A firm's value is its mean
+        of the metric over the window; firms without a registered industry and region are left
+        out."""
         by_segment: dict[Segment, list[FirmSummary]] = {}
         for tenant, summary in self.summaries.get((size_s, start_ms), {}).items():
             segment = segment_of(tenant)
             if segment is not None:
                 by_segment.setdefault(segment, []).append(summary)
         wanted = set(self.config.benchmark_metrics)
+        bounds = self.config.benchmark_bounds
+        key = self.origin.network_key
         out: list[Benchmark] = []
         for (industry, region), firms in sorted(by_segment.items()):
-            metrics = sorted({m for s in firms for m in s.metrics if not wanted or m in wanted})
+            metrics = sorted(
+                {m for s in firms for m in s.metrics if m in bounds and (not wanted or m in wanted)}
+            )
             for metric in metrics:
                 values = {s.tenant: s.mean(metric) for s in firms if s.mean(metric) is not None}
+                about = (industry, region, metric, size_s, start_ms)
                 figures = benchmark_or_none(
                     values,  # type: ignore[arg-type]  # Nones filtered just above
-                    self.config.benchmark_min_firms,
-                    self.config.benchmark_max_share_percent,
+                    k=self.config.benchmark_min_firms,
+                    bounds=bounds[metric],
+                    epsilon=self.config.benchmark_epsilon,
+                    key=key,
+                    about=about,
                 )
                 if figures is None:
                     continue
                 contributing = [s for s in firms if s.tenant in values]
                 out.append(
                     Benchmark(
-                        insight_id=insight_id(
-                            "benchmark", industry, region, metric, size_s, start_ms
-                        ),
+                        insight_id=insight_id(key, "benchmark", *about),
                         tenant=NETWORK_TENANT,
                         visibility="public",
                         provenance=self.origin.provenance(
@@ -726,9 +778,18 @@ class NetworkState:
             schema_versions=merge_versions(used),
             produced_at=produced_at,
         )
-        return cluster_insights(
+        profiles = private_profiles(
             fit,
             model_version=model_version,
             min_profile_firms=c.cluster_min_profile_firms,
+            bounds=c.benchmark_bounds,
+            epsilon=c.cluster_profile_epsilon,
+            key=self.origin.network_key,
+        )
+        return cluster_insights(
+            fit,
+            model_version=model_version,
+            profiles=profiles,
             provenance=provenance,
+            key=self.origin.network_key,
         )

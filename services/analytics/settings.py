@@ -1,14 +1,39 @@
 """Settings of the analytics service (environment prefix ``XIETONG_``, e.g.
-``XIETONG_ANALYTICS_WINDOW_SECONDS``, ``XIETONG_BENCHMARK_MIN_FIRMS``)."""
+``XIETONG_ANALYTICS_WINDOW_SECONDS``, ``XIETONG_BENCHMARK_MIN_FIRMS``,
+``XIETONG_BENCHMARK_EPSILON``, ``XIETONG_BENCHMARK_BOUNDS``; the network secret
+``XIETONG_NETWORK_SECRET`` is in
+:mod:`shared.settings`)."""
 
 from __future__ import annotations
 
 from pydantic import Field, model_validator
 
 from schemas.topics import ANALYTICS_FIRM_WINDOWS, EVENTS_CLEAN
+from services.analytics.disclosure import Bounds
 from shared.settings import XietongSettings
 
 DAY_SECONDS = 86_400
+
+METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "sales.quantity": (0.0, 1_000.0),
+    "sales.amount_cny": (0.0, 100_000.0),
+    "inventory.on_hand": (0.0, 50_000.0),
+    "inventory.value_cny": (0.0, 5_000_000.0),
+    "purchasing.quantity": (0.0, 5_000.0),
+    "purchasing.amount_cny": (0.0, 500_000.0),
+    "delivery.quantity": (0.0, 5_000.0),
+    "delivery.reject_rate": (0.0, 1.0),
+    "delivery.delay_days": (-30.0, 60.0),
+    "production.quantity": (0.0, 5_000.0),
+    "production.scrap_rate": (0.0, 1.0),
+    "workforce.headcount": (0.0, 5_000.0),
+    "workforce.hours_worked": (0.0, 50_000.0),
+    "workforce.absence_rate": (0.0, 1.0),
+    "market.price_cny": (0.0, 100_000.0),
+}
+"""Default declared ranges of per-firm window means: public, chosen from what the metrics are
+(rates in [0, 1]) and the size of the network's firms, not from their data. An operator sets
+``XIETONG_BENCHMARK_BOUNDS`` (JSON: metric -> [lower, upper]) for its own network."""
 
 
 class AnalyticsSettings(XietongSettings):
@@ -78,11 +103,23 @@ class AnalyticsSettings(XietongSettings):
     )
 
     benchmark_min_firms: int = Field(5, ge=2, description="k: distinct firms a benchmark needs.")
-    benchmark_max_share_percent: float = Field(
-        60.0, gt=0, le=100, description="p: largest share of the total one firm may have."
+    benchmark_epsilon: float = Field(
+        6.0,
+        gt=0,
+        description="Differential-privacy budget of one benchmark (its five quantiles and mean "
+        "together, epsilon/6 each) per segment, metric and window: changing one firm's value "
+        "changes the probability of any published benchmark by at most a factor e**epsilon. "
+        "Budgets add up over the windows (and window sizes) a firm's events are in.",
+    )
+    benchmark_bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: dict(METRIC_BOUNDS),
+        description="Declared range [lower, upper] of each metric's per-firm value (its mean "
+        "over a window), never taken from the data: values outside are clamped, the noise is "
+        "scaled to it. Only metrics with a range are benchmarked or shown in cluster profiles.",
     )
     benchmark_metrics: list[str] = Field(
-        default_factory=list, description="Metrics benchmarked; empty means every metric."
+        default_factory=list,
+        description="Metrics benchmarked; empty means every metric with declared bounds.",
     )
 
     cluster_metrics: list[str] = Field(
@@ -106,12 +143,24 @@ class AnalyticsSettings(XietongSettings):
         description="A cluster's profile is shown only when it has at least this many firms "
         "(a profile of one or two firms would give their figures away).",
     )
+    cluster_profile_epsilon: float = Field(
+        6.0,
+        gt=0,
+        description="Differential-privacy budget of the cluster profiles of one fit (split over "
+        "the KPIs; a firm is in one cluster). A firm's events count in every fit whose period "
+        "covers them: budgets add up over those fits.",
+    )
 
     @model_validator(mode="after")
     def _k_range(self) -> AnalyticsSettings:
         if self.cluster_k_max < self.cluster_k_min:
             raise ValueError("cluster_k_max must be >= cluster_k_min")
+        self.metric_bounds()  # refuses a range that is not finite lower < upper
         return self
+
+    def metric_bounds(self) -> dict[str, Bounds]:
+        """The declared ranges of the metrics, as :class:`.disclosure.Bounds`."""
+        return {metric: Bounds(lo, hi) for metric, (lo, hi) in self.benchmark_bounds.items()}
 
     @property
     def window_sizes(self) -> tuple[int, ...]:

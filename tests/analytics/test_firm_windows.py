@@ -43,7 +43,7 @@ def event(minutes: float, metrics: dict[str, float]) -> bytes:
 
 def worker(**overrides: object) -> FirmWindows:
     settings = load_analytics_settings(analytics_grace_seconds=60, **overrides)
-    return FirmWindows(settings, SOURCE, Origin((SOURCE,), "test"))
+    return FirmWindows(settings, SOURCE, Origin((SOURCE,), "test", b"test-network-secret"))
 
 
 def marks_of(

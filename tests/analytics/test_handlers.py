@@ -17,6 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from schemas.events import CleanEvent
 from schemas.insights import NETWORK_TENANT, Benchmark, ClusterAssignment, Insight, Statistics
 from services.analytics.app import parse_clean_event
+from services.analytics.disclosure import Bounds
 from services.analytics.handlers import (
     NetworkConfig,
     NetworkState,
@@ -35,7 +36,8 @@ from services.analytics.windows import Window
 from shared.codec import encode
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
-ORIGIN = Origin(source_topics=("events.clean.v1",), service_version="test")
+KEY = b"test-network-secret"
+ORIGIN = Origin(source_topics=("events.clean.v1",), service_version="test", network_key=KEY)
 T0 = int(datetime(2026, 11, 2, 10, tzinfo=UTC).timestamp() * 1000)
 HOUR_MS = 3_600_000
 
@@ -80,7 +82,7 @@ def test_statistics_equal_pandas_describe_of_each_metric() -> None:
         assert insight.provenance.window_end is not None
         assert insight.provenance.window_start is not None
         assert (insight.provenance.window_end - insight.provenance.window_start).seconds == 3600
-        assert insight.insight_id == insight_id("statistics", "acme", insight.metric, 3600, T0)
+        assert insight.insight_id == insight_id(KEY, "statistics", "acme", insight.metric, 3600, T0)
 
 
 def test_a_single_value_has_no_standard_deviation() -> None:
@@ -97,6 +99,26 @@ def test_insight_ids_are_deterministic_and_distinct() -> None:
     assert len({i.insight_id for i in a}) == len(a)
     other = statistics_insights(sample_window(1, tenant="bolt"), ORIGIN, NOW)
     assert not {i.insight_id for i in a} & {i.insight_id for i in other}
+
+
+def test_insight_ids_are_keyed_by_the_network_secret() -> None:
+    # an id must not tell a tenant which insights exist for a rival: without the secret it
+    # cannot be computed from what it is about (it was a uuid5 of public parts)
+    parts = ("statistics", "rival", "sales.amount_cny", 3600, T0)
+    assert insight_id(KEY, *parts) == insight_id(KEY, *parts)
+    assert insight_id(KEY, *parts) != insight_id(b"another-secret", *parts)
+    assert insight_id(KEY, *parts) != insight_id(KEY, "statistics", "rival", "x", 3600, T0)
+    uuid5 = __import__("uuid").uuid5
+    old = uuid5(
+        __import__("uuid").UUID("5b3e2f0e-7a51-4f3c-9d0a-6c1f3b2a9e11"),
+        "|".join(str(p) for p in parts),
+    )
+    assert insight_id(KEY, *parts) != old
+    assert insight_id(KEY, *parts).version == 8
+    other = Origin(("events.clean.v1",), "test", b"another-secret")
+    mine = statistics_insights(sample_window(1), ORIGIN, NOW)
+    theirs = statistics_insights(sample_window(1), other, NOW)
+    assert not {i.insight_id for i in mine} & {i.insight_id for i in theirs}
 
 
 # --------------------------------------------------------------------------- correlation
@@ -142,36 +164,47 @@ def test_no_correlation_with_one_metric_or_fewer_than_three_points() -> None:
 # --------------------------------------------------------------------------- benchmarks
 
 
-def test_benchmark_needs_k_firms() -> None:
-    values = {f"f{i}": 10.0 + i for i in range(5)}
-    assert benchmark_or_none(dict(list(values.items())[:4]), k=5, p=60) is None
-    figures = benchmark_or_none(values, k=5, p=60)
-    assert figures is not None
-    assert figures.firms == 5
-    expected = np.percentile(list(values.values()), [10, 25, 50, 75, 90])
-    assert list(figures.quantiles.values()) == pytest.approx(list(expected))
-    assert list(figures.quantiles) == ["p10", "p25", "p50", "p75", "p90"]
-    assert figures.mean == pytest.approx(np.mean(list(values.values())))
+WIDE = Bounds(0.0, 1000.0)
 
 
-def test_a_dominant_firm_suppresses_the_benchmark() -> None:
-    values = {"big": 700.0, "a": 100.0, "b": 100.0, "c": 50.0, "d": 50.0}  # big: 70 %
-    assert benchmark_or_none(values, k=5, p=60) is None
-    assert benchmark_or_none(values, k=5, p=70) is not None  # exactly p percent is allowed
-    assert benchmark_or_none({**values, "big": 400.0}, k=5, p=60) is not None  # 57 %
+def figures(values: dict[str, float], about: tuple[object, ...] = ("s", "m", 1)) -> Any:
+    return benchmark_or_none(values, k=5, bounds=WIDE, epsilon=6.0, key=KEY, about=about)
+
+
+def test_benchmark_needs_k_firms_and_its_figures_stay_in_the_declared_range() -> None:
+    values = {f"f{i}": 100.0 + 10 * i for i in range(5)}
+    assert figures(dict(list(values.items())[:4])) is None
+    got = figures(values)
+    assert got is not None
+    assert got.firms == 5
+    assert list(got.quantiles) == ["p10", "p25", "p50", "p75", "p90"]
+    quantiles = list(got.quantiles.values())
+    assert quantiles == sorted(quantiles)
+    assert all(0.0 <= q <= 1000.0 for q in [*quantiles, got.mean])
+    # values outside the declared range count as its ends
+    assert figures({**values, "f0": -5e9}) == figures({**values, "f0": 0.0})
+
+
+def test_the_same_inputs_give_the_same_figures_and_other_inputs_fresh_noise() -> None:
+    values = {f"f{i}": 100.0 + 10 * i for i in range(5)}
+    assert figures(values) == figures(dict(reversed(values.items())))  # a re-run republishes it
+    assert figures(values) != figures(values, about=("s", "m", 2))  # another window
+    moved = figures({**values, "f4": 141.0})
+    assert moved is not None
+    assert figures(values).mean - moved.mean != pytest.approx(-1.0 / 5)  # not the same noise
+    other_key = benchmark_or_none(values, k=5, bounds=WIDE, epsilon=6.0, key=b"x", about=("s",))
+    assert other_key != figures(values, about=("s",))
+
+
+def test_a_dominant_firm_no_longer_decides_whether_a_benchmark_is_published() -> None:
+    # the old p-percent rule suppressed on the values, so its silence said something about them
+    assert figures({"big": 700.0, "a": 100.0, "b": 100.0, "c": 50.0, "d": 50.0}) is not None
 
 
 def test_firms_without_a_finite_value_do_not_count() -> None:
     values = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "e": math.nan}
-    assert benchmark_or_none(values, k=5, p=60) is None
-    assert benchmark_or_none({**values, "e": 5.0}, k=5, p=60) is not None
-
-
-def test_dominance_uses_magnitudes_so_negative_values_cannot_hide_a_firm() -> None:
-    # shares of a signed total (here -60) mean nothing: the magnitudes are what a firm gives away
-    values = {"big": -100.0, "a": 10.0, "b": 10.0, "c": 10.0, "d": 10.0}
-    assert benchmark_or_none(values, k=5, p=60) is None  # 100 / 140 = 71 %
-    assert benchmark_or_none(values, k=5, p=72) is not None
+    assert figures(values) is None
+    assert figures({**values, "e": 5.0}) is not None
 
 
 # --------------------------------------------------------------------------- clusters
@@ -218,10 +251,8 @@ def test_clusters_equal_sklearn_with_the_same_seed_and_recover_the_groups() -> N
     assert fit.silhouette == pytest.approx(scores[fit.k])
     direct = KMeans(n_clusters=fit.k, random_state=11, n_init=5).fit(scaled)
     assert fit.labels == [int(x) for x in direct.labels_]
-    centres = scaler.inverse_transform(direct.cluster_centers_)
-    for c, profile in enumerate(fit.profiles):
-        assert list(profile.values()) == pytest.approx(list(centres[c]), rel=1e-9)
-        assert list(profile) == ["q", "amount", "stock"]
+    assert fit.values == ordered.to_numpy().tolist()
+    assert fit.features == ["q", "amount", "stock"]
     assert sorted(fit.sizes) == [4, 5, 6]
 
 
@@ -242,7 +273,8 @@ def config(**overrides: Any) -> NetworkConfig:
         "main_size_s": 3600,
         "retain_windows": 48,
         "benchmark_min_firms": 5,
-        "benchmark_max_share_percent": 60.0,
+        "benchmark_epsilon": 6.0,
+        "benchmark_bounds": {"q": Bounds(0.0, 1000.0), "amount": Bounds(0.0, 20_000.0)},
         "benchmark_metrics": (),
         "cluster_metrics": ("q", "amount"),
         "cluster_k_min": 2,
@@ -252,6 +284,7 @@ def config(**overrides: Any) -> NetworkConfig:
         "cluster_period_windows": 24,
         "cluster_refit_windows": 1,
         "cluster_min_profile_firms": 3,
+        "cluster_profile_epsilon": 6.0,
         **overrides,
     }
     return NetworkConfig(**values)
@@ -275,6 +308,15 @@ def segments(tenant: str) -> tuple[str, str] | None:
     )
 
 
+def published(
+    values: dict[str, float], metric: str = "q", start_ms: int = T0, size_s: int = 3600, k: int = 5
+) -> Any:
+    """What the network publishes for these per-firm values of metal/east (the same key)."""
+    bounds = config().benchmark_bounds[metric]
+    about = ("metal", "east", metric, size_s, start_ms)
+    return benchmark_or_none(values, k=k, bounds=bounds, epsilon=6.0, key=KEY, about=about)
+
+
 def test_benchmarks_wait_for_every_partition_and_are_never_revised() -> None:
     state = NetworkState(config(), ORIGIN)
     firms = ["a1", "a2", "a3", "a4", "a5", "a6"]
@@ -290,7 +332,9 @@ def test_benchmarks_wait_for_every_partition_and_are_never_revised() -> None:
     b = benchmarks[0]
     assert b.tenant == NETWORK_TENANT and b.visibility == "public"
     assert b.provenance.contributing_partners == 5
-    assert b.mean == pytest.approx(np.mean([2 + ord(f[1]) for f in firms[:5]]))
+    # the private figures of exactly the five firms' means
+    want = published({f: float(2 + ord(f[1])) for f in firms[:5]})
+    assert (b.quantiles, b.mean) == (want.quantiles, want.mean)
     # a sixth firm's summary for the completed window is ignored: no revision to difference
     assert state.apply(summary("a6", {"q": [1.0]}), segments) == []
     assert state.apply(watermark_mark("events.clean.v1", 1, 2, T0 + 3 * HOUR_MS), segments) == []
@@ -303,7 +347,8 @@ def test_an_idle_partition_is_not_waited_for_and_unknown_segments_are_left_out()
         state.apply(summary(firm, {"q": [value]}), segments)
     state.apply(watermark_mark("t", 0, 2, T0 + HOUR_MS), segments)
     out = state.apply(watermark_mark("t", 1, 2, None), segments)
-    assert [(b.firms, b.mean) for b in out if isinstance(b, Benchmark)] == [(2, 1.25)]
+    want = published({"a1": 1.0, "a2": 1.5}, k=2)
+    assert [(b.firms, b.mean) for b in out if isinstance(b, Benchmark)] == [(2, want.mean)]
 
 
 def test_a_quiet_partition_is_not_waited_for_until_it_speaks_again() -> None:
@@ -366,6 +411,18 @@ def test_clusters_are_refitted_on_complete_windows_and_hide_small_profiles() -> 
     hidden = tiny.apply(watermark_mark("t", 0, 1, T0 + HOUR_MS), segments)
     one = next(i for i in hidden if isinstance(i, ClusterAssignment))
     assert [bool(p) for p in one.profiles] == [size >= 5 for size in one.cluster_sizes]
+    # shown profiles are private means in the KPIs' declared ranges, the same on a re-run
+    again = NetworkState(config(cluster_min_profile_firms=5), ORIGIN)
+    for firm, row in kpis.iterrows():
+        again.apply(summary(str(firm), {"q": [row["q"]], "amount": [row["amount"]]}), segments)
+    rerun = again.apply(watermark_mark("t", 0, 1, T0 + HOUR_MS), segments)
+    assert [i.model_dump(exclude={"provenance"}) for i in rerun] == [
+        i.model_dump(exclude={"provenance"}) for i in hidden
+    ]
+    for profile in one.profiles:
+        if profile:
+            assert set(profile) == {"q", "amount"}
+            assert 0 <= profile["q"] <= 1000 and 0 <= profile["amount"] <= 20_000
 
 
 # --------------------------------------------------------------------------- decoding

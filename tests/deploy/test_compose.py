@@ -121,11 +121,15 @@ def known_setting(env_name: str) -> bool:
 # --------------------------------------------------------------------------- compose
 
 
-def test_compose_refuses_to_start_without_the_s3_credentials() -> None:
+def test_compose_refuses_to_start_without_the_s3_credentials_and_the_network_secret() -> None:
     with pytest.raises(MissingVariable):
         load_compose(env={})
     required = required_variables(COMPOSE_FILE.read_text())
-    assert required == {"XIETONG_S3_ACCESS_KEY_ID", "XIETONG_S3_SECRET_ACCESS_KEY"}
+    assert required == {
+        "XIETONG_S3_ACCESS_KEY_ID",
+        "XIETONG_S3_SECRET_ACCESS_KEY",
+        "XIETONG_NETWORK_SECRET",
+    }
 
 
 def test_every_service_package_has_a_compose_service() -> None:

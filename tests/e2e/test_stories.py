@@ -42,6 +42,8 @@ from schemas.insights import (
     Statistics,
 )
 from schemas.topics import EVENTS_CLEAN, EVENTS_RAW, INSIGHT_TOPICS
+from services.analytics.handlers import benchmark_or_none
+from services.analytics.settings import load_analytics_settings
 from services.ingest.cdc import row_id, run_cdc
 from services.ingest.mapping import Mapping, parse_mapping
 from shared.codec import encode
@@ -320,7 +322,8 @@ async def test_partner_firms_get_their_statistics_benchmarks_and_clusters_and_no
                 for row, wanted in zip(c.matrix, matrix.to_numpy().tolist(), strict=True):
                     assert all(close(a, w) for a, w in zip(row, wanted, strict=True))
 
-        # the public benchmark of the industry: quantiles of the six firms' own means
+        # the public benchmark of the industry: the private release (differentially private,
+        # keyed noise) of exactly the six firms' own means — the same figures on any re-run
         benchmarks = expected_benchmarks(frame)
         got = await system.wait_for(
             rival,
@@ -340,12 +343,18 @@ async def test_partner_firms_get_their_statistics_benchmarks_and_clusters_and_no
             b = mine_b[key]
             assert b.tenant == NETWORK_TENANT and b.visibility == "public"
             assert b.region == "east" and b.firms == len(values) == len(firms)
-            quantiles = values.quantile([0.1, 0.25, 0.5, 0.75, 0.9]).to_numpy().tolist()
-            assert all(
-                close(b.quantiles[name], q)
-                for name, q in zip(["p10", "p25", "p50", "p75", "p90"], quantiles, strict=True)
+            defaults = load_analytics_settings(**ANALYTICS)
+            want = benchmark_or_none(
+                {str(tenant): float(v) for (_, tenant), v in values.items()},
+                k=defaults.benchmark_min_firms,
+                bounds=defaults.metric_bounds()[key[1]],
+                epsilon=defaults.benchmark_epsilon,
+                key=settings.network_key(),
+                about=(industry, "east", key[1], WINDOW_S, key[0]),
             )
-            assert close(b.mean, float(np.mean(values.to_numpy())))
+            assert want is not None
+            assert all(close(b.quantiles[name], q) for name, q in want.quantiles.items())
+            assert close(b.mean, want.mean)
 
         # every firm gets its cluster: the partition scikit-learn finds on the same KPIs
         k, partition = expected_clusters(frame)
