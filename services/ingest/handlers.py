@@ -36,6 +36,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
@@ -97,12 +98,14 @@ class ErrorAnswer(BaseModel):
 
 
 class RequestError(Exception):
-    """A whole-request error with its HTTP status."""
+    """A whole-request error with its HTTP status; ``close`` ends the connection after the
+    answer (the rest of a body that could not be read cannot be told from the next request)."""
 
-    def __init__(self, status: int, message: str, **details: Any) -> None:
+    def __init__(self, status: int, message: str, *, close: bool = False, **details: Any) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close
         self.details = details
 
 
@@ -298,17 +301,27 @@ async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
     if declared is not None and declared > limit:
         raise RequestError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
     stream = request.content
-    # Whatever has arrived already, in one piece; a body that arrived whole is not copied.
-    first = await stream.readany()
-    if len(first) > limit:
-        raise RequestError(413, f"body exceeds the limit of {limit} bytes")
-    if stream.at_eof():
-        return first
-    body = bytearray(first)
-    while chunk := await stream.readany():
-        body += chunk
-        if len(body) > limit:
+    try:
+        # Whatever has arrived already, in one piece; a body that arrived whole is not copied.
+        first = await stream.readany()
+        if len(first) > limit:
             raise RequestError(413, f"body exceeds the limit of {limit} bytes")
+        if stream.at_eof():
+            return first
+        body = bytearray(first)
+        while chunk := await stream.readany():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"body exceeds the limit of {limit} bytes")
+    except (web.RequestPayloadError, ContentEncodingError) as error:
+        # aiohttp inflates a Content-Encoding body as it reads it: this one does not inflate
+        encoding = request.headers.get("Content-Encoding", "")
+        cause = error.__cause__ or error
+        raise RequestError(
+            400,
+            f"the body cannot be decoded as Content-Encoding {encoding!r}: {cause}",
+            close=True,
+        ) from None
     return body
 
 
@@ -500,11 +513,14 @@ async def answer_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except RequestError as error:
-        return json_response(
+        response = json_response(
             {"error": error.message, **error.details, "request_id": request_id},
             status=error.status,
             headers={"X-Request-Id": request_id or ""},
         )
+        if error.close:
+            response.force_close()
+        return response
     except web.HTTPException:
         raise
     except Exception:

@@ -677,3 +677,22 @@ async def test_gzip_bodies_are_accepted_and_the_limit_counts_what_they_inflate_t
     assert len(bomb) < limit // 10
     response = await gateway.client.post("/v1/events", data=bomb, headers=headers)
     assert response.status == 413
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_is_not_what_its_content_encoding_says_is_a_400_with_the_reason(
+    gateway: Gateway, encoding: str
+) -> None:
+    body = ndjson([event(gateway.tenant)])
+    for sent in (body, b"\x1f\x8b\x08\x00" + body)[: 2 if encoding == "gzip" else 1]:
+        # not compressed at all; a gzip header, then no deflate stream
+        headers = {
+            **gateway.auth(),
+            "Content-Type": "application/x-ndjson",
+            "Content-Encoding": encoding,
+        }
+        response = await gateway.client.post("/v1/events", data=sent, headers=headers)
+        answer = await response.json(content_type=None)
+        assert response.status == 400, (sent[:8], answer)
+        assert encoding in answer["error"] and answer["request_id"]
+    assert await read_topic(gateway.settings, EVENTS_RAW, gateway.tenant) == []
