@@ -71,7 +71,14 @@ TENANT_KEY = "tenant id (UTF-8): every record of one firm on one partition, in o
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(
         EVENTS_RAW,
-        "Validated partner events as published, before cleaning.",
+        "Partner events as published, before cleaning. A partner writing here directly (not "
+        "through the gateway) must key every record by its tenant id as UTF-8 and pick the "
+        "partition as Java's default partitioner does: murmur2 of the key, made positive, modulo "
+        "the partition count (librdkafka-based clients: partitioner=murmur2_random; their default "
+        "is crc32-based). clean re-produces a record found on another partition or under another "
+        "key to its tenant's partition (same value and headers, plus "
+        "xietong-rerouted-from: topic/partition/offset) and cleans only that copy, so consumers "
+        "of this topic may see such a record twice.",
         TENANT_KEY,
         tuple(EVENT_MODELS.values()),
         producers=("ingest",),
@@ -87,7 +94,9 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         EVENTS_CLEAN,
-        "Cleaned events: de-duplicated, filled by policy, canonical units, quality flags.",
+        "Cleaned events: de-duplicated, filled by policy, canonical units, quality flags. "
+        "Partition p holds what clean emitted for raw partition p (its changelog), each record "
+        "stamped with the moment it was cleaned.",
         TENANT_KEY,
         (CleanEvent,),
         producers=("clean",),

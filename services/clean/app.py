@@ -10,20 +10,42 @@ The work is an aiokafka batch loop, not Faust: one ``getmany`` batch -> one pure
 per-partition producer batches and all acknowledgements awaited together -> commit.
 
 Delivery semantics: **at-least-once consumption, effectively-once output.** Offsets are
-committed only after every clean record and dead letter of the batch is acknowledged
-(``acks=all``, idempotent producer), so a crash re-reads the uncommitted batch. Re-reading
-produces no duplicate clean events because de-duplication state is rebuilt from the output:
+committed only after every clean record, re-routed record and dead letter of the batch is
+acknowledged (``acks=all``, idempotent producer) and the batch's ids are on disk, so a crash
+re-reads the uncommitted batch. Re-reading produces no duplicate clean events because the
+de-duplication state either saw them or is rebuilt from the output:
 
+- *One partition per tenant.* Our contract puts a tenant's records on the partition murmur2 of
+  its id picks (Java's default partitioner; :func:`shared.kafka.partition_of`). A partner
+  writing to the raw topic itself may use another partitioner (librdkafka's default is
+  crc32-based) or key: a valid record that is not on its tenant's partition, or not keyed by
+  its tenant, is produced again to that partition of the raw topic (its original value and
+  headers, the tenant as key, plus a ``xietong-rerouted-from: topic/partition/offset`` header)
+  and acknowledged before its own offset is committed; it is not cleaned where it arrived. So
+  one owner sees every copy of an ``event_id`` of a tenant. A crash between the re-produce and
+  the commit re-produces it again: a duplicate that owner drops.
 - *The clean topic is the changelog.* A clean record goes to the same partition number of the
   clean topic as its raw record came from (raw and clean must have the same partition count;
   the hop creates the clean topic that way and refuses to start otherwise). Partition ``p`` of
-  the clean topic therefore holds exactly what was emitted for raw partition ``p``.
+  the clean topic therefore holds exactly what was emitted for raw partition ``p``; each clean
+  record's timestamp is the moment it was cleaned.
+- *A store on disk per partition* (:mod:`services.clean.store`, under
+  ``state_dir/clean/<clean topic>/<p>``) holds the ids cleaned within
+  ``clean_dedupe_horizon_days`` — measured from when each was cleaned by this hop's clock, never
+  from an event's ``occurred_at``, so no tenant's clock shortens what another's ids are
+  remembered for — and, as of a checkpoint (a clean-topic offset), the carry-forward values and
+  outlier windows. Its memory is bounded (``clean_dedupe_memory_mb``) whatever the number of
+  ids; a batch's ids are written after its records are acknowledged, in one write with the
+  checkpoint, which moves only while every record since it is this hop's own.
 - *Restore on assignment.* When the group assigns raw partition ``p`` (a rebalance listener),
-  the hop pauses it, reads clean partition ``p`` back over the horizon (records produced within
-  ``clean_dedupe_horizon_days`` and at most ``clean_dedupe_max_ids`` of them) up to its end
-  offset, and rebuilds the seen ``event_id`` set, the carry-forward values and the outlier
-  windows from it; only then are raw records of ``p`` cleaned. Anything acknowledged before a
-  crash is thus known to the next owner, and its raw record, read again, is a duplicate.
+  the hop pauses it and reads clean partition ``p`` from the store's checkpoint to the end
+  offset, replaying every record into the store; a store without a checkpoint within the
+  horizon (a new disk, a long absence) is deleted and rebuilt from the clean records produced
+  within the horizon. Only then are raw records of ``p`` cleaned. Anything acknowledged before
+  a crash is thus known to the next owner, on any machine, and its raw record, read again, is a
+  duplicate. A store restored from the clean topic holds the windows and carry values its
+  records imply; a store caught up from a checkpoint also keeps those of older records, as the
+  live hop does.
 - *Revocation* waits for the in-flight batch's acknowledgements before the partition moves on,
   so the next owner's restore sees them. A commit refused because of the rebalance is only
   logged: the batch is read again and dropped as duplicates.
@@ -32,8 +54,8 @@ Dead letters are at-least-once: a record refused just before a crash may be dead
 A worker that lost its partition and has not noticed yet (a long pause) can still publish a batch
 its successor publishes too; without Kafka transactions nothing fences it, so analytics counts an
 event id it already holds once (:mod:`services.analytics.windows`).
-An unexpected error (a failed publish, a failed restore) is logged with the batch's
-coordinates and stops the worker without committing, rather than skip data.
+An unexpected error (a failed publish, a failed restore, a failed write to the store) is logged
+with the batch's coordinates and stops the worker without committing, rather than skip data.
 """
 
 from __future__ import annotations
@@ -44,6 +66,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -51,10 +74,17 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from prometheus_client import Counter, Histogram
 
 from schemas.topics import EVENTS_CLEAN, EVENTS_RAW, dlq
-from services.clean.handlers import CleanRules, CleanState, clean_batch
+from services.clean.handlers import SERVICE, CleanRules, CleanState, clean_batch
 from services.clean.settings import CleanSettings, load_clean_settings
 from shared.codec import decode
-from shared.kafka import BatchPublisher, OutRecord, create_consumer, create_producer, ensure_topics
+from shared.kafka import (
+    NO_HEADERS,
+    BatchPublisher,
+    OutRecord,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+)
 from shared.settings import XietongSettings
 
 log = logging.getLogger(__name__)
@@ -69,6 +99,10 @@ DUPLICATES = Counter(
 )
 RESTORED = Counter(
     "xietong_clean_restored_records_total", "Clean records read back to rebuild the state."
+)
+REROUTED = Counter(
+    "xietong_clean_rerouted_total",
+    "Raw records produced again to their tenant's partition: they arrived on another one.",
 )
 BATCH_SECONDS = Histogram(
     "xietong_clean_batch_seconds",
@@ -89,6 +123,7 @@ class HopStatus:
     dead_letters: int = 0
     duplicates: int = 0
     restored: int = 0
+    rerouted: int = 0
     batches: int = 0
 
     def problem(self) -> str | None:
@@ -101,24 +136,39 @@ class HopStatus:
 
 
 async def send_to_partition(
-    producer: AIOKafkaProducer, topic: str, partition: int, records: Sequence[OutRecord]
-) -> list[asyncio.Future[Any]]:
-    """Append ``records`` to producer batches for one explicit partition; return the futures.
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    records: Sequence[OutRecord],
+    timestamp_ms: int | None = None,
+) -> list[tuple[asyncio.Future[Any], int]]:
+    """Append ``records`` to producer batches for one explicit partition; return each batch's
+    future (its result's ``offset`` is the batch's first offset) and record count.
 
-    :class:`shared.kafka.BatchPublisher` partitions by key; the clean topic must mirror the
-    source partition instead, whatever partitioner the producer of the raw topic used.
+    :class:`shared.kafka.BatchPublisher` partitions by key; the clean topic mirrors the source
+    partition instead, and a re-routed raw record goes to the partition clean computed for it.
     """
-    futures: list[asyncio.Future[Any]] = []
+    sent: list[tuple[asyncio.Future[Any], int]] = []
+
+    async def ship(builder: Any) -> None:
+        count = builder.record_count()
+        sent.append((await producer.send_batch(builder, topic, partition=partition), count))
+
     builder = producer.create_batch()
     for record in records:
-        if builder.append(key=record.key, value=record.value, timestamp=None) is None:
-            futures.append(await producer.send_batch(builder, topic, partition=partition))
+        headers = list(record.headers) if record.headers else NO_HEADERS
+        key, value = record.key, record.value
+        if builder.append(key=key, value=value, timestamp=timestamp_ms, headers=headers) is None:
+            await ship(builder)
             builder = producer.create_batch()
-            if builder.append(key=record.key, value=record.value, timestamp=None) is None:
+            if (
+                builder.append(key=key, value=value, timestamp=timestamp_ms, headers=headers)
+                is None
+            ):
                 raise ValueError(f"record of {len(record.value)} bytes exceeds the batch size")
     if builder.record_count():
-        futures.append(await producer.send_batch(builder, topic, partition=partition))
-    return futures
+        await ship(builder)
+    return sent
 
 
 class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -134,12 +184,18 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
         producer: AIOKafkaProducer,
         restorer: AIOKafkaConsumer,
         status: HopStatus,
+        partitions: int,
     ) -> None:
         self.settings = settings
         self.source, self.target, self.dead_topic = source, target, dlq(source)
         self.consumer, self.producer, self.restorer = consumer, producer, restorer
         self.publisher = BatchPublisher(producer)
-        self.state = CleanState(CleanRules.from_settings(settings))
+        self.state = CleanState(
+            CleanRules.from_settings(settings),
+            Path(settings.state_dir) / SERVICE / target,
+            partitions=partitions,
+        )
+        self.horizon_ms = int(settings.clean_dedupe_horizon_days * 86400 * 1000)
         self.status = status
         self.ready: set[int] = set()  # source partitions whose state is restored
         self.failure: BaseException | None = None
@@ -179,46 +235,57 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer.resume(*(tp for tp in mine if tp in current))
 
     async def restore(self, partitions: Sequence[int]) -> int:
-        """Rebuild the state of ``partitions`` from the clean topic; return records read."""
+        """Bring the state of ``partitions`` up to the end of the clean topic; return records read.
+
+        A partition's store that has a checkpoint within the horizon is caught up from it;
+        any other (none, lost, or older than the horizon) is deleted and rebuilt from the clean
+        records produced within the horizon.
+        """
+        state = self.state
         for number in partitions:
-            self.state.drop(number)
+            state.drop(number)  # memory as of the store's checkpoint, not of an earlier run
+        now_ms = int(time.time() * 1000)
         tps = [TopicPartition(self.target, number) for number in partitions]
         restorer = self.restorer
         ends = await restorer.end_offsets(tps)
         begins = await restorer.beginning_offsets(tps)
-        horizon_ms = int(self.settings.clean_dedupe_horizon_days * 86400 * 1000)
         since = await restorer.offsets_for_times(
-            {tp: max(0, int(time.time() * 1000) - horizon_ms) for tp in tps}
+            {tp: max(0, now_ms - self.horizon_ms) for tp in tps}
         )
         starts: dict[TopicPartition, int] = {}
         for tp in tps:
             found = since.get(tp)
-            start = max(
-                begins[tp],
-                ends[tp] - self.settings.clean_dedupe_max_ids,
-                found.offset if found is not None else ends[tp],
-            )
-            if start < ends[tp]:
-                starts[tp] = start
+            floor = max(begins[tp], found.offset if found is not None else ends[tp])
+            checkpoint = state.partition(tp.partition).store.checkpoint
+            if checkpoint is None or not floor <= checkpoint <= ends[tp]:
+                state.wipe(tp.partition)
+                checkpoint = floor
+            if checkpoint < ends[tp]:
+                starts[tp] = checkpoint
         remaining = set(starts)
         restorer.assign(list(remaining))
         for tp, start in starts.items():
             restorer.seek(tp, start)
         count = 0
-        remember = self.state.remember
+        remember = state.remember
         while remaining:
             batch = await restorer.getmany(*remaining, timeout_ms=500, max_records=10_000)
             for tp, records in batch.items():
                 end = ends[tp]
-                for record in records:
-                    if record.offset < end and record.value is not None:
-                        remember(tp.partition, decode(record.value))
-                        count += 1
+                read = [record for record in records if record.offset < end]
+                for record in read:
+                    if record.value is not None:
+                        remember(tp.partition, decode(record.value), record.timestamp)
+                if read:  # the ids read so far to disk: memory stays bounded however many
+                    state.flush(tp.partition, read[-1].offset + 1, now_ms)
+                    count += len(read)
             for tp in list(remaining):
                 if await restorer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
         restorer.assign([])
-        self.state.evict(partitions)
+        for tp in tps:
+            state.flush(tp.partition, ends[tp], now_ms)
+            state.partition(tp.partition).next_offset = ends[tp]
         RESTORED.inc(count)
         self.status.restored += count
         log.info(
@@ -254,17 +321,31 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
         if not ready:
             return
         try:
-            result = clean_batch(chain.from_iterable(ready.values()), self.state)
+            now_ms = int(time.time() * 1000)
+            result = clean_batch(chain.from_iterable(ready.values()), self.state, now_ms)
             self._idle.clear()
             try:
-                futures: list[asyncio.Future[Any]] = []
+                sent: dict[int, list[tuple[asyncio.Future[Any], int]]] = {}
                 for partition, records in result.clean.items():
-                    futures += await send_to_partition(
-                        self.producer, self.target, partition, records
+                    sent[partition] = await send_to_partition(
+                        self.producer, self.target, partition, records, now_ms
                     )
+                futures = [future for batches in sent.values() for future, _ in batches]
+                for partition, records in result.rerouted.items():
+                    rerouted = await send_to_partition(
+                        self.producer, self.source, partition, records
+                    )
+                    futures += [future for future, _ in rerouted]
                 if result.dead:
                     futures += await self.publisher.enqueue(self.dead_topic, result.dead)
                 await asyncio.gather(*futures)
+                # the ids just acknowledged to disk, and the checkpoint if nobody else wrote
+                for tp in ready:
+                    acked = [
+                        (future.result().offset, n) for future, n in sent.get(tp.partition, ())
+                    ]
+                    checkpoint = self.state.partition(tp.partition).advance(acked)
+                    self.state.flush(tp.partition, checkpoint, now_ms)
             finally:
                 self._idle.set()
         except Exception:
@@ -290,12 +371,14 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
         RECORDS_IN.inc(count_in)
         RECORDS_OUT.inc(count_out)
         DUPLICATES.inc(result.duplicates)
+        REROUTED.inc(result.rerouted_count)
         for reason, count in result.dead_reasons.items():
             DEAD_LETTERS.labels(reason).inc(count)
         status = self.status
         status.records_in += count_in
         status.records_out += count_out
         status.duplicates += result.duplicates
+        status.rerouted += result.rerouted_count
         status.dead_letters += len(result.dead)
         status.batches += 1
         BATCH_SECONDS.observe(time.perf_counter() - started)
@@ -338,7 +421,7 @@ async def run_clean(
     if not isinstance(settings, CleanSettings):
         settings = load_clean_settings(**settings.model_dump())
     status = status if status is not None else HopStatus()
-    await prepare_topics(settings, source, target)
+    partitions = await prepare_topics(settings, source, target)
     producer = create_producer(settings)
     consumer = create_consumer(settings, group_id or settings.clean_group_id)
     restorer = create_consumer(settings, None, enable_auto_commit=False)
@@ -354,13 +437,17 @@ async def run_clean(
                 producer=producer,
                 restorer=restorer,
                 status=status,
+                partitions=partitions,
             )
             consumer.subscribe([source], listener=hop)
             await consumer.start()
             try:
                 await hop.run(stop)
             finally:
-                await consumer.stop()
+                try:
+                    await consumer.stop()
+                finally:
+                    hop.state.close()
         finally:
             await restorer.stop()
     finally:

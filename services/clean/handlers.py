@@ -8,7 +8,14 @@ the dead letters. For each record, in order:
    :func:`schemas.events.validate_event` does); undecodable or invalid -> dead letter, and so
    is an ``occurred_at`` out of :func:`schemas.events.event_time_error`'s bounds (relative to
    the record's Kafka timestamp, as ingest checks it against its arrival);
-2. **de-duplicate** by ``event_id`` against the ids the partition remembers (:class:`SeenIds`);
+   a valid record that is not on its tenant's **home partition** (murmur2 of the tenant id, as
+   Java's default partitioner and :func:`shared.kafka.partition_of` compute it) or not keyed by
+   its tenant is **re-routed**: returned to be produced again, unchanged but for the key and a
+   :data:`REROUTED_HEADER`, to the home partition of the source topic, and not cleaned here.
+   So every record of a tenant is cleaned by the owner of one partition, whatever partitioner
+   its producer used, and a repeated ``event_id`` meets the ids it must be checked against;
+2. **de-duplicate** by ``event_id`` against the ids the partition cleaned within the horizon,
+   measured from when each was cleaned (:class:`PartitionState`: on disk, one lookup per batch);
 3. **fill** missing values by the contract's ``x-missing`` policy: ``default`` values are written
    before conversion (they are stated in canonical units and CNY), ``refuse`` -> dead letter,
    ``carry_forward`` takes the tenant's last canonical value for the same entity (e.g. the SKU
@@ -27,8 +34,11 @@ Corrections (``source.operation`` update or delete, referencing ``corrects``) ar
 same way and passed through, but they restate an earlier fact rather than add an observation, so
 they are not outlier-scored and feed neither the rolling windows nor the carry-forward values.
 
-Everything the state holds can be rebuilt from the clean events themselves
-(:meth:`CleanState.remember`), which is how the app restores it after a restart.
+The state is kept per partition on disk (:mod:`services.clean.store`) and is a copy of what the
+clean topic implies: everything it holds can be rebuilt from the clean events themselves
+(:meth:`CleanState.remember`), which is how the app catches a store up, or rebuilds a lost one,
+when a partition is assigned. Only the ids of the current batch, the carry-forward values and
+the rolling windows (per tenant; no tenant's events move another's) are held in memory.
 
 Why plain Python rather than pandas per batch: each value is scored against the window *as it
 was just before it* (exact and independent of batch boundaries, so a replay flags the same
@@ -41,13 +51,15 @@ one and turning it back into records costs about 10 us per record.
 from __future__ import annotations
 
 import math
+import time
 from bisect import bisect_left, bisect_right, insort
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Protocol
 from uuid import UUID
 
 from pydantic import ValidationError
@@ -55,6 +67,7 @@ from pydantic import ValidationError
 from schemas.events import (
     DEFAULT_EVENT_TIME,
     PAYLOADS,
+    EventEnvelope,
     EventTimeBounds,
     UnknownEventType,
     event_time_error,
@@ -63,9 +76,10 @@ from schemas.events import (
 )
 from schemas.insights import FieldError
 from services.clean.settings import CleanSettings
+from services.clean.store import CarryKey, PartitionStore, WindowKey
 from shared.codec import DecodeError, decode, encode
 from shared.deadletter import ConsumedRecord, dead_letter_record, field_errors, record_dead_letter
-from shared.kafka import OutRecord
+from shared.kafka import OutRecord, partition_of
 
 SERVICE = "clean"
 CORRECTIONS = frozenset({"update", "delete"})
@@ -80,10 +94,10 @@ class CleanRules:
 
     rates: Mapping[str, float]
     horizon_seconds: float = 7 * 86400.0
-    max_ids: int = 500_000
     window: int = 200
     min_history: int = 20
     threshold: float = 3.5
+    memory_mb: int = 16
     event_time: EventTimeBounds = DEFAULT_EVENT_TIME
 
     @classmethod
@@ -91,7 +105,7 @@ class CleanRules:
         return cls(
             rates=dict(settings.clean_currency_rates),
             horizon_seconds=settings.clean_dedupe_horizon_days * 86400.0,
-            max_ids=settings.clean_dedupe_max_ids,
+            memory_mb=settings.clean_dedupe_memory_mb,
             window=settings.clean_outlier_window,
             min_history=settings.clean_outlier_min_history,
             threshold=settings.clean_outlier_threshold,
@@ -353,79 +367,135 @@ def robust_z(value: float, history: Sequence[float]) -> float:
     return 0.0 if value == median else math.copysign(math.inf, value - median)
 
 
-class SeenIds:
-    """Event ids a partition has let through, forgotten oldest-first.
+EXPIRE_EVERY_MS = 60_000
+"""How often a partition's store forgets the ids past the horizon (lookups check the time of
+each id anyway, so this only bounds the disk)."""
+EXPIRE_STEP = 20_000
+"""Most ids one flush forgets: a backlog of expired ids is worked off over several batches."""
 
-    An id leaves when the set holds more than ``max_ids`` or when its event time has fallen
-    more than the horizon behind the latest event time seen (checked in arrival order).
+
+class PartitionState:
+    """What cleaning remembers for one partition: the ids on disk, with those cleaned since the
+    last :meth:`flush` in memory; the carry-forward values and rolling windows in memory, and on
+    disk as of the last checkpoint.
+
+    An id is a duplicate while it was cleaned within the horizon, measured by when it was cleaned
+    (the hop's clock, the clean record's timestamp), never by an event's ``occurred_at``: no
+    tenant's clock moves what another tenant's ids are remembered for.
     """
 
-    __slots__ = ("ids", "order", "times", "watermark")
+    def __init__(self, store: PartitionStore, window_size: int) -> None:
+        self.store = store
+        self.pending: dict[bytes, int] = {}
+        """Ids cleaned since the last flush -> when (ms); written to the store by :meth:`flush`."""
+        self.carry: dict[CarryKey, tuple[Any, float]] = dict(store.carried())
+        """The tenant's last value of a carry-forward field and its event time."""
+        self.windows: dict[WindowKey, RollingWindow] = {}
+        for key, values in store.windows():
+            window = self.windows[key] = RollingWindow()
+            for value in values:
+                window.push(value, window_size)
+        self.changed_carry: set[CarryKey] = set()
+        self.changed_windows: set[WindowKey] = set()
+        self.next_offset: int | None = store.checkpoint
+        """The clean-topic offset our next record there should get while every record since the
+        store's checkpoint is ours (None once another writer's record came between)."""
+        self.expired_at = -EXPIRE_EVERY_MS
 
-    def __init__(self) -> None:
-        self.ids: set[int] = set()
-        self.order: deque[int] = deque()  # ids in arrival order ...
-        self.times: deque[float] = deque()  # ... and their event times (no tuple per id)
-        self.watermark = -math.inf
+    def seen(self, ids: Sequence[bytes], since_ms: int) -> set[bytes]:
+        """Those of ``ids`` cleaned at ``since_ms`` or later (one store lookup for all)."""
+        pending = self.pending
+        found = self.store.seen_since(ids, since_ms)
+        return {
+            event_id
+            for event_id, stored in zip(ids, found, strict=True)
+            if stored or pending.get(event_id, -1) >= since_ms
+        }
 
-    def __contains__(self, event_id: int) -> bool:
-        return event_id in self.ids
+    def advance(self, runs: Sequence[tuple[int, int]]) -> int | None:
+        """Our records just acknowledged on the clean partition, as (base offset, count) in the
+        order sent: the new checkpoint if they follow the last one without a gap, else None."""
+        offset = self.next_offset
+        for base, count in runs:
+            if offset is None or base != offset:
+                self.next_offset = None
+                return None
+            offset = base + count
+        self.next_offset = offset
+        return offset if runs else None
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def add(self, event_id: int, at: float) -> None:
-        if event_id not in self.ids:
-            self.ids.add(event_id)
-            self.order.append(event_id)
-            self.times.append(at)
-            if at > self.watermark:
-                self.watermark = at
-
-    def evict(self, horizon_seconds: float, max_ids: int) -> None:
-        order, times, ids = self.order, self.times, self.ids
-        oldest = self.watermark - horizon_seconds
-        while order and (len(order) > max_ids or times[0] < oldest):
-            times.popleft()
-            ids.discard(order.popleft())
-
-
-CarryKey = tuple[str, str, tuple[Any, ...], str]
-
-
-@dataclass
-class PartitionState:
-    """What cleaning remembers for one source partition (its tenants live only there)."""
-
-    seen: SeenIds = field(default_factory=SeenIds)
-    carry: dict[CarryKey, tuple[Any, float]] = field(default_factory=dict)
-    """The last value of a carry-forward field and its event time."""
-    windows: dict[tuple[str, str], RollingWindow] = field(default_factory=dict)
+    def flush(self, checkpoint: int | None, now_ms: int, horizon_ms: int) -> None:
+        """Write the pending ids to the store — and, with a ``checkpoint`` (the clean offset every
+        record below which is now reflected), the changed windows and carry values with it."""
+        windows = carry = None
+        if checkpoint is not None:
+            windows = {key: self.windows[key].arrival for key in self.changed_windows}
+            carry = {key: self.carry[key] for key in self.changed_carry}
+        if self.pending or checkpoint is not None:
+            self.store.write(self.pending, windows, carry, checkpoint)
+        self.pending = {}
+        self.changed_windows.clear()
+        self.changed_carry.clear()
+        due = now_ms - self.expired_at >= EXPIRE_EVERY_MS
+        if due and self.store.expire(now_ms - horizon_ms, EXPIRE_STEP) < EXPIRE_STEP:
+            self.expired_at = now_ms  # else a bounded step now, the rest with the next batch
 
 
-@dataclass
 class CleanState:
-    """Per-partition state of the hop; partitions come and go with the consumer group."""
+    """Per-partition state of the hop; partitions come and go with the consumer group.
 
-    rules: CleanRules
-    partitions: dict[int, PartitionState] = field(default_factory=dict)
+    Partition ``p``'s store lives in ``directory/p`` and outlives the process; ``partitions``
+    is the source topic's partition count, which decides each tenant's home partition.
+    """
+
+    def __init__(self, rules: CleanRules, directory: Path | str, *, partitions: int) -> None:
+        self.rules = rules
+        self.directory = Path(directory)
+        self.source_partitions = partitions
+        self.partitions: dict[int, PartitionState] = {}
+        self._homes: dict[str, tuple[bytes, int]] = {}
+
+    def home(self, tenant: str) -> tuple[bytes, int]:
+        """(key, partition) a record of ``tenant`` belongs to: the contract's murmur2 of the key."""
+        found = self._homes.get(tenant)
+        if found is None:
+            key = tenant.encode()
+            found = self._homes[tenant] = (key, partition_of(key, self.source_partitions))
+        return found
 
     def partition(self, number: int) -> PartitionState:
         state = self.partitions.get(number)
         if state is None:
-            state = self.partitions[number] = PartitionState()
+            store = PartitionStore(self.directory / str(number), self.rules.memory_mb)
+            state = self.partitions[number] = PartitionState(store, self.rules.window)
         return state
 
     def drop(self, number: int) -> None:
-        self.partitions.pop(number, None)
+        """Close partition ``number``'s store (it stays on disk) and forget it here."""
+        state = self.partitions.pop(number, None)
+        if state is not None:
+            state.store.close()
 
-    def remember(self, number: int, event: Mapping[str, Any]) -> None:
-        """Replay one clean event (decoded) into the state of partition ``number``."""
+    def wipe(self, number: int) -> None:
+        """Delete partition ``number``'s store: it will be rebuilt from the clean topic."""
+        self.drop(number)
+        PartitionStore.destroy(self.directory / str(number))
+
+    def close(self) -> None:
+        for number in list(self.partitions):
+            self.drop(number)
+
+    def flush(self, number: int, checkpoint: int | None, now_ms: int) -> None:
+        self.partition(number).flush(checkpoint, now_ms, int(self.rules.horizon_seconds * 1000))
+
+    def remember(self, number: int, event: Mapping[str, Any], cleaned_ms: int) -> None:
+        """Replay one clean event (decoded), cleaned at ``cleaned_ms`` (its record's timestamp),
+        into the state of partition ``number``."""
         state = self.partition(number)
-        at = datetime.fromisoformat(event["occurred_at"]).timestamp()
-        state.seen.add(UUID(event["event_id"]).int, at)
+        state.pending[UUID(event["event_id"]).bytes] = cleaned_ms
         if event["source"].get("operation") in CORRECTIONS:
             return
+        at = datetime.fromisoformat(event["occurred_at"]).timestamp()
         tenant, type_name, payload = event["tenant"], event["type"], event["payload"]
         if (type_name, event["schema_version"]) in PAYLOADS:
             carried = _fill_plan(type_name, event["schema_version"])[1]
@@ -434,26 +504,31 @@ class CleanState:
                 filled = event["quality"]["filled"]
                 for name in carried:  # a value filled by carrying it is not a newer observation
                     if payload.get(name) is not None and name not in filled:
-                        state.carry[(tenant, type_name, entity, name)] = (payload[name], at)
+                        key = (tenant, type_name, entity, name)
+                        state.carry[key] = (payload[name], at)
+                        state.changed_carry.add(key)
         size = self.rules.window
         for metric, value in event["metrics"].items():
             window = state.windows.get((tenant, metric))
             if window is None:
                 window = state.windows[(tenant, metric)] = RollingWindow()
             window.push(value, size)
-
-    def evict(self, numbers: Iterable[int]) -> None:
-        for number in numbers:
-            state = self.partitions.get(number)
-            if state is not None:
-                state.seen.evict(self.rules.horizon_seconds, self.rules.max_ids)
+            state.changed_windows.add((tenant, metric))
 
 
 # --------------------------------------------------------------------------- the batch
 
 
-RawRecord = ConsumedRecord
-"""What :func:`clean_batch` reads of a consumed record (aiokafka's ``ConsumerRecord``)."""
+class RawRecord(ConsumedRecord, Protocol):
+    """What :func:`clean_batch` reads of a consumed record (aiokafka's ``ConsumerRecord``)."""
+
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+REROUTED_HEADER = "xietong-rerouted-from"
+"""Header added to a raw record re-produced to its tenant's partition: ``topic/partition/offset``
+of where it arrived."""
 
 
 @dataclass
@@ -465,10 +540,17 @@ class CleanedBatch:
     dead: list[OutRecord] = field(default_factory=list)
     dead_reasons: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
+    rerouted: dict[int, list[OutRecord]] = field(default_factory=dict)
+    """Home partition -> raw records that arrived elsewhere (or keyed otherwise), to produce
+    again, unchanged but for the key and one header, to that partition of the source topic."""
 
     @property
     def clean_count(self) -> int:
         return sum(len(records) for records in self.clean.values())
+
+    @property
+    def rerouted_count(self) -> int:
+        return sum(len(records) for records in self.rerouted.values())
 
 
 def _dead_letter(
@@ -479,47 +561,94 @@ def _dead_letter(
     )
 
 
-def clean_batch(records: Iterable[RawRecord], state: CleanState) -> CleanedBatch:
-    """Clean one consumed batch in order, updating ``state``; see the module docstring."""
+class _Refused(NamedTuple):
+    letter: OutRecord
+    reason: str
+
+
+def _validated(record: RawRecord, rules: CleanRules) -> EventEnvelope | _Refused:
+    """Decode and validate, exactly as :func:`schemas.events.validate_event`."""
+    if record.value is None:
+        return _Refused(_dead_letter(record, "empty record (tombstone)"), "undecodable")
+    try:
+        data = decode(record.value)
+        if not isinstance(data, dict):
+            raise TypeError("an event must be a JSON object")
+        event = model_for(data.get("type"), data.get("schema_version")).model_validate(data)
+    except ValidationError as error:
+        return _Refused(_dead_letter(record, "invalid event", field_errors(error)), "invalid")
+    except (DecodeError, TypeError, UnknownEventType) as error:
+        reason = "undecodable" if not isinstance(error, UnknownEventType) else "invalid"
+        return _Refused(_dead_letter(record, str(error)), reason)
+    # ... and its event time bounded as at ingest, against when Kafka received the record
+    late = event_time_error(
+        event.occurred_at, kafka_received_at(record.timestamp), rules.event_time
+    )
+    if late is not None:
+        problem = [FieldError(field="occurred_at", reason=late)]
+        return _Refused(
+            _dead_letter(record, "event time out of bounds", problem, event.tenant), "invalid"
+        )
+    return event
+
+
+def _rerouted(record: RawRecord, key: bytes) -> OutRecord:
+    assert record.value is not None  # a tombstone is a dead letter where it arrived
+    origin = f"{record.topic}/{record.partition}/{record.offset}".encode()
+    return OutRecord(key, record.value, (*(record.headers or ()), (REROUTED_HEADER, origin)))
+
+
+def clean_batch(
+    records: Iterable[RawRecord], state: CleanState, now_ms: int | None = None
+) -> CleanedBatch:
+    """Clean one consumed batch in order, updating ``state``; see the module docstring.
+
+    ``now_ms`` (default: the clock) is when the batch is cleaned: what its ids are remembered
+    from, and what the horizon is measured back from.
+    """
     rules = state.rules
     rates, window_size = rules.rates, rules.window
     min_history, threshold = rules.min_history, rules.threshold
     horizon = rules.horizon_seconds
+    if now_ms is None:
+        now_ms = int(time.time() * 1000)
+    since_ms = now_ms - int(horizon * 1000)
     result = CleanedBatch()
-    clean, dead, reasons = result.clean, result.dead, result.dead_reasons
+    clean, dead, reasons, rerouted = result.clean, result.dead, result.dead_reasons, result.rerouted
+
+    # 1. validate; a record that is not on its tenant's partition under its tenant's key goes there
+    checked: list[tuple[RawRecord, EventEnvelope | _Refused]] = []
+    ids: dict[int, list[bytes]] = {}
+    home = state.home
     for record in records:
-        # 1. decode and validate, exactly as schemas.events.validate_event
-        if record.value is None:
-            dead.append(_dead_letter(record, "empty record (tombstone)"))
-            reasons["undecodable"] += 1
-            continue
-        try:
-            data = decode(record.value)
-            if not isinstance(data, dict):
-                raise TypeError("an event must be a JSON object")
-            event = model_for(data.get("type"), data.get("schema_version")).model_validate(data)
-        except ValidationError as error:
-            dead.append(_dead_letter(record, "invalid event", field_errors(error)))
-            reasons["invalid"] += 1
-            continue
-        except (DecodeError, TypeError, UnknownEventType) as error:
-            dead.append(_dead_letter(record, str(error)))
-            reasons["undecodable" if not isinstance(error, UnknownEventType) else "invalid"] += 1
-            continue
-        # ... and its event time bounded as at ingest, against when Kafka received the record
-        late = event_time_error(
-            event.occurred_at, kafka_received_at(record.timestamp), rules.event_time
-        )
-        if late is not None:
-            problem = [FieldError(field="occurred_at", reason=late)]
-            dead.append(_dead_letter(record, "event time out of bounds", problem, event.tenant))
-            reasons["invalid"] += 1
+        valid = _validated(record, rules)
+        if not isinstance(valid, _Refused):
+            home_key, number = home(valid.tenant)
+            if number != record.partition or record.key != home_key:
+                out = rerouted.get(number)
+                if out is None:
+                    out = rerouted[number] = []
+                out.append(_rerouted(record, home_key))
+                continue
+            found = ids.get(number)
+            if found is None:
+                found = ids[number] = []
+            found.append(valid.event_id.bytes)
+        checked.append((record, valid))
+    # ... and the ids each partition cleaned within the horizon: one store lookup per partition
+    known = {number: state.partition(number).seen(found, since_ms) for number, found in ids.items()}
+
+    for record, event in checked:
+        if isinstance(event, _Refused):
+            dead.append(event.letter)
+            reasons[event.reason] += 1
             continue
 
         # 2. de-duplicate
         partition = state.partition(record.partition)
-        event_id = event.event_id.int
-        if event_id in partition.seen:
+        event_id = event.event_id.bytes
+        pending = partition.pending
+        if event_id in known[record.partition] or pending.get(event_id, -1) >= since_ms:
             result.duplicates += 1
             continue
 
@@ -601,6 +730,7 @@ def clean_batch(records: Iterable[RawRecord], state: CleanState) -> CleanedBatch
                         filled.append(name)
                 elif not correction:
                     carry[key] = (payload[name], at)
+                    partition.changed_carry.add(key)
 
         # 5. metrics and outlier flags
         metrics = shape.metrics(payload)
@@ -614,18 +744,14 @@ def clean_batch(records: Iterable[RawRecord], state: CleanState) -> CleanedBatch
                     window = partition.windows[(tenant, metric)] = RollingWindow()
                 if window.observe(value, window_size, min_history, threshold):
                     outliers.append(metric)
+                partition.changed_windows.add((tenant, metric))
 
         occurred_at = event.occurred_at
         if occurred_at.utcoffset() != _ZERO:
             occurred_at = occurred_at.astimezone(UTC)
             converted.append("occurred_at")
 
-        seen = partition.seen  # SeenIds.add, inline: this runs for every record
-        seen.ids.add(event_id)
-        seen.order.append(event_id)
-        seen.times.append(at)
-        if at > seen.watermark:
-            seen.watermark = at
+        pending[event_id] = now_ms
         encoded = encode(
             {
                 "event_id": event.event_id,
@@ -644,5 +770,4 @@ def clean_batch(records: Iterable[RawRecord], state: CleanState) -> CleanedBatch
         if out is None:
             out = clean[record.partition] = []
         out.append(OutRecord(tenant.encode(), encoded))
-    state.evict(clean)
     return result

@@ -32,12 +32,16 @@ class CleanSettings(XietongSettings):
         "rate cannot be converted and its record goes to the dead-letter topic.",
     )
     clean_dedupe_horizon_days: float = Field(
-        7.0, gt=0, description="How far back in event time an event_id is remembered."
+        7.0,
+        gt=0,
+        description="How long an event_id is remembered after it was cleaned (by the hop's "
+        "clock, never by the event's occurred_at); kept on disk under the state dir.",
     )
-    clean_dedupe_max_ids: int = Field(
-        500_000,
+    clean_dedupe_memory_mb: int = Field(
+        16,
         ge=1,
-        description="Most event ids remembered per partition (about 130 bytes each).",
+        description="Memory of each partition's on-disk store (write buffers and block cache), "
+        "whatever the number of ids it holds.",
     )
     clean_outlier_window: int = Field(
         200, ge=3, description="Recent values per tenant and metric the robust z-score uses."

@@ -111,13 +111,14 @@ class PartitionStore:
             put(_CHECKPOINT, checkpoint.to_bytes(8, "big"))
         self.db.write(batch)
 
-    def expire(self, before_ms: int) -> int:
-        """Forget the ids cleaned before ``before_ms``; return how many."""
+    def expire(self, before_ms: int, limit: int = 20_000) -> int:
+        """Forget the ids cleaned before ``before_ms``, at most ``limit`` of them (the oldest),
+        so one call never holds the event loop long; return how many."""
         end = _EXPIRY + _stamp(before_ms)
         expired: list[tuple[bytes, bytes]] = []  # (stamp, id)
         scan = self.db.iter()
         scan.seek(_EXPIRY)
-        while scan.valid():
+        while scan.valid() and len(expired) < limit:
             key = scan.key()
             if key >= end:
                 break
@@ -126,6 +127,7 @@ class PartitionStore:
         del scan
         if not expired:
             return 0
+        end = min(end, _EXPIRY + expired[-1][0] + expired[-1][1] + b"\x00")
         batch = WriteBatch(raw_mode=True)
         current = self._get_many([_IDS + event_id for _, event_id in expired])
         for (stamp, event_id), at in zip(expired, current, strict=True):

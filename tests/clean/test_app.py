@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from schemas.events import CleanEvent
 from schemas.insights import DeadLetter
 from schemas.topics import dlq
 from services.clean.app import HopStatus, run_clean
+from services.clean.handlers import REROUTED_HEADER
 from services.clean.settings import CleanSettings, load_clean_settings
 from shared.codec import decode, encode
 from shared.kafka import (
@@ -23,6 +25,7 @@ from shared.kafka import (
     create_consumer,
     create_producer,
     ensure_topics,
+    partition_of,
     started,
 )
 from shared.settings import XietongSettings
@@ -246,13 +249,148 @@ async def test_a_crash_between_publish_and_commit_creates_no_duplicates(
         finally:
             await hop.stop()
 
-    hop = Hop(clean_settings, raw, clean, group)
+    hop = Hop(clean_settings, raw, clean, group)  # the same disk: the ids are on it
+    try:
+        await hop.until(lambda s: s.records_in == len(events))
+    finally:
+        status = await hop.stop()
+    assert status.restored == 0
+    assert status.duplicates == len(events) and status.records_out == 0
+    assert await total_records(clean_settings, clean) == len(events)
+
+
+async def test_a_worker_with_a_new_disk_rebuilds_its_state_from_the_clean_topic(
+    clean_settings: CleanSettings, topics: tuple[str, str], tmp_path: Path
+) -> None:
+    """As above, but the second worker's state dir is empty (a new machine, a lost disk)."""
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    group = f"clean-{uuid.uuid4().hex[:8]}"
+    events = [sales_event(TENANTS[i % 4], seq=i, quantity=1 + i % 7) for i in range(600)]
+    await publish(clean_settings, raw, events)
+
+    async def no_commit(self: AIOKafkaConsumer, offsets: Any = None) -> None:
+        return None
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AIOKafkaConsumer, "commit", no_commit)
+        hop = Hop(clean_settings, raw, clean, group)
+        try:
+            await hop.until(lambda s: s.records_out == len(events))
+        finally:
+            await hop.stop()
+
+    new_disk = clean_settings.model_copy(update={"state_dir": str(tmp_path / "new-disk")})
+    hop = Hop(new_disk, raw, clean, group)
     try:
         await hop.until(lambda s: s.records_in == len(events))
     finally:
         status = await hop.stop()
     assert status.restored == len(events)
     assert status.duplicates == len(events) and status.records_out == 0
+    assert await total_records(clean_settings, clean) == len(events)
+
+
+async def test_a_store_left_behind_is_caught_up_with_what_another_worker_cleaned_since(
+    clean_settings: CleanSettings, topics: tuple[str, str], tmp_path: Path
+) -> None:
+    """Worker A cleans, stops; worker B (another disk) cleans more; A starts again on its old
+    store: it reads back only B's records, and knows every id."""
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    group = f"clean-{uuid.uuid4().hex[:8]}"
+    events = [sales_event(TENANTS[i % 4], seq=i) for i in range(600)]
+    elsewhere = clean_settings.model_copy(update={"state_dir": str(tmp_path / "b")})
+
+    async def clean_on(settings: CleanSettings, chunk: list[dict[str, Any]]) -> None:
+        await publish(clean_settings, raw, chunk)
+        hop = Hop(settings, raw, clean, group)
+        try:
+            await hop.until(lambda s: s.records_out == len(chunk))
+        finally:
+            await hop.stop()
+
+    await clean_on(clean_settings, events[:300])
+    await clean_on(elsewhere, events[300:])
+
+    await publish(clean_settings, raw, events)  # every one again
+    hop = Hop(clean_settings, raw, clean, group)
+    try:
+        await hop.until(lambda s: s.records_in == len(events))
+    finally:
+        status = await hop.stop()
+    assert status.restored == 300  # worker B's records, not the whole topic
+    assert status.duplicates == len(events) and status.records_out == 0
+    assert await total_records(clean_settings, clean) == len(events)
+
+
+async def test_the_same_event_on_two_partitions_is_cleaned_once_on_its_tenants_partition(
+    clean_settings: CleanSettings, topics: tuple[str, str]
+) -> None:
+    """A partner writing to the raw topic itself, with whatever partitioner: the copies of an
+    event_id meet on the partition murmur2 of the tenant picks, and only that one is cleaned."""
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    events = [sales_event(TENANTS[i % 4], seq=i) for i in range(40)]
+    async with started(create_producer(clean_settings)) as producer:
+        for event in events:  # each event to two different partitions, explicitly
+            home = partition_of(event["tenant"].encode(), 3)
+            for partition in (home, (home + 1) % 3):
+                await producer.send(
+                    raw, encode(event), key=event["tenant"].encode(), partition=partition
+                )
+            await producer.send(raw, encode(event), key=b"not-the-tenant", partition=home)
+        await producer.flush()
+
+    hop = Hop(clean_settings, raw, clean, f"clean-{uuid.uuid4().hex[:8]}")
+    try:
+        await hop.until(lambda s: s.records_out == len(events) and s.duplicates >= len(events))
+        await hop.until(lambda s: s.duplicates == 2 * len(events))  # the re-routed copies too
+    finally:
+        status = await hop.stop()
+
+    assert status.rerouted == 2 * len(events)
+    assert await total_records(clean_settings, clean) == len(events)
+    records = await read_all(clean_settings, clean, len(events))
+    assert {str(CleanEvent.model_validate_json(r.value).event_id) for r in records} == {
+        e["event_id"] for e in events
+    }
+    assert all(r.partition == partition_of(r.key, 3) for r in records)
+    moved = [r for r in await read_all(clean_settings, raw, 5 * len(events))]
+    headers = [dict(r.headers) for r in moved if r.headers]
+    assert len(headers) == 2 * len(events)
+    assert all(h[REROUTED_HEADER].decode().startswith(f"{raw}/") for h in headers)
+
+
+async def test_an_event_from_a_librdkafka_client_and_from_ours_is_cleaned_once(
+    clean_settings: CleanSettings, topics: tuple[str, str]
+) -> None:
+    """confluent-kafka's default partitioner (consistent_random: crc32 of the key) puts "acme"
+    on another partition of three than murmur2 (Java's default and ours) does."""
+    from confluent_kafka import Producer
+
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    events = [sales_event("acme", seq=i) for i in range(20)]
+    producer = Producer({"bootstrap.servers": clean_settings.kafka_bootstrap_servers})
+    delivered: list[int] = []
+    for event in events:
+        producer.produce(
+            raw,
+            encode(event),
+            key=b"acme",
+            on_delivery=lambda error, message: delivered.append(message.partition()),
+        )
+    assert producer.flush(30) == 0
+    assert set(delivered) == {2} and partition_of(b"acme", 3) == 0  # the two disagree
+    await publish(clean_settings, raw, events)  # a retry of each through ingest's producer
+
+    hop = Hop(clean_settings, raw, clean, f"clean-{uuid.uuid4().hex[:8]}")
+    try:
+        await hop.until(lambda s: s.records_out == len(events) and s.duplicates == len(events))
+    finally:
+        status = await hop.stop()
+    assert status.rerouted == len(events)
     assert await total_records(clean_settings, clean) == len(events)
 
 
@@ -304,9 +442,10 @@ async def test_bad_records_go_to_the_dead_letter_topic_and_the_hop_goes_on(
 
 
 async def test_workers_joining_and_leaving_the_group_mid_stream_clean_every_event_once(
-    clean_settings: CleanSettings, topics: tuple[str, str]
+    clean_settings: CleanSettings, topics: tuple[str, str], tmp_path: Path
 ) -> None:
     raw, clean = topics
+    other_machine = clean_settings.model_copy(update={"state_dir": str(tmp_path / "second")})
     await ensure_topics(clean_settings, [raw])
     group = f"clean-{uuid.uuid4().hex[:8]}"
     tenants = [f"firm-{i}" for i in range(12)]  # spread over the three partitions
@@ -319,7 +458,7 @@ async def test_workers_joining_and_leaving_the_group_mid_stream_clean_every_even
         for number, chunk in enumerate(chunks):
             await publish(clean_settings, raw, chunk + chunks[max(0, number - 1)][:20])  # retries
             if number == 3:
-                second = Hop(clean_settings, raw, clean, group)  # the group rebalances
+                second = Hop(other_machine, raw, clean, group)  # the group rebalances
             if number == 7:
                 await first.stop()  # and again: the second worker takes every partition
             await asyncio.sleep(0.1)
@@ -342,9 +481,11 @@ async def test_workers_joining_and_leaving_the_group_mid_stream_clean_every_even
     assert set(got) == {e["event_id"] for e in events}
 
 
+@pytest.mark.parametrize("disk", ["kept", "new"])
 async def test_carry_forward_and_outlier_history_survive_a_restart(
-    clean_settings: CleanSettings, topics: tuple[str, str]
+    clean_settings: CleanSettings, topics: tuple[str, str], tmp_path: Path, disk: str
 ) -> None:
+    """Kept on the store's disk, or rebuilt from the clean topic when the disk is new."""
     raw, clean = topics
     await ensure_topics(clean_settings, [raw])
     group = f"clean-{uuid.uuid4().hex[:8]}"
@@ -358,13 +499,16 @@ async def test_carry_forward_and_outlier_history_survive_a_restart(
 
     unpriced_spike = sales_event("acme", seq=30, quantity=500, unit_price=None)
     await publish(clean_settings, raw, [unpriced_spike])
-    hop = Hop(clean_settings, raw, clean, group)
+    restarted = clean_settings
+    if disk == "new":
+        restarted = clean_settings.model_copy(update={"state_dir": str(tmp_path / "new")})
+    hop = Hop(restarted, raw, clean, group)
     try:
         await hop.until(lambda s: s.records_out == 1)
     finally:
         status = await hop.stop()
 
-    assert status.restored == len(history)
+    assert status.restored == (len(history) if disk == "new" else 0)
     got = by_id(await read_all(clean_settings, clean, len(history) + 1))
     after = got[unpriced_spike["event_id"]]
     assert after.payload["unit_price"] == 6.0 and "unit_price" in after.quality.filled

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import random
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from aiokafka import ConsumerRecord
 from schemas.events import CleanEvent
 from schemas.insights import DeadLetter
 from services.clean.handlers import (
+    REROUTED_HEADER,
     CleanedBatch,
     CleanRules,
     CleanState,
@@ -25,9 +28,25 @@ from services.clean.handlers import (
 )
 from services.clean.settings import DEFAULT_RATES_CNY
 from shared.codec import decode, encode
+from shared.kafka import partition_of
 from tests.factories import sales_event
 
 RULES = CleanRules(rates=DEFAULT_RATES_CNY)
+NOW = 1_793_613_600_000  # 2026-11-02T10:00Z in ms: when a test's batches are cleaned
+
+
+@pytest.fixture
+def new_state(tmp_path: Path) -> Iterator[Callable[..., CleanState]]:
+    """``new_state(rules, partitions=1)``: a clean state with its stores in a fresh folder."""
+    made: list[CleanState] = []
+
+    def make(rules: CleanRules = RULES, partitions: int = 1) -> CleanState:
+        made.append(CleanState(rules, tmp_path / f"state-{len(made)}", partitions=partitions))
+        return made[-1]
+
+    yield make
+    for state in made:
+        state.close()
 
 
 def records(*events: Any, partition: int = 0, start: int = 0) -> list[ConsumerRecord[bytes, bytes]]:
@@ -82,18 +101,22 @@ def test_fill_rules_are_read_from_the_contract() -> None:
     }
 
 
-def test_defaults_fill_missing_fields_and_are_recorded() -> None:
+def test_defaults_fill_missing_fields_and_are_recorded(
+    new_state: Callable[..., CleanState],
+) -> None:
     bare = sales_event(seq=1)
     for name in ("unit", "currency"):
         del bare["payload"][name]
-    (out,) = cleaned(clean_batch(records(bare), CleanState(RULES)))
+    (out,) = cleaned(clean_batch(records(bare), new_state(RULES)))
     assert out.payload["unit"] == "pcs" and out.payload["currency"] == "CNY"
     assert out.payload["region"] == "unknown"
     assert sorted(out.quality.filled) == ["currency", "region", "unit"]
 
 
-def test_carry_forward_takes_the_last_value_of_the_same_tenant_entity_and_unit() -> None:
-    state = CleanState(RULES)
+def test_carry_forward_takes_the_last_value_of_the_same_tenant_entity_and_unit(
+    new_state: Callable[..., CleanState],
+) -> None:
+    state = new_state(RULES)
     priced = sales_event("acme", seq=1, unit_price=4.0)
     other_sku = sales_event("acme", seq=2, unit_price=9.0, product_sku="NUT-M8")
     other_unit = sales_event("acme", seq=3, unit_price=30.0, unit="kg")
@@ -114,8 +137,10 @@ def test_carry_forward_takes_the_last_value_of_the_same_tenant_entity_and_unit()
     assert again.payload["unit_price"] == 4.0
 
 
-def test_a_value_older_than_the_horizon_is_not_carried_forward() -> None:
-    state = CleanState(CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=86400))
+def test_a_value_older_than_the_horizon_is_not_carried_forward(
+    new_state: Callable[..., CleanState],
+) -> None:
+    state = new_state(CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=86400))
     start = datetime(2026, 11, 1, tzinfo=UTC)
     priced = sales_event(seq=1, unit_price=4.0, occurred_at=start)
     next_day = sales_event(seq=2, unit_price=None, occurred_at=start + timedelta(hours=20))
@@ -125,8 +150,10 @@ def test_a_value_older_than_the_horizon_is_not_carried_forward() -> None:
     assert stale.payload["unit_price"] is None and "unit_price" not in stale.quality.filled
 
 
-def test_carried_values_are_canonical_whatever_the_currency_of_the_record() -> None:
-    state = CleanState(RULES)
+def test_carried_values_are_canonical_whatever_the_currency_of_the_record(
+    new_state: Callable[..., CleanState],
+) -> None:
+    state = new_state(RULES)
     in_dollars = sales_event(seq=1, unit_price=2.0, currency="USD")
     missing_in_euros = sales_event(seq=2, unit_price=None, currency="EUR")
     _, out = cleaned(clean_batch(records(in_dollars, missing_in_euros), state))
@@ -134,13 +161,15 @@ def test_carried_values_are_canonical_whatever_the_currency_of_the_record() -> N
     assert out.payload["currency"] == "CNY"
 
 
-def test_a_missing_field_with_policy_refuse_sends_the_record_to_the_dead_letters() -> None:
+def test_a_missing_field_with_policy_refuse_sends_the_record_to_the_dead_letters(
+    new_state: Callable[..., CleanState],
+) -> None:
     purchase = event(
         "purchase_order",
         {"po_id": "PO-1", "supplier_id": "S-1", "product_sku": "BOLT-M8", "quantity": 5},
     )
     workforce = event("workforce", {"site_id": "plant-1", "headcount": 40})
-    result = clean_batch(records(purchase, workforce), CleanState(RULES))
+    result = clean_batch(records(purchase, workforce), new_state(RULES))
     assert result.clean == {}
     assert result.dead_reasons == {"refused_missing": 2}
     first, second = letters(result)
@@ -174,10 +203,12 @@ def test_units_have_a_canonical_form(written: str, canonical: str, factor: float
     assert canonical_unit(written) == (canonical, factor)
 
 
-def test_quantities_and_per_unit_prices_follow_the_unit_and_prices_become_yuan() -> None:
+def test_quantities_and_per_unit_prices_follow_the_unit_and_prices_become_yuan(
+    new_state: Callable[..., CleanState],
+) -> None:
     rates = {"CNY": 1.0, "EUR": 8.0}
     sale = sales_event(seq=1, quantity=250, unit="g", unit_price=0.02, currency="EUR")
-    (out,) = cleaned(clean_batch(records(sale), CleanState(CleanRules(rates=rates))))
+    (out,) = cleaned(clean_batch(records(sale), new_state(CleanRules(rates=rates))))
     assert out.payload["quantity"] == pytest.approx(0.25)
     assert out.payload["unit"] == "kg"
     assert out.payload["unit_price"] == pytest.approx(0.02 * 8.0 * 1000)
@@ -186,41 +217,47 @@ def test_quantities_and_per_unit_prices_follow_the_unit_and_prices_become_yuan()
     assert sorted(out.quality.converted) == ["currency", "quantity", "unit", "unit_price"]
 
 
-def test_a_default_is_already_canonical_and_is_not_converted() -> None:
+def test_a_default_is_already_canonical_and_is_not_converted(
+    new_state: Callable[..., CleanState],
+) -> None:
     stock = event(
         "inventory_level", {"site_id": "w1", "product_sku": "A", "on_hand": 2, "unit": "t"}
     )
-    (out,) = cleaned(clean_batch(records(stock), CleanState(RULES)))
+    (out,) = cleaned(clean_batch(records(stock), new_state(RULES)))
     assert out.payload["on_hand"] == 2000 and out.payload["reserved"] == 0
     assert "reserved" in out.quality.filled and "reserved" not in out.quality.converted
 
 
-def test_an_unknown_unit_is_kept_and_nothing_is_converted() -> None:
+def test_an_unknown_unit_is_kept_and_nothing_is_converted(
+    new_state: Callable[..., CleanState],
+) -> None:
     sale = sales_event(seq=1, quantity=3, unit="box")
-    (out,) = cleaned(clean_batch(records(sale), CleanState(RULES)))
+    (out,) = cleaned(clean_batch(records(sale), new_state(RULES)))
     assert out.payload["unit"] == "box" and out.payload["quantity"] == 3
     assert out.quality.converted == []
 
 
-def test_an_unknown_currency_is_a_dead_letter() -> None:
-    result = clean_batch(records(sales_event(seq=1, currency="XAU")), CleanState(RULES))
+def test_an_unknown_currency_is_a_dead_letter(new_state: Callable[..., CleanState]) -> None:
+    result = clean_batch(records(sales_event(seq=1, currency="XAU")), new_state(RULES))
     (letter,) = letters(result)
     assert letter.reason == "unknown currency XAU"
     assert [error.field for error in letter.errors] == ["payload.currency"]
 
 
-def test_event_time_is_converted_to_utc() -> None:
+def test_event_time_is_converted_to_utc(new_state: Callable[..., CleanState]) -> None:
     local = sales_event(seq=1)
     local["occurred_at"] = "2026-11-02T09:30:00-05:00"
     utc = sales_event(seq=2)
-    first, second = cleaned(clean_batch(records(local, utc), CleanState(RULES)))
+    first, second = cleaned(clean_batch(records(local, utc), new_state(RULES)))
     assert first.occurred_at == datetime(2026, 11, 2, 14, 30, tzinfo=UTC)
     assert first.occurred_at.utcoffset() == timedelta(0)
     assert "occurred_at" in first.quality.converted
     assert "occurred_at" not in second.quality.converted
 
 
-def test_event_times_out_of_bounds_written_straight_to_the_raw_topic_are_dead_letters() -> None:
+def test_event_times_out_of_bounds_written_straight_to_the_raw_topic_are_dead_letters(
+    new_state: Callable[..., CleanState],
+) -> None:
     """The bound ingest applies holds for partners who write to events.raw.v1 themselves; it is
     relative to the record's Kafka timestamp, so replaying old records later refuses nothing."""
     sent = datetime(2026, 11, 2, 10, 0, tzinfo=UTC)
@@ -233,7 +270,7 @@ def test_event_times_out_of_bounds_written_straight_to_the_raw_topic_are_dead_le
     }
     raw = records(*(sales_event(seq=i) | {"occurred_at": t} for i, t in enumerate(cases)))
     stamped = [dataclasses.replace(r, timestamp=int(sent.timestamp() * 1000)) for r in raw]
-    result = clean_batch(stamped, CleanState(RULES))
+    result = clean_batch(stamped, new_state(RULES))
     kept = sorted(e.occurred_at for e in cleaned(result))
     assert kept == sorted(
         datetime.fromisoformat(t).astimezone(UTC) for t, ok in cases.items() if ok
@@ -335,17 +372,22 @@ def test_event_times_out_of_bounds_written_straight_to_the_raw_topic_are_dead_le
     ],
 )
 def test_metrics_of_each_event_type(
-    type_name: str, payload: dict[str, Any], metrics: dict[str, float]
+    type_name: str,
+    payload: dict[str, Any],
+    metrics: dict[str, float],
+    new_state: Callable[..., CleanState],
 ) -> None:
-    (out,) = cleaned(clean_batch(records(event(type_name, payload)), CleanState(RULES)))
+    (out,) = cleaned(clean_batch(records(event(type_name, payload)), new_state(RULES)))
     assert out.metrics == pytest.approx(metrics)
 
 
 # --------------------------------------------------------------------------- dedupe
 
 
-def test_an_event_id_is_cleaned_once_within_and_across_batches() -> None:
-    state = CleanState(RULES)
+def test_an_event_id_is_cleaned_once_within_and_across_batches(
+    new_state: Callable[..., CleanState],
+) -> None:
+    state = new_state(RULES)
     a, b = sales_event(seq=1), sales_event(seq=2)
     first = clean_batch(records(a, b, a), state)
     assert first.clean_count == 2 and first.duplicates == 1
@@ -353,41 +395,140 @@ def test_an_event_id_is_cleaned_once_within_and_across_batches() -> None:
     assert second.clean_count == 1 and second.duplicates == 1
 
 
-def test_a_refused_record_sent_again_fixed_is_not_a_duplicate() -> None:
-    state = CleanState(RULES)
+def test_a_refused_record_sent_again_fixed_is_not_a_duplicate(
+    new_state: Callable[..., CleanState],
+) -> None:
+    state = new_state(RULES)
     bad = sales_event(seq=1, currency="XAU")
     assert clean_batch(records(bad), state).dead_reasons == {"unknown_currency": 1}
     fixed = {**bad, "payload": {**bad["payload"], "currency": "USD"}}
     assert clean_batch(records(fixed, start=1), state).clean_count == 1
 
 
-def test_ids_are_forgotten_beyond_the_count_bound() -> None:
-    state = CleanState(CleanRules(rates=DEFAULT_RATES_CNY, max_ids=3))
-    events = [sales_event(seq=i) for i in range(5)]
-    clean_batch(records(*events), state)
-    assert len(state.partition(0).seen) == 3
-    again = clean_batch(records(events[0], events[4], start=5), state)
-    assert again.clean_count == 1 and again.duplicates == 1  # the oldest was forgotten
+DAY_MS = 86_400_000
 
 
-def test_ids_are_forgotten_beyond_the_event_time_horizon() -> None:
-    state = CleanState(CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=3600))
-    start = datetime(2026, 11, 1, tzinfo=UTC)
-    old = sales_event(seq=1, occurred_at=start)
-    recent = sales_event(seq=2, occurred_at=start + timedelta(minutes=90))
-    newest = sales_event(seq=3, occurred_at=start + timedelta(hours=2))
-    clean_batch(records(old, recent, newest), state)
-    again = clean_batch(records(old, recent, start=3), state)
-    assert again.duplicates == 1 and again.clean_count == 1  # old was forgotten, recent was not
+def test_an_id_is_remembered_for_the_horizon_after_it_was_cleaned_whatever_its_event_time(
+    new_state: Callable[..., CleanState],
+) -> None:
+    state = new_state(CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=7 * 86400))
+    long_ago = sales_event(seq=1, occurred_at=datetime(2021, 3, 1, tzinfo=UTC))
+    assert clean_batch(records(long_ago), state, NOW).clean_count == 1
+    assert clean_batch(records(long_ago, start=1), state, NOW + 6 * DAY_MS).duplicates == 1
+    assert clean_batch(records(long_ago, start=2), state, NOW + 8 * DAY_MS).clean_count == 1
 
 
-def test_partitions_have_their_own_state() -> None:
-    state = CleanState(RULES)
+def test_one_tenants_event_dated_years_ahead_forgets_no_ids_of_another(
+    new_state: Callable[..., CleanState],
+) -> None:
+    """Partners writing to the raw topic themselves set occurred_at as they like: a 2036 date
+    used to move the partition's watermark and forget every tenant's ids at once."""
+    state = new_state(CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=3600))
+    acme = sales_event("acme", seq=1)
+    clean_batch(records(acme), state, NOW)
+    from_the_future = sales_event("bolt", seq=2, occurred_at=datetime(2036, 1, 1, tzinfo=UTC))
+    clean_batch(records(from_the_future, start=1), state, NOW + 1000)
+    again = clean_batch(records(acme, start=2), state, NOW + 2000)
+    assert again.duplicates == 1 and again.clean_count == 0
+
+
+def test_an_id_cleaned_a_day_ago_is_a_duplicate_after_many_later_ids_in_bounded_memory(
+    new_state: Callable[..., CleanState],
+) -> None:
+    """40 000 ids (about 2 MB on disk) through a store given 1 MB: each batch's ids go to disk
+    when it is flushed, and the store's write buffers and cache stay near that budget (RocksDB's
+    cache may overshoot it a little) however many ids there are."""
+    rules = CleanRules(rates=DEFAULT_RATES_CNY, memory_mb=1)
+    state = new_state(rules)
+    first = sales_event(seq=0)
+    clean_batch(records(first), state, NOW)
+    state.flush(0, None, NOW)
+    later = NOW + DAY_MS
+    offset = 1
+    for _ in range(40):
+        batch = [sales_event(seq=offset + i) for i in range(1000)]
+        assert clean_batch(records(*batch, start=offset), state, later).clean_count == 1000
+        state.flush(0, None, later)
+        offset += 1000
+        assert state.partition(0).pending == {}
+        assert state.partition(0).store.memory_in_use() <= 1.25 * (1 << 20)
+    again = clean_batch(records(first, start=offset), state, later)
+    assert again.duplicates == 1 and again.clean_count == 0
+
+
+def test_ids_written_to_disk_outlive_the_state_that_wrote_them(tmp_path: Path) -> None:
+    state = CleanState(RULES, tmp_path / "clean", partitions=1)
     a = sales_event(seq=1)
-    clean_batch(records(a, partition=0), state)
-    assert clean_batch(records(a, partition=0, start=1), state).duplicates == 1
-    state.drop(0)
-    assert clean_batch(records(a, partition=0, start=2), state).clean_count == 1
+    clean_batch(records(a), state, NOW)
+    state.flush(0, None, NOW)
+    state.close()
+    reopened = CleanState(RULES, tmp_path / "clean", partitions=1)
+    try:
+        assert clean_batch(records(a, start=1), reopened, NOW + 1000).duplicates == 1
+    finally:
+        reopened.close()
+
+
+def test_the_checkpoint_moves_only_while_every_record_since_it_is_ours(
+    new_state: Callable[..., CleanState],
+) -> None:
+    """A worker that lost its partition unnoticed may still write to the clean partition: the
+    windows and carry values on disk must then wait for a restore that reads its records."""
+    partition = new_state(RULES).partition(0)
+    partition.next_offset = 10
+    assert partition.advance([(10, 5), (15, 3)]) == 18
+    assert partition.advance([]) is None and partition.next_offset == 18
+    assert partition.advance([(20, 2)]) is None  # 18 and 19 are someone else's
+    assert partition.advance([(22, 1)]) is None and partition.next_offset is None
+
+
+def test_partitions_have_their_own_state(new_state: Callable[..., CleanState]) -> None:
+    state = new_state(RULES, partitions=2)
+    a = sales_event("bolt", seq=1)  # bolt's partition of two is 1
+    clean_batch(records(a, partition=1), state, NOW)
+    assert clean_batch(records(a, partition=1, start=1), state, NOW).duplicates == 1
+    assert state.partition(0).pending == {}
+    state.wipe(1)
+    assert clean_batch(records(a, partition=1, start=2), state, NOW).clean_count == 1
+
+
+# --------------------------------------------------------------------------- re-routing
+
+
+def test_a_record_off_its_tenants_partition_is_rerouted_there_not_cleaned(
+    new_state: Callable[..., CleanState],
+) -> None:
+    """Partners writing to the raw topic themselves may use librdkafka's crc32 partitioner or
+    another key: each tenant's records are cleaned on the partition murmur2 of its id picks."""
+    state = new_state(RULES, partitions=3)
+    home = partition_of(b"acme", 3)
+    elsewhere = (home + 1) % 3
+    event = sales_event("acme", seq=1)
+    raw = records(event, partition=elsewhere, start=7)[0]
+    raw = dataclasses.replace(raw, headers=[("trace", b"t-1")])
+    misplaced = clean_batch([raw], state, NOW)
+    assert misplaced.clean_count == 0 and misplaced.duplicates == 0
+    (moved,) = misplaced.rerouted[home]
+    assert moved.key == b"acme" and moved.value == raw.value
+    assert list(moved.headers) == [
+        ("trace", b"t-1"),
+        (REROUTED_HEADER, f"events.raw.v1/{elsewhere}/7".encode()),
+    ]
+
+    wrong_key = dataclasses.replace(records(event, partition=home)[0], key=b"ACME")
+    assert [r.key for r in clean_batch([wrong_key], state, NOW).rerouted[home]] == [b"acme"]
+
+    arrived = clean_batch(records(event, partition=home, start=8), state, NOW)
+    assert arrived.clean_count == 1 and not arrived.rerouted
+    assert clean_batch(records(event, partition=home, start=9), state, NOW).duplicates == 1
+
+
+def test_records_that_cannot_be_routed_are_dead_letters_where_they_arrived(
+    new_state: Callable[..., CleanState],
+) -> None:
+    state = new_state(RULES, partitions=3)
+    result = clean_batch(records(b"{not json", None, partition=2), state, NOW)
+    assert not result.rerouted and len(result.dead) == 2
 
 
 # --------------------------------------------------------------------------- outliers
@@ -422,9 +563,11 @@ def test_the_window_keeps_only_the_most_recent_values() -> None:
     assert window.ordered == [6.0, 7.0, 8.0, 9.0]
 
 
-def test_outliers_are_flagged_per_tenant_and_metric_only_after_enough_history() -> None:
+def test_outliers_are_flagged_per_tenant_and_metric_only_after_enough_history(
+    new_state: Callable[..., CleanState],
+) -> None:
     rng = random.Random(3)
-    state = CleanState(RULES)
+    state = new_state(RULES)
     early_spike = sales_event("acme", seq=0, quantity=10_000)
     normal = [sales_event("acme", seq=i, quantity=rng.uniform(9, 11)) for i in range(1, 40)]
     spike = sales_event("acme", seq=40, quantity=1_000)
@@ -444,8 +587,10 @@ def test_outliers_are_flagged_per_tenant_and_metric_only_after_enough_history() 
 # --------------------------------------------------------------------------- corrections
 
 
-def test_corrections_pass_through_but_feed_no_rolling_state() -> None:
-    state = CleanState(RULES)
+def test_corrections_pass_through_but_feed_no_rolling_state(
+    new_state: Callable[..., CleanState],
+) -> None:
+    state = new_state(RULES)
     original = sales_event(seq=1, unit_price=5.0)
     correction = sales_event(seq=1, unit_price=50.0, quantity=1_000_000)
     correction["source"]["operation"] = "update"
@@ -464,12 +609,14 @@ def test_corrections_pass_through_but_feed_no_rolling_state() -> None:
 # --------------------------------------------------------------------------- dead letters
 
 
-def test_undecodable_and_invalid_records_become_dead_letters_with_their_reason() -> None:
+def test_undecodable_and_invalid_records_become_dead_letters_with_their_reason(
+    new_state: Callable[..., CleanState],
+) -> None:
     bad_payload = sales_event(seq=1, quantity=-3)
     unknown = {**sales_event(seq=2), "type": "telepathy"}
     result = clean_batch(
         records(b"\xff\xfe", b"[1, 2]", None, bad_payload, unknown, sales_event(seq=3)),
-        CleanState(RULES),
+        new_state(RULES),
     )
     assert result.clean_count == 1
     assert result.dead_reasons == {"undecodable": 3, "invalid": 2}
@@ -485,7 +632,9 @@ def test_undecodable_and_invalid_records_become_dead_letters_with_their_reason()
 # --------------------------------------------------------------------------- restore
 
 
-def test_state_rebuilt_from_the_clean_output_cleans_the_next_batch_identically() -> None:
+def test_state_rebuilt_from_the_clean_output_cleans_the_next_batch_identically(
+    new_state: Callable[..., CleanState],
+) -> None:
     rng = random.Random(11)
     tenants = ["acme", "bolt", "delta"]
     history = [
@@ -498,12 +647,12 @@ def test_state_rebuilt_from_the_clean_output_cleans_the_next_batch_identically()
         )
         for i in range(400)
     ]
-    live = CleanState(RULES)
-    first = clean_batch(records(*history), live)
+    live = new_state(RULES)
+    first = clean_batch(records(*history), live, NOW)
 
-    rebuilt = CleanState(RULES)
+    rebuilt = new_state(RULES)
     for record in first.clean[0]:
-        rebuilt.remember(0, decode(record.value))
+        rebuilt.remember(0, decode(record.value), NOW)
 
     follow_up = [
         sales_event(
@@ -515,27 +664,68 @@ def test_state_rebuilt_from_the_clean_output_cleans_the_next_batch_identically()
         )
         for i in range(100)
     ] + history[:20]
-    from_live = clean_batch(records(*follow_up, start=400), live)
-    from_rebuilt = clean_batch(records(*follow_up, start=400), rebuilt)
+    from_live = clean_batch(records(*follow_up, start=400), live, NOW)
+    from_rebuilt = clean_batch(records(*follow_up, start=400), rebuilt, NOW)
     assert from_live.duplicates == from_rebuilt.duplicates == 20
     assert [r.value for r in from_live.clean[0]] == [r.value for r in from_rebuilt.clean[0]]
     assert any(e.quality.outliers for e in cleaned(from_live))  # the comparison covers flags too
     assert any("unit_price" in e.quality.filled for e in cleaned(from_live))
 
 
-def test_a_rebuilt_state_ages_carried_values_as_the_live_one_does() -> None:
+def test_a_rebuilt_state_ages_carried_values_as_the_live_one_does(
+    new_state: Callable[..., CleanState],
+) -> None:
     rules = CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=86400)
     start = datetime(2026, 11, 1, tzinfo=UTC)
     priced = sales_event(seq=1, unit_price=4.0, occurred_at=start)
     filled = sales_event(seq=2, unit_price=None, occurred_at=start + timedelta(hours=20))
-    live = CleanState(rules)
-    first = clean_batch(records(priced, filled), live)
-    rebuilt = CleanState(rules)
+    live = new_state(rules)
+    first = clean_batch(records(priced, filled), live, NOW)
+    rebuilt = new_state(rules)
     for record in first.clean[0]:
-        rebuilt.remember(0, decode(record.value))
+        rebuilt.remember(0, decode(record.value), NOW)
 
     too_late = sales_event(seq=3, unit_price=None, occurred_at=start + timedelta(hours=30))
-    (from_live,) = cleaned(clean_batch(records(too_late, start=2), live))
-    (from_rebuilt,) = cleaned(clean_batch(records(too_late, start=2), rebuilt))
+    (from_live,) = cleaned(clean_batch(records(too_late, start=2), live, NOW))
+    (from_rebuilt,) = cleaned(clean_batch(records(too_late, start=2), rebuilt, NOW))
     assert from_live.payload["unit_price"] is None  # 30 h after the last real price
     assert from_rebuilt == from_live
+
+
+def test_a_state_reopened_from_its_checkpoint_cleans_the_next_batch_as_the_live_one(
+    tmp_path: Path,
+) -> None:
+    """The windows and carry values written with a checkpoint are those the live state holds."""
+    rng = random.Random(5)
+    tenants = ["acme", "bolt", "delta"]
+
+    def sale(seq: int, spread: float) -> dict[str, Any]:
+        return sales_event(
+            rng.choice(tenants),
+            seq=seq,
+            quantity=rng.lognormvariate(3, spread),
+            unit_price=None if seq % 4 == 0 else rng.uniform(1, 3),
+            product_sku=rng.choice(["A", "B"]),
+        )
+
+    history = [sale(i, 0.4) for i in range(300)]
+    live = CleanState(RULES, tmp_path / "live", partitions=1)
+    written = CleanState(RULES, tmp_path / "written", partitions=1)
+    try:
+        for start in range(0, 300, 100):  # three batches, each flushed with its checkpoint
+            clean_batch(records(*history[start : start + 100], start=start), live, NOW)
+            clean_batch(records(*history[start : start + 100], start=start), written, NOW)
+            written.flush(0, start + 100, NOW)
+        written.close()
+        reopened = CleanState(RULES, tmp_path / "written", partitions=1)
+        assert reopened.partition(0).store.checkpoint == 300
+        follow_up = [sale(400 + i, 1.2) for i in range(100)] + history[:20]
+        from_live = clean_batch(records(*follow_up, start=300), live, NOW + 1000)
+        from_disk = clean_batch(records(*follow_up, start=300), reopened, NOW + 1000)
+        assert from_live.duplicates == from_disk.duplicates == 20
+        assert [r.value for r in from_live.clean[0]] == [r.value for r in from_disk.clean[0]]
+        assert any(e.quality.outliers for e in cleaned(from_live))
+        assert any("unit_price" in e.quality.filled for e in cleaned(from_live))
+        reopened.close()
+    finally:
+        live.close()

@@ -39,6 +39,17 @@ def test_expiry_removes_what_is_older_and_keeps_an_id_cleaned_again(
     assert store.seen_since([again, recent], 0) == [False, False]
 
 
+def test_expiry_works_off_a_backlog_in_bounded_steps_oldest_first(store: PartitionStore) -> None:
+    ids = [uuid.uuid4().bytes for _ in range(25)]
+    store.write({event_id: 1_000 + i for i, event_id in enumerate(ids)})
+    assert store.expire(2_000, limit=10) == 10
+    assert store.seen_since(ids, 0) == [False] * 10 + [True] * 15
+    assert store.expire(2_000, limit=10) == 10
+    assert store.expire(2_000, limit=10) == 5
+    assert store.expire(2_000, limit=10) == 0
+    assert store.seen_since(ids, 0) == [False] * 25
+
+
 def test_windows_carry_values_and_checkpoint_are_written_together_and_read_back(
     tmp_path: Path,
 ) -> None:
