@@ -43,6 +43,11 @@ class Provenance(Contract):
     service: str = Field(description="Producing service.")
     service_version: str = Field(description="Version of the producing service.")
     produced_at: AwareDatetime = Field(description="When it was computed.")
+    restates: UUID | None = Field(
+        None,
+        description="Id of the earlier revision this insight replaces (late events of its "
+        "window came in: a back-fill, a file drop, a change-data snapshot).",
+    )
 
 
 class Insight(Contract):
@@ -63,6 +68,9 @@ class Statistics(Insight):
     """pandas ``describe()`` of one metric of one firm over one window."""
 
     type: Literal["statistics"] = "statistics"
+    revision: int = Field(
+        1, ge=1, description="1 when the window first closed; each restatement adds one."
+    )
     metric: str = Field(description="Metric name, e.g. sales.amount_cny.")
     count: int = Field(ge=0)
     mean: FiniteFloat | None = None
@@ -80,6 +88,9 @@ class Correlation(Insight):
     """Pearson correlations between a firm's metrics over one window (pandas ``corr``)."""
 
     type: Literal["correlation"] = "correlation"
+    revision: int = Field(
+        1, ge=1, description="1 when the window first closed; each restatement adds one."
+    )
     metrics: list[str] = Field(description="Metric names, the order of the matrix.")
     matrix: list[list[FiniteFloat | None]] = Field(
         description="Correlation matrix; null where undefined."

@@ -19,8 +19,11 @@ Two loops run in one process:
    and sum) goes to the internal one-partition topic ``analytics.firm-windows.v1``, followed by
    the partition's network watermark: the smallest of its firms' watermarks that are waited for
    (not quiet, not far behind the others; a firm ahead cannot close network windows early).
-   An event whose window has already closed is late: it is counted
-   (``xietong_analytics_late_events_total``), logged and dropped — windows are never revised.
+   An event whose window has already closed (a back-fill, a file drop) restates it: the
+   window's rows are kept on disk for ``analytics_restatement_days`` (:mod:`.restatements`) and
+   its statistics and correlation are published again as the next revision; what cannot be
+   restated (beyond the horizon, state lost) is counted (``xietong_analytics_late_events_total``),
+   logged and dropped. Benchmarks are never revised.
 2. **Network** (low rate; consumer group ``analytics-network`` on the one-partition internal
    topic, so one replica does it): collects the firm summaries; once every source partition's
    watermark passed a window's end (a partition that never had an event, or whose firms have all
@@ -52,6 +55,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -72,8 +76,15 @@ from services.analytics.handlers import (
     watermark_mark,
     window_insights,
 )
+from services.analytics.restatements import RestatementStore, revise
 from services.analytics.settings import AnalyticsSettings, load_analytics_settings
-from services.analytics.windows import PartitionWindows, Window, WindowEvent
+from services.analytics.windows import (
+    LateEvent,
+    PartitionWindows,
+    Window,
+    WindowEvent,
+    decode_metadata,
+)
 from shared.codec import decode, encode
 from shared.control import ControlRegistry
 from shared.deadletter import dead_letter_record, record_dead_letter
@@ -96,7 +107,12 @@ log = logging.getLogger(__name__)
 EVENTS = Counter("xietong_analytics_events_total", "Clean events read by analytics.")
 LATE_EVENTS = Counter(
     "xietong_analytics_late_events_total",
-    "Events dropped because their window had already closed.",
+    "Events dropped because their window had closed and could not be restated.",
+    ["window_seconds"],
+)
+RESTATED_EVENTS = Counter(
+    "xietong_analytics_restated_events_total",
+    "Late events that restated their closed window (a new revision of its insights).",
     ["window_seconds"],
 )
 DEAD_LETTERS = Counter("xietong_analytics_dead_letters_total", "Clean records analytics refused.")
@@ -183,6 +199,13 @@ class FirmWindows:
     """Monotonic time each firm's latest event was read (quiet firms are found with it)."""
     quiet: dict[TopicPartition, set[str]] = field(default_factory=dict)
     """The firms of each partition found quiet, until they send again."""
+    store: RestatementStore | None = None
+    """Closed windows on disk, for restating them (None: late events are dropped)."""
+    unconfirmed: list[tuple[TopicPartition, Window]] = field(default_factory=list)
+    """Revisions handed out for publishing, to mark published once Kafka acknowledged them."""
+    pending: list[tuple[TopicPartition, Window]] = field(default_factory=list)
+    """Revisions found unpublished on restore: published with the next output."""
+    _revised: list[Window] = field(default_factory=list)
     reported: dict[TopicPartition, object] = field(default_factory=dict)
     """The network watermark last reported per partition (None: idle). A partition restored
     but not yet reported says its watermark even if it did not move: the previous owner may
@@ -191,9 +214,16 @@ class FirmWindows:
     def restore(self, tp: TopicPartition, metadata: str | None, offset: int | None = None) -> None:
         """Fresh state of ``tp`` from its commit's metadata; ``offset`` is the committed offset
         (where reading resumes), so a partition with nothing new can still be found quiet."""
+        full = None if self.store is None else self.store.full_metadata(self.source, tp.partition)
         state = PartitionWindows.restore(
-            self.settings.window_sizes, self.settings.analytics_grace_seconds * 1000, metadata
+            self.settings.window_sizes,
+            self.settings.analytics_grace_seconds * 1000,
+            metadata,
+            full,
         )
+        if self.store is not None:
+            state.store_token = self.store.claim(self.source, tp.partition, state.committed_token)
+            self.pending += [(tp, w) for w in self.store.pending(self.source, tp.partition)]
         if offset is not None and state.heard_of:
             state.next_offset = offset
         self.states[tp] = state
@@ -276,12 +306,15 @@ class FirmWindows:
                     "quiet firms' windows closed",
                     extra={"partition": tp.partition, "firms": len(quiet)},
                 )
-                for window in state.close_due():
+                done = state.close_due()
+                self._keep_closed(tp, done)
+                for window in done:
                     closed.append(window)
                     summaries.append(
                         OutRecord(b"network", encode(firm_summary(window, self.source)))
                     )
             summaries += self._mark(tp, self.network_watermark(tp, quiet))
+        self._take_pending()
         self._publish_insights(closed, now, out)
         return out
 
@@ -297,8 +330,97 @@ class FirmWindows:
             align_s=s.analytics_correlation_align_seconds,
             min_points=s.analytics_correlation_min_points,
         )
+        for window in self._revised:
+            insights += revise(
+                window_insights(
+                    [window],
+                    self.origin,
+                    produced_at,
+                    align_s=s.analytics_correlation_align_seconds,
+                    min_points=s.analytics_correlation_min_points,
+                ),
+                window.revision,
+            )
+        self._revised = []
         for topic, records_out in insight_records(insights).items():
             out[topic] += records_out
+
+    def _keep_closed(self, tp: TopicPartition, closed: list[Window]) -> None:
+        """Closed windows go to the store (those beyond the horizon leave it)."""
+        if self.store is None:
+            return
+        horizon_ms = int(self.settings.analytics_restatement_days * 86_400_000)
+        for window in closed:
+            self.store.keep_closed(self.source, tp.partition, window)
+            self.store.forget_before(
+                self.source, tp.partition, window.tenant, window.size_s, window.end_ms - horizon_ms
+            )
+
+    def _restate(self, tp: TopicPartition, state: PartitionWindows, late: list[LateEvent]) -> None:
+        """Late events into their stored windows; what cannot be restated is counted and
+        logged with the reason."""
+        restated: dict[tuple[int, str, int], Window] = {}
+        dropped: dict[tuple[int, str], int] = defaultdict(int)
+        horizon_ms = int(self.settings.analytics_restatement_days * 86_400_000)
+        for item in late:
+            event, (size, tenant, start) = item.event, item.key
+            window = restated.get(item.key)
+            if window is None and self.store is not None:
+                window = self.store.get(self.source, tp.partition, item.key)
+            closed_through = state.watermark_of(tenant) or 0
+            closed_through -= closed_through % state.unit_ms
+            if window is None or start + size * 1000 + horizon_ms <= closed_through:
+                if not event.deleted:
+                    reason = (
+                        "its window is beyond the restatement horizon"
+                        if window is not None or start + size * 1000 + horizon_ms <= closed_through
+                        else "its window is not kept here (it had no row of the firm, or "
+                        "closed before this worker's state: a new disk, a moved partition)"
+                    )
+                    dropped[(size, reason)] += 1
+                continue
+            if event.event_id and event.event_id in window.seen_ids:
+                continue  # restated with it already (read again after a restart)
+            if event.corrects is not None:
+                window.remove(item.row)
+            if event.deleted:
+                if event.event_id:
+                    window.seen_ids.add(event.event_id)
+            else:
+                window.add(event, item.row)
+                RESTATED_EVENTS.labels(str(size)).inc()
+            restated[item.key] = window
+        for (size, reason), count in dropped.items():
+            LATE_EVENTS.labels(str(size)).inc(count)
+            log.warning(
+                "late events dropped: " + reason,
+                extra={"partition": tp.partition, "window_seconds": size, "count": count},
+            )
+        for window in restated.values():
+            window.revision += 1
+            assert self.store is not None
+            self.store.put_revision(self.source, tp.partition, window)
+            self._revised.append(window)
+            self.unconfirmed.append((tp, window))
+        if restated:
+            log.info(
+                "closed windows restated with late events",
+                extra={"partition": tp.partition, "windows": len(restated)},
+            )
+
+    def _take_pending(self) -> None:
+        for tp, window in self.pending:
+            if tp in self.states:
+                self._revised.append(window)
+                self.unconfirmed.append((tp, window))
+        self.pending = []
+
+    def confirm(self) -> None:
+        """Kafka acknowledged what was handed out: the revisions are published."""
+        if self.store is not None:
+            for tp, window in self.unconfirmed:
+                self.store.published(self.source, tp.partition, [window])
+        self.unconfirmed = []
 
     def process(self, batch: Batch, produced_at: datetime) -> dict[str, list[OutRecord]]:
         """Everything one ``getmany`` batch produces, by topic."""
@@ -314,7 +436,6 @@ class FirmWindows:
             heard = self.heard_at.setdefault(tp, {})
             now = time.monotonic()
             heard_now: set[str] = set()
-            late: dict[int, int] = defaultdict(int)
             for record in records:
                 try:
                     event = parse_clean_event(record.offset, record.value)
@@ -328,23 +449,19 @@ class FirmWindows:
                     continue
                 heard[event.tenant] = now
                 heard_now.add(event.tenant)
-                for size in state.add(event):
-                    late[size] += 1
-            state.take_late()
+                state.add(event)
             EVENTS.inc(len(records))
-            for size, count in late.items():
-                LATE_EVENTS.labels(str(size)).inc(count)
-                log.warning(
-                    "late events dropped: their window had closed",
-                    extra={"partition": tp.partition, "window_seconds": size, "count": count},
-                )
+            self._restate(tp, state, state.take_late())
             summaries = out[s.analytics_firm_windows_topic]
-            for window in state.close_due():
+            done = state.close_due()
+            self._keep_closed(tp, done)
+            for window in done:
                 closed.append(window)
                 summaries.append(OutRecord(b"network", encode(firm_summary(window, self.source))))
             # the firms just read are not quiet any more; which others are, time alone says
             quiet = self.quiet[tp] = self.quiet.get(tp, set()) - set(heard_now)
             summaries += self._mark(tp, self.network_watermark(tp, quiet))
+        self._take_pending()
         self._publish_insights(closed, produced_at, out)
         return out
 
@@ -354,6 +471,11 @@ class FirmWindows:
             point = state.commit_point(self.settings.analytics_commit_metadata_max_bytes)
             if tp in assigned and point is not None:
                 points[tp] = point
+                if state.full_metadata is not None and self.store is not None:
+                    reference = str(decode_metadata(point[1]).get("n"))
+                    self.store.keep_full_metadata(
+                        self.source, tp.partition, reference, state.full_metadata
+                    )
         return points
 
 
@@ -392,7 +514,8 @@ async def run_firm_windows(
     publisher: BatchPublisher,
     origin: Origin,
 ) -> None:
-    worker = FirmWindows(settings, source, origin)
+    store = RestatementStore(Path(settings.state_dir) / "analytics-restatements")
+    worker = FirmWindows(settings, source, origin, store=store)
     admin = AIOKafkaAdminClient(**connection_config(settings))
     await admin.start()
     try:
@@ -416,6 +539,7 @@ async def run_firm_windows(
                 )
                 if any(idle.values()):
                     await publisher.publish_many(dict(idle.items()))
+                    worker.confirm()
                     if not batch:  # quiet firms' windows closed: the commit moves on
                         await _commit(consumer, worker.commit_points(consumer.assignment()))
                 if not batch:
@@ -423,6 +547,7 @@ async def run_firm_windows(
                 try:
                     out = worker.process(batch, datetime.now(UTC))
                     await publisher.publish_many(dict(out.items()))
+                    worker.confirm()
                 except Exception:
                     log.exception(
                         "firm window batch failed; stopping without commit", extra=_where(batch)
@@ -431,6 +556,7 @@ async def run_firm_windows(
                 await _commit(consumer, worker.commit_points(consumer.assignment()))
     finally:
         await admin.close()
+        store.close()
 
 
 async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, Any]) -> None:

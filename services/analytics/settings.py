@@ -92,6 +92,12 @@ class AnalyticsSettings(XietongSettings):
         "partition's firms (a clock stuck in the past, a firm only back-filling) is not waited "
         "for by network-wide windows; a firm ahead never closes them for the others.",
     )
+    analytics_restatement_days: float = Field(
+        35.0,
+        ge=0,
+        description="How long (in a firm's own event time) closed windows are kept on disk, so "
+        "that late events (a back-fill, a file drop) restate them as a new revision.",
+    )
     analytics_commit_metadata_max_bytes: int = Field(
         4096,
         ge=64,

@@ -171,6 +171,10 @@ class PartitionWindows:
     correction restates the same row)."""
     full_metadata: str | None = None
     """Set by :meth:`commit_point` when firms were left out of its metadata: all of them."""
+    store_token: str | None = None
+    """Names the local state store that holds what this state closed (carried in commits)."""
+    committed_token: str | None = None
+    """The store token of the commit this state was restored from."""
     _aliases_of: dict[RowKey, list[str]] = field(default_factory=dict)
     _closed: list[Window] = field(default_factory=list)
     _late: list[LateEvent] = field(default_factory=list)
@@ -326,7 +330,9 @@ class PartitionWindows:
             return None
         offset = min((w.first_offset for w in self.open.values()), default=self.next_offset)
         self.full_metadata = None
-        full = encode_watermarks(self.watermarks, self.unit_ms, self.default_watermark_ms)
+        full = encode_watermarks(
+            self.watermarks, self.unit_ms, self.default_watermark_ms, token=self.store_token
+        )
         if len(full.encode()) <= max_bytes:
             return offset, full
         self.full_metadata = full
@@ -351,7 +357,7 @@ class PartitionWindows:
         if self.default_watermark_ms is not None:
             left_out.append(self.default_watermark_ms)
         default = max(left_out) if left_out else None
-        return encode_watermarks(kept, self.unit_ms, default, reference)
+        return encode_watermarks(kept, self.unit_ms, default, reference, self.store_token)
 
     @classmethod
     def restore(
@@ -370,11 +376,22 @@ class PartitionWindows:
             if complete:
                 doc = complete
         watermarks, default = watermarks_of(doc, grace_ms)
-        return cls(sizes_s, grace_ms, watermarks=watermarks, default_watermark_ms=default)
+        token = doc.get("s")
+        return cls(
+            sizes_s,
+            grace_ms,
+            watermarks=watermarks,
+            default_watermark_ms=default,
+            committed_token=token if isinstance(token, str) else None,
+        )
 
 
 def encode_watermarks(
-    watermarks: Mapping[str, int], unit_ms: int, default: int | None, reference: str | None = None
+    watermarks: Mapping[str, int],
+    unit_ms: int,
+    default: int | None,
+    reference: str | None = None,
+    token: str | None = None,
 ) -> str:
     """Compact commit metadata of the firms' watermarks, floored to ``unit_ms``."""
     groups: dict[int, list[str]] = {}
@@ -388,6 +405,8 @@ def encode_watermarks(
         doc["d"] = default // unit_ms
     if reference is not None:
         doc["n"] = reference
+    if token is not None:
+        doc["s"] = token
     text = orjson.dumps(doc)
     packed = b'{"z":"' + base64.b64encode(zlib.compress(text, 9)) + b'"}'
     return min(text, packed, key=len).decode()

@@ -5,20 +5,24 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
+from prometheus_client import REGISTRY
 
 from schemas.events import CleanEvent
-from schemas.insights import DeadLetter
+from schemas.insights import DeadLetter, Statistics
 from schemas.topics import INSIGHT_TOPICS, dlq
 from services.analytics.app import FirmWindows
 from services.analytics.handlers import Origin
+from services.analytics.restatements import RestatementStore
 from services.analytics.settings import load_analytics_settings
 from shared.codec import decode, encode
 from shared.kafka import OutRecord
 
 SOURCE = "events.clean.v1"
+STATISTICS = INSIGHT_TOPICS["statistics"]
 W0 = datetime(2026, 11, 2, 10, tzinfo=UTC)
 
 
@@ -217,3 +221,44 @@ def test_a_firm_ahead_closes_no_other_firms_window_and_no_network_window() -> No
     assert (
         quiet["watermark_ms"] == int(datetime(2036, 1, 1, tzinfo=UTC).timestamp() * 1000) - 60_000
     )
+
+
+def test_a_backfill_of_a_closed_window_republishes_it_as_revision_2(tmp_path: Path) -> None:
+    store = RestatementStore(tmp_path / "state")
+    w = FirmWindows(worker().settings, SOURCE, worker().origin, store=store)
+    tp = TopicPartition(SOURCE, 0)
+    w.restore(tp, None)
+    first = [event(5, {"x": 1.0}), event(10, {"x": 2.0}), event(62, {})]
+    out = w.process({tp: [record(i, v) for i, v in enumerate(first)]}, datetime.now(UTC))
+    w.confirm()
+    (original,) = [Statistics.model_validate(decode(r.value)) for r in out[STATISTICS]]
+    assert (original.revision, original.count, original.provenance.restates) == (1, 2, None)
+    # a file drop brings the window's missing row, after the window closed
+    backfill = event(20, {"x": 6.0})
+    out = w.process({tp: [record(3, backfill)]}, datetime.now(UTC))
+    w.confirm()
+    (revised,) = [Statistics.model_validate(decode(r.value)) for r in out[STATISTICS]]
+    assert revised.revision == 2 and revised.provenance.restates == original.insight_id
+    assert revised.insight_id != original.insight_id
+    assert (revised.count, revised.mean, revised.max) == (3, 3.0, 6.0)
+    assert out[w.settings.analytics_firm_windows_topic] == []  # benchmarks are never revised
+    # the same file dropped again, or read again after a restart: nothing new
+    assert w.process({tp: [record(4, backfill)]}, datetime.now(UTC))[STATISTICS] == []
+    _, metadata = w.commit_points({tp})[tp]
+    again = FirmWindows(w.settings, SOURCE, w.origin, store=store)
+    again.restore(tp, metadata, 3)
+    assert again.process({tp: [record(3, backfill)]}, datetime.now(UTC))[STATISTICS] == []
+    more = again.process({tp: [record(5, event(30, {"x": 3.0}))]}, datetime.now(UTC))
+    (third,) = [Statistics.model_validate(decode(r.value)) for r in more[STATISTICS]]
+    assert (third.revision, third.count, third.provenance.restates) == (3, 4, revised.insight_id)
+    store.close()
+    # on a new disk the closed window is not known: the late event is counted and dropped
+    new_disk = FirmWindows(w.settings, SOURCE, w.origin, store=RestatementStore(tmp_path / "new"))
+    new_disk.restore(tp, metadata, 3)
+    late = ("xietong_analytics_late_events_total", {"window_seconds": "3600"})
+    before = REGISTRY.get_sample_value(*late) or 0.0
+    assert (
+        new_disk.process({tp: [record(6, event(40, {"x": 9.0}))]}, datetime.now(UTC))[STATISTICS]
+        == []
+    )
+    assert REGISTRY.get_sample_value(*late) == before + 1

@@ -410,6 +410,6 @@ def test_one_firms_event_from_2036_does_not_make_another_firms_next_window_late(
     assert state.add(event(3, 70, tenant="b")) == []  # and b's next window is not late
     assert [(w.tenant, len(w.rows)) for w in state.close_due()] == [("b", 2)]
     # the same after a restart: the commit carries b's watermark, not the partition's
-    offset, metadata = state.commit_point() or (0, "")
+    _, metadata = state.commit_point() or (0, "")
     restored = PartitionWindows.restore((HOUR,), 5 * MINUTE_MS, metadata)
     assert restored.add(event(4, 75, tenant="b")) == []
