@@ -336,8 +336,9 @@ def firm_summary(window: Window, source_topic: str) -> dict[str, Any]:
 def watermark_mark(
     source_topic: str, partition: int, partitions: int, watermark_ms: int | None
 ) -> dict[str, Any]:
-    """How far a source partition's windows are closed (sent after its window summaries);
-    ``watermark_ms`` None marks a partition that has had no event at all (idle)."""
+    """How far a source partition's windows are closed for the network (sent after its window
+    summaries): the smallest watermark of its firms that are waited for; ``watermark_ms`` None
+    marks a partition that never had an event or whose firms are all quiet (idle)."""
     return PartitionWatermark(
         source_topic=source_topic,
         partition=partition,

@@ -39,10 +39,10 @@ watermark share one entry: ``{"u": unit_s, "w": {"<units>": "firm firm ..."}}``,
 default) of it; firms that do not fit within ``max_bytes`` are left out, those that have been
 quiet longest first (never one with an open window or an event at or after the committed
 offset while others can go), and ``"d"`` says the largest watermark among them. On restore the
-caller may give the full watermarks back (``clocks``: the service keeps them in its local state
-store, keyed by the committed offset), which is exact; without them (a new disk) a left-out firm
-is taken as closed through ``"d"``: its events for windows it had not closed are late rather than
-counted twice, never the other way round.
+caller may give the full metadata back (``full``: the service keeps it in its local state
+store under the reference ``"n"`` the commit carries), which is exact; without it (a new disk)
+a left-out firm is taken as closed through ``"d"``: its events for windows it had not closed are
+late rather than counted twice, never the other way round.
 
 An event whose own window already took its id (even if a correction took it out again) is a
 duplicate and is not counted again; one whose window has closed is late anyway. A firm's windows
