@@ -69,6 +69,7 @@ class XietongSettings(BaseSettings):
                 "benchmark noise with it (make up writes one to .run/local.env)"
             )
         return secret.encode()
+
     event_time_max_ahead_seconds: float = Field(
         3600.0,
         ge=0,
@@ -78,6 +79,19 @@ class XietongSettings(BaseSettings):
     event_time_earliest: AwareDatetime = Field(
         datetime(2000, 1, 1, tzinfo=UTC),
         description="Events that occurred before this are refused as implausible.",
+    )
+
+    control_sync_interval_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How often a control registry asks the broker where the control topics end "
+        "and reads up to there (bounds how long a revocation takes to apply).",
+    )
+    control_max_staleness_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A control registry not confirmed caught up for this long fails closed: it "
+        "vouches for no key (the gateway answers 503 and is not ready) until it is again.",
     )
 
     def event_time_bounds(self) -> EventTimeBounds:

@@ -95,6 +95,9 @@ def create_app(settings: IngestSettings) -> web.Application:
     async def ready() -> str | None:
         if PUBLISHER_KEY not in app:
             return "starting"
+        problem = app[REGISTRY_KEY].problem()
+        if problem is not None:
+            return problem  # it refuses every key meanwhile (fail closed)
         try:
             async with asyncio.timeout(5):
                 await app[PUBLISHER_KEY].producer.client.fetch_all_metadata()

@@ -1,6 +1,9 @@
 """Authentication of the gateway: a tenant API key on every route but health, metrics and the
 API document. The key is read from ``Authorization: Bearer <key>`` (or ``X-Api-Key``); the
-tenant comes from the key, never from the request body."""
+tenant comes from the key, never from the request body. While the control registry cannot
+confirm it is current (:meth:`~shared.control.ControlRegistry.problem`) every key is refused with
+``503`` and ``Retry-After``: the gateway fails closed rather than honour a key that may have been
+revoked meanwhile."""
 
 from __future__ import annotations
 
@@ -37,7 +40,16 @@ async def require_api_key(request: web.Request, handler: Handler) -> web.StreamR
             status=401,
             headers={"WWW-Authenticate": "Bearer"},
         )
-    tenant = request.app[REGISTRY_KEY].authenticate(api_key)
+    registry = request.app[REGISTRY_KEY]
+    problem = registry.problem()
+    if problem is not None:
+        # Fail closed: a registry that cannot prove it is current may be missing a revocation.
+        return json_response(
+            {"error": "cannot verify API keys right now; retry shortly", "reason": problem},
+            status=503,
+            headers={"Retry-After": "5"},
+        )
+    tenant = registry.authenticate(api_key)
     if tenant is None:
         return json_response(
             {"error": "unknown or revoked API key"},

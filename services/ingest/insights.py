@@ -7,8 +7,10 @@ Routes (every one authenticated by a tenant key, see :mod:`services.ingest.auth`
 - ``GET /v1/insights/stream?type=&metric=&owner=&replay=`` — Server-Sent Events: ``event:
   <type>``, ``id: <insight_id>``, ``data: <json>``; ``: heartbeat`` comments keep the connection
   open; ``event: grant_revoked`` tells the client an agreement it was reading under has ended.
-  A reconnecting client sends ``Last-Event-ID`` and gets what the cache still holds after that
-  insight (``event: gap`` when it no longer holds it); ``replay=N`` starts with the latest N;
+  A reconnecting client sends ``Last-Event-ID`` and gets what it may read of what the cache still
+  holds after that insight, up to half the stream's queue (``event: gap`` when the cache no longer
+  holds that insight — or the caller may not read it — and ``gap`` with ``missed: N`` when more
+  came since than one resume sends); ``replay=N`` starts with the latest N;
 - ``POST /v1/shares`` (the caller grants), ``GET /v1/shares`` (granted by and to the caller),
   ``DELETE /v1/shares/{grant_id}`` (the owner revokes), ``GET /v1/shares/audit`` (history).
 
@@ -22,7 +24,7 @@ Delivery: the cache is a view, not a log: SSE delivers each insight at most once
 connection, and a reconnect with ``Last-Event-ID`` resumes from what this replica still holds
 (the latest ``per_series`` of each series); durable subscriptions use the SDK over Kafka.
 
-Enforcement: the one rule, :func:`shared.control.may_read`, is evaluated against the live
+Enforcement: the one rule, :func:`shared.control.reading_grants`, is evaluated against the live
 :class:`~shared.control.ControlRegistry` at the moment each insight leaves — for every listed
 insight and for every SSE event when it is written, so a revocation takes effect on open streams
 as soon as the registry has read it. Grants and revocations are logged on ``xietong.audit`` as
@@ -61,7 +63,7 @@ from schemas.insights import (
 from schemas.topics import INSIGHT_TOPICS
 from services.ingest.auth import REGISTRY_KEY, api_key_of, authenticated_tenant
 from shared.codec import DecodeError, decode, encode, json_response
-from shared.control import ControlRegistry, ControlWriter, may_read, new_id, now
+from shared.control import ControlRegistry, ControlWriter, new_id, now, reading_grants
 from shared.deadletter import field_errors
 from shared.kafka import create_consumer, ensure_topics
 from shared.sdk import InsightFilter
@@ -117,9 +119,11 @@ def parse_filter(query: Mapping[str, str], values: Callable[[str], list[str]]) -
     )
 
 
-def readable(reader: str, insight: Insight, grants: Iterable[Grant], at: datetime) -> bool:
-    """:func:`shared.control.may_read` applied to an insight."""
-    return may_read(
+def reading_grants_of(
+    reader: str, insight: Insight, grants: Iterable[Grant], at: datetime
+) -> list[Grant] | None:
+    """:func:`shared.control.reading_grants` applied to an insight."""
+    return reading_grants(
         reader,
         owner=insight.tenant,
         visibility=insight.visibility,
@@ -129,20 +133,8 @@ def readable(reader: str, insight: Insight, grants: Iterable[Grant], at: datetim
     )
 
 
-def authorising_grants(
-    reader: str, insight: Insight, grants: Iterable[Grant], at: datetime
-) -> list[Grant]:
-    """The grants that let ``reader`` read ``insight`` (none needed for own or public ones)."""
-    if reader == insight.tenant or insight.visibility == "public":
-        return []
-    return [
-        g
-        for g in grants
-        if g.grantee == reader
-        and g.owner == insight.tenant
-        and insight.type in g.insight_types
-        and g.active_at(at)
-    ]
+def readable(reader: str, insight: Insight, grants: Iterable[Grant], at: datetime) -> bool:
+    return reading_grants_of(reader, insight, grants, at) is not None
 
 
 def grant_status(grant: Grant, at: datetime) -> str:
@@ -365,23 +357,38 @@ class InsightCache:
             owners,
         )
 
-    def after(self, insight_id: str) -> list[CachedInsight] | None:
-        """What came after ``insight_id``, oldest first; None when it is not (or no longer) here."""
+    def after(
+        self, insight_id: str, keep: Callable[[Insight], bool], limit: int
+    ) -> tuple[list[CachedInsight], int] | None:
+        """What ``keep`` accepts of what came after ``insight_id``, oldest first, at most the
+        newest ``limit`` of it, and how many older ones that limit left out. None when the id is
+        not (or no longer) here, or names an insight ``keep`` refuses: a reader learns nothing of
+        insights it may not read, not even that one exists."""
         try:
             seen = self._by_id.get(UUID(insight_id))
         except ValueError:
             return None
-        if seen is None:
+        if seen is None or not keep(seen.insight):
             return None
-        return sorted(
+        found = sorted(
             (c for kept in self._series.values() for c in kept if c.seq > seen.seq),
             key=lambda c: c.seq,
         )
+        wanted = [c for c in found if keep(c.insight)]
+        return wanted[-limit:] if limit else [], max(0, len(wanted) - limit)
+
+    @property
+    def max_replay(self) -> int:
+        """The most a new stream starts with: half its queue, leaving room for what arrives."""
+        return self.queue_size // 2
 
     def subscribe(self, replay: Iterable[CachedInsight] = ()) -> Subscription:
         """A new stream's queue, starting with ``replay`` (then everything added from now on)."""
         subscription = Subscription(self.queue_size)
-        for item in list(replay)[-(self.queue_size // 2) :]:
+        replay = list(replay)
+        if len(replay) > self.max_replay:
+            raise ValueError(f"a replay holds at most {self.max_replay} insights")
+        for item in replay:
             subscription.queue.put_nowait(item)
         self._subscriptions.add(subscription)
         return subscription
@@ -438,6 +445,8 @@ class InsightRoutes:
     recent_per_partition: int = 10_000
     heartbeat: float = 15.0
     registry_timeout: float = 10.0
+    recheck: float = 5.0
+    """How often an open stream re-checks, even with no change, that the registry is current."""
     _cache: InsightCache | None = None
     _writer: ControlWriter | None = None
     streams: set[Subscription] = field(default_factory=set)
@@ -567,15 +576,24 @@ async def stream_insights(request: web.Request) -> web.StreamResponse:
     # No await between choosing the replay and subscribing: nothing falls in between.
     notices: list[bytes] = []
     replay: list[CachedInsight] = []
+    at = now()
+    grants = registry.grants_to(reader, at)
     if last_event_id:
-        missed = state.cache.after(last_event_id)
-        if missed is None:
+        resumed = state.cache.after(
+            last_event_id,
+            lambda insight: wanted.matches(insight) and readable(reader, insight, grants, at),
+            state.cache.max_replay,
+        )
+        if resumed is None:
             notices.append(sse_event("gap", encode({"last_event_id": last_event_id})))
         else:
-            replay = missed
+            replay, left_out = resumed
+            if left_out:
+                # The client is told what it misses; it can page back with GET /v1/insights.
+                notices.append(
+                    sse_event("gap", encode({"last_event_id": last_event_id, "missed": left_out}))
+                )
     elif replay_count:
-        at = now()
-        grants = registry.grants_to(reader, at)
         replay = state.cache.readable_by(reader, grants, at, wanted, replay_count)[::-1]
     subscription = state.cache.subscribe(replay)
     state.streams.add(subscription)
@@ -600,11 +618,18 @@ async def stream_insights(request: web.Request) -> web.StreamResponse:
             if next_item is None:
                 next_item = asyncio.ensure_future(subscription.queue.get())
             if changed is None:
-                changed = asyncio.ensure_future(registry.wait_changed(version, state.heartbeat))
+                changed = asyncio.ensure_future(
+                    registry.wait_changed(version, min(state.heartbeat, state.recheck))
+                )
             done, _ = await asyncio.wait(
                 {next_item, changed}, timeout=state.heartbeat, return_when=asyncio.FIRST_COMPLETED
             )
             frames: list[bytes] = []
+            if registry.problem() is not None:
+                # Fail closed: nothing more is sent under rules that cannot be confirmed current.
+                reason = "access cannot be verified right now; reconnect shortly"
+                await response.write(sse_event("end", encode({"reason": reason})))
+                break
             if changed in done:
                 version, changed = changed.result(), None
                 if registry.authenticate(api_key) is None:
@@ -632,8 +657,9 @@ async def stream_insights(request: web.Request) -> web.StreamResponse:
                     at = now()
                     grants = registry.grants_to(reader, at)
                     # The rule is evaluated now, at send time, against the live registry.
-                    if readable(reader, item.insight, grants, at):
-                        for grant in authorising_grants(reader, item.insight, grants, at):
+                    allowing = reading_grants_of(reader, item.insight, grants, at)
+                    if allowing is not None:
+                        for grant in allowing:
                             used.setdefault(grant.grant_id, grant)
                         frames.append(
                             sse_event(item.insight.type, item.body, str(item.insight.insight_id))
@@ -715,8 +741,9 @@ async def create_share(request: web.Request) -> web.Response:
         raise _error(web.HTTPUnprocessableEntity, f"unknown insight type(s) {unknown}")
     if body.grantee == owner:
         raise _error(web.HTTPUnprocessableEntity, "a tenant always reads its own insights")
-    if registry.tenant(body.grantee) is None:
-        raise _error(web.HTTPUnprocessableEntity, f"unknown grantee {body.grantee!r}")
+    # Whether the grantee exists is not said: the answer would tell any tenant which tenant ids
+    # the network has. A grant to an id no tenant holds is inert, and stays so if a tenant of that
+    # id is created later (the registry honours grants made after their grantee existed only).
     at = now()
     if body.expires_at is not None and body.expires_at <= at:
         raise _error(web.HTTPUnprocessableEntity, "expires_at is in the past")

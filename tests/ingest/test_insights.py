@@ -7,7 +7,9 @@ broker; insights are published straight to the insight topics, as analytics woul
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,18 +17,20 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from schemas.control import Grant
+from schemas.control import Grant, Tenant
 from services.ingest.app import create_app
 from services.ingest.auth import REGISTRY_KEY, require_api_key
 from services.ingest.insights import (
     InsightCache,
     grant_history,
     parse_filter,
+    readable,
     series_of,
     setup_insight_routes,
     sse_event,
 )
 from services.ingest.settings import IngestSettings
+from shared.control import issue_api_key, new_id
 from shared.sdk import GatewayClient, GatewayError, InsightFilter, InsightStream, ServerSentEvent
 from shared.settings import XietongSettings, load_settings
 from tests.insight_helpers import (
@@ -121,12 +125,10 @@ def test_cache_keeps_the_latest_per_series_and_serves_only_what_a_reader_may_rea
         cache.add(insight)  # a_new twice: a redelivery is kept once
     everything = cache.latest(lambda _: True, 100)
     assert [c.insight for c in everything] == [public, b_stats, a_pred, a_new, a_mid]
-    assert cache.after(str(a_old.insight_id)) is None  # evicted
-    assert [c.insight for c in cache.after(str(a_new.insight_id)) or []] == [
-        a_pred,
-        b_stats,
-        public,
-    ]
+    anything = lambda _: True  # noqa: E731
+    assert cache.after(str(a_old.insight_id), anything, 100) is None  # evicted
+    resumed = cache.after(str(a_new.insight_id), anything, 100)
+    assert resumed is not None and [c.insight for c in resumed[0]] == [a_pred, b_stats, public]
 
     def read(reader: str, grants: list[Grant], **wanted: Any) -> list[Any]:
         found = cache.readable_by(reader, grants, T0, InsightFilter(**wanted), 100)
@@ -144,6 +146,31 @@ def test_cache_keeps_the_latest_per_series_and_serves_only_what_a_reader_may_rea
     assert read("bank", [grant]) == [public, a_new, a_mid]
     assert read("bank", [grant], owner="acme") == [a_new, a_mid]
     assert read("bank", [grant.model_copy(update={"revoked_at": T0})]) == [public]
+
+
+def test_a_resume_sends_only_what_the_reader_may_read_and_says_what_it_left_out() -> None:
+    # Before: a resume collected every tenant's insights after the id and silently kept the
+    # newest half-queue of them; a rival's id also told whether that insight existed.
+    cache = InsightCache(load_settings(), per_series=50, queue_size=8)
+    first = statistics("bolts", mean=0.0)
+    cache.add(first)
+    rival = statistics("acme", mean=1.0)
+    cache.add(rival)
+    mine = [statistics("bolts", mean=float(n)) for n in range(2, 9)]
+    for n, insight in enumerate(mine):
+        cache.add(insight)
+        cache.add(statistics("acme", mean=float(100 + n)))
+
+    def bolts_may_read(insight: Any) -> bool:
+        return readable("bolts", insight, [], T0)
+
+    resumed = cache.after(str(first.insight_id), bolts_may_read, cache.max_replay)
+    assert resumed is not None
+    replay, left_out = resumed
+    assert [c.insight for c in replay] == mine[-cache.max_replay :]
+    assert left_out == len(mine) - cache.max_replay
+    # A rival's insight id resumes nothing: the same answer as an id that never existed.
+    assert cache.after(str(rival.insight_id), bolts_may_read, cache.max_replay) is None
 
 
 # --------------------------------------------------------------------------- over the broker
@@ -208,9 +235,24 @@ async def test_list_shows_own_public_and_granted_insights_only(gateway: Gateway)
         ]
 
         with pytest.raises(GatewayError, match="422"):
-            await a.grant("nobody-here", ["statistics"])
-        with pytest.raises(GatewayError, match="422"):
             await a.grant(net.b, ["gossip"])
+
+        # A grant to an id no tenant holds is answered like any other (before: "422 unknown
+        # grantee", which told any tenant which ids exist), and stays inert for a tenant
+        # created later under that id.
+        latecomer = f"late{new_id()}"
+        inert = await a.grant(latecomer, ["statistics"])
+        assert (inert.grantee, inert.revoked_at) == (latecomer, None)
+        key, record = issue_api_key(latecomer)
+        await net.writer.put_tenant(
+            Tenant(tenant=latecomer, name=latecomer, created_at=datetime.now(UTC))
+        )
+        await net.writer.put_key(record)
+        async with asyncio.timeout(30):
+            while net.registry.authenticate(key) is None:
+                await net.registry.wait_changed(net.registry.version, 1)
+        async with GatewayClient(gateway.url, key) as late:
+            assert not ids(await late.insights(owner=net.a))
 
 
 @pytest.mark.integration
@@ -383,3 +425,89 @@ async def test_open_streams_end_cleanly_when_the_gateway_stops(settings: Xietong
                 rest = [insight async for insight in stream]
         assert rest == [] and [e.event for e in notices] == ["end"]
         assert "shutting down" in notices[0].data
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Poll ``condition`` (a state with no event to wait on) until it holds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+
+
+async def open_and_drop_streams(gateway: Gateway, tenant: str, count: int) -> None:
+    """Open ``count`` streams and drop each at its own moment, the way clients go away."""
+
+    async def one(n: int) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05 * (n % 7) + 0.01), gateway.stream(tenant) as stream:
+                async for _ in stream:
+                    pass
+
+    await asyncio.gather(*(one(n) for n in range(count)))
+
+
+@pytest.mark.integration
+async def test_revocation_holds_after_many_streams_were_dropped_under_load(
+    gateway: Gateway,
+) -> None:
+    # Before the fix, streams dropped while waiting for a registry change broke its condition
+    # lock ("Lock is not acquired"): the registry stopped following control.*, keys issued
+    # afterwards got 401 and a key revoked afterwards kept publishing and reading.
+    net = gateway.net
+    stop_load = asyncio.Event()
+
+    async def insight_load() -> None:  # insights keep arriving while streams come and go
+        n = 0
+        while not stop_load.is_set():
+            await publish(net.writer.settings, [statistics(net.a, mean=float(n))])
+            n += 1
+            await asyncio.sleep(0.02)
+
+    load = asyncio.create_task(insight_load())
+    try:
+        for _ in range(3):
+            await open_and_drop_streams(gateway, net.a, 20)
+            await asyncio.sleep(0.6)  # past a heartbeat: the waiters' timeouts fire too
+
+        # The registry still follows: a key issued now is honoured ...
+        fresh_key, record = issue_api_key(net.a)
+        await net.writer.put_key(record)
+        async with asyncio.timeout(30):
+            while net.registry.authenticate(fresh_key) is None:
+                await net.registry.wait_changed(net.registry.version, 1)
+        async with GatewayClient(gateway.url, fresh_key) as client:
+            await client.insights(limit=1)
+
+            # ... and a revocation takes effect on the first sync that starts after Kafka
+            # acknowledged it (within control_sync_interval_seconds and one fetch).
+            await net.writer.put_key(record.model_copy(update={"revoked_at": datetime.now(UTC)}))
+            acknowledged = time.monotonic()
+            await until(lambda: (net.registry.synced_at or 0) > acknowledged)
+            with pytest.raises(GatewayError, match="401"):
+                await client.insights(limit=1)
+    finally:
+        stop_load.set()
+        await load
+
+
+@pytest.mark.integration
+async def test_a_registry_that_cannot_follow_fails_closed(settings: XietongSettings) -> None:
+    fast = settings.model_copy(
+        update={"control_sync_interval_seconds": 0.2, "control_max_staleness_seconds": 1.0}
+    )
+    async with gateway_app(fast) as gateway:
+        net = gateway.net
+        async with gateway.client(net.a) as client:
+            await client.insights(limit=1)
+            assert net.registry.problem() is None
+            # The registry's reader dies (as when the broker goes away for good): the registry
+            # can no longer confirm it is current, so no key is honoured until it can again.
+            assert net.registry._consumer is not None
+            await net.registry._consumer.stop()
+            await until(lambda: net.registry.problem() is not None)
+            with pytest.raises(GatewayError, match="503"):
+                await client.insights(limit=1)
+            assert net.registry.authenticate(net.keys[net.a]) is None
+            assert net.registry.grants_to(net.bank) == []

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -14,7 +17,7 @@ from shared.control import (
     new_id,
     parse_api_key,
 )
-from shared.settings import XietongSettings
+from shared.settings import XietongSettings, load_settings
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -77,3 +80,63 @@ async def test_registry_sees_tenants_keys_and_revocations(settings: XietongSetti
     # A new replica rebuilds the same state from the compacted topics.
     async with ControlRegistry(settings) as fresh:
         assert fresh.tenant(tenant) is not None and fresh.authenticate(plaintext) is None
+
+
+def offline_registry() -> ControlRegistry:
+    """A registry that is never started: its waiting and applying need no broker."""
+    return ControlRegistry(load_settings(kafka_bootstrap_servers="127.0.0.1:1"))
+
+
+def finishes(scenario: Callable[[], Coroutine[Any, Any, None]], timeout: float) -> bool:
+    """Run ``scenario`` on its own loop in a thread: a deadlocked loop fails the test, not CI."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(scenario())
+            outcome.append(None)
+        except BaseException as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if outcome and outcome[0] is not None:
+        raise outcome[0]
+    return bool(outcome)
+
+
+def test_cancelled_waiters_never_break_the_registry() -> None:
+    assert finishes(cancel_waiters_at_random_moments, timeout=20), "the registry deadlocked"
+
+
+async def cancel_waiters_at_random_moments() -> None:
+    # Streams wait for changes and are cancelled when their clients go away, at any moment.
+    # Before the fix, a waiter cancelled while re-acquiring the condition's lock raised
+    # "Lock is not acquired" and left the lock held: the tail's next apply blocked forever,
+    # so revocations stopped reaching the gateway (it failed open).
+    registry = offline_registry()
+    for round_ in range(30):
+        waiters = [
+            asyncio.create_task(registry.wait_changed(registry.version, 0.001 * (i % 5)))
+            for i in range(40)
+        ]
+        await asyncio.sleep(0.001 * (round_ % 4))
+        for i, waiter in enumerate(waiters):
+            if i % 3 == 0:
+                waiter.cancel()
+        before = registry.version
+        async with asyncio.timeout(5):
+            await registry._apply({})
+        assert registry.version == before + 1
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        assert not [r for r in results if isinstance(r, RuntimeError)]
+
+
+async def test_a_waiter_wakes_on_the_next_change() -> None:
+    registry = offline_registry()
+    waiter = asyncio.create_task(registry.wait_changed(registry.version, 30))
+    await asyncio.sleep(0)
+    await registry._apply({})
+    async with asyncio.timeout(5):
+        assert await waiter == registry.version
