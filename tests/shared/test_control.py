@@ -7,8 +7,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas.control import Grant, Tenant
+from schemas.topics import CONTROL_TENANTS
+from shared.codec import encode
 from shared.control import (
     ControlRegistry,
     ControlWriter,
@@ -140,3 +143,26 @@ async def test_a_waiter_wakes_on_the_next_change() -> None:
     await registry._apply({})
     async with asyncio.timeout(5):
         assert await waiter == registry.version
+
+
+async def test_keyless_unreadable_and_mis_keyed_control_records_are_skipped() -> None:
+    # Before: record.key.decode() raised in the tail task, which died silently; from then on
+    # the registry applied nothing (keys issued later: 401; keys revoked later: still valid).
+    # (A compacted topic refuses keyless records, but a control topic created by hand may not be
+    # compacted, and the registry must not depend on how its topics were made.)
+    registry = offline_registry()
+    tenant = Tenant(tenant="acme", name="Acme", created_at=T0)
+    good = encode(tenant)
+    records = [
+        ConsumerRecord(CONTROL_TENANTS, 0, n, 0, 0, key, value, None, 0, 0, [])
+        for n, (key, value) in enumerate(
+            [
+                (None, good),
+                (b"acme", b"{not json"),
+                (b"rival", good),  # filed under another id: would shadow that tenant
+                (b"acme", good),
+            ]
+        )
+    ]
+    await registry._apply({TopicPartition(CONTROL_TENANTS, 0): records})
+    assert registry.tenants == {"acme": tenant}
