@@ -76,6 +76,7 @@ from prometheus_client import Counter, Histogram
 from schemas.topics import EVENTS_CLEAN, EVENTS_RAW, dlq
 from services.clean.handlers import SERVICE, CleanRules, CleanState, clean_batch
 from services.clean.settings import CleanSettings, load_clean_settings
+from services.clean.store import digest
 from shared.codec import decode
 from shared.kafka import (
     NO_HEADERS,
@@ -237,9 +238,10 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
     async def restore(self, partitions: Sequence[int]) -> int:
         """Bring the state of ``partitions`` up to the end of the clean topic; return records read.
 
-        A partition's store that has a checkpoint within the horizon is caught up from it;
-        any other (none, lost, or older than the horizon) is deleted and rebuilt from the clean
-        records produced within the horizon.
+        A partition's store that has a checkpoint within the horizon, whose record just below
+        it is still the one the store saw there, is caught up from it; any other (none, lost,
+        older than the horizon, or of a clean topic since deleted and created again) is deleted
+        and rebuilt from the clean records produced within the horizon.
         """
         state = self.state
         for number in partitions:
@@ -256,8 +258,13 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in tps:
             found = since.get(tp)
             floor = max(begins[tp], found.offset if found is not None else ends[tp])
-            checkpoint = state.partition(tp.partition).store.checkpoint
-            if checkpoint is None or not floor <= checkpoint <= ends[tp]:
+            store = state.partition(tp.partition).store
+            checkpoint = store.checkpoint
+            if (
+                checkpoint is None
+                or not floor <= checkpoint <= ends[tp]
+                or (checkpoint > 0 and not await self._recognises(tp, checkpoint - 1, store.tail))
+            ):
                 state.wipe(tp.partition)
                 checkpoint = floor
             if checkpoint < ends[tp]:
@@ -277,14 +284,17 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
                     if record.value is not None:
                         remember(tp.partition, decode(record.value), record.timestamp)
                 if read:  # the ids read so far to disk: memory stays bounded however many
-                    state.flush(tp.partition, read[-1].offset + 1, now_ms)
+                    last = read[-1]
+                    tail = digest(last.value) if last.value is not None else None
+                    state.flush(tp.partition, last.offset + 1, now_ms, tail)
                     count += len(read)
             for tp in list(remaining):
                 if await restorer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
         restorer.assign([])
         for tp in tps:
-            state.flush(tp.partition, ends[tp], now_ms)
+            if state.partition(tp.partition).store.checkpoint != ends[tp]:  # nothing to read
+                state.flush(tp.partition, ends[tp], now_ms)
             state.partition(tp.partition).next_offset = ends[tp]
         RESTORED.inc(count)
         self.status.restored += count
@@ -293,6 +303,26 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
             extra={"partitions": list(partitions), "records": count, "topic": self.target},
         )
         return count
+
+    async def _recognises(self, tp: TopicPartition, offset: int, tail: bytes | None) -> bool:
+        """Is the clean record at ``offset`` still the one whose digest is ``tail``?"""
+        if tail is None:
+            return False
+        restorer = self.restorer
+        restorer.assign([tp])
+        restorer.seek(tp, offset)
+        try:
+            async with asyncio.timeout(30):
+                while True:
+                    for record in (await restorer.getmany(tp, timeout_ms=500)).get(tp, ()):
+                        value = record.value
+                        return (
+                            record.offset == offset and value is not None and digest(value) == tail
+                        )
+        except TimeoutError:
+            return False  # not recognised: the store is rebuilt, which is always safe
+        finally:
+            restorer.assign([])
 
     # ------------------------------------------------------------------ the loop
 
@@ -345,7 +375,10 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
                         (future.result().offset, n) for future, n in sent.get(tp.partition, ())
                     ]
                     checkpoint = self.state.partition(tp.partition).advance(acked)
-                    self.state.flush(tp.partition, checkpoint, now_ms)
+                    tail = None
+                    if checkpoint is not None:
+                        tail = digest(result.clean[tp.partition][-1].value)
+                    self.state.flush(tp.partition, checkpoint, now_ms, tail)
             finally:
                 self._idle.set()
         except Exception:

@@ -424,15 +424,18 @@ class PartitionState:
         self.next_offset = offset
         return offset if runs else None
 
-    def flush(self, checkpoint: int | None, now_ms: int, horizon_ms: int) -> None:
+    def flush(
+        self, checkpoint: int | None, now_ms: int, horizon_ms: int, tail: bytes | None = None
+    ) -> None:
         """Write the pending ids to the store — and, with a ``checkpoint`` (the clean offset every
-        record below which is now reflected), the changed windows and carry values with it."""
+        record below which is now reflected) and the ``tail`` digest of the record just below it,
+        the changed windows and carry values with them."""
         windows = carry = None
         if checkpoint is not None:
             windows = {key: self.windows[key].arrival for key in self.changed_windows}
             carry = {key: self.carry[key] for key in self.changed_carry}
         if self.pending or checkpoint is not None:
-            self.store.write(self.pending, windows, carry, checkpoint)
+            self.store.write(self.pending, windows, carry, checkpoint, tail)
         self.pending = {}
         self.changed_windows.clear()
         self.changed_carry.clear()
@@ -485,8 +488,11 @@ class CleanState:
         for number in list(self.partitions):
             self.drop(number)
 
-    def flush(self, number: int, checkpoint: int | None, now_ms: int) -> None:
-        self.partition(number).flush(checkpoint, now_ms, int(self.rules.horizon_seconds * 1000))
+    def flush(
+        self, number: int, checkpoint: int | None, now_ms: int, tail: bytes | None = None
+    ) -> None:
+        horizon_ms = int(self.rules.horizon_seconds * 1000)
+        self.partition(number).flush(checkpoint, now_ms, horizon_ms, tail)
 
     def remember(self, number: int, event: Mapping[str, Any], cleaned_ms: int) -> None:
         """Replay one clean event (decoded), cleaned at ``cleaned_ms`` (its record's timestamp),

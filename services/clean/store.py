@@ -9,7 +9,9 @@ implies, so losing it costs only a rebuild from Kafka. Keys, all raw bytes:
 - ``w`` + (tenant, metric) -> that rolling window's values in arrival order (float64s);
 - ``c`` + (tenant, type, entity, field) -> the last carry-forward value and its event time;
 - ``o`` -> the clean-topic offset below which every record is reflected in the windows and
-  carry values here (the ids may run ahead of it: adding an id twice changes nothing).
+  carry values here (the ids may run ahead of it: adding an id twice changes nothing);
+- ``f`` -> :func:`digest` of the record just below that offset, so a store is not trusted
+  against a clean topic that was deleted and created again (a fresh local broker).
 
 Every flush is one ``WriteBatch``, so the store is always at a batch boundary, whatever point
 a crash interrupts. Its memory is bounded by ``memory_mb`` (write buffers and a block cache
@@ -18,6 +20,7 @@ that also holds the index and filter blocks), whatever the number of ids.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +34,12 @@ from shared.codec import decode, encode
 CarryKey = tuple[str, str, tuple[Any, ...], str]
 WindowKey = tuple[str, str]
 
-_IDS, _EXPIRY, _WINDOWS, _CARRY, _CHECKPOINT = b"i", b"t", b"w", b"c", b"o"
+_IDS, _EXPIRY, _WINDOWS, _CARRY, _CHECKPOINT, _TAIL = b"i", b"t", b"w", b"c", b"o", b"f"
+
+
+def digest(value: bytes | memoryview) -> bytes:
+    """What the store keeps of the record below its checkpoint to recognise it."""
+    return hashlib.blake2b(value, digest_size=8).digest()
 
 
 def _stamp(ms: int) -> bytes:
@@ -74,6 +82,12 @@ class PartitionStore:
         value = self.db.get(_CHECKPOINT)
         return None if value is None else int.from_bytes(value, "big")
 
+    @property
+    def tail(self) -> bytes | None:
+        """:func:`digest` of the clean record at ``checkpoint - 1``, if known."""
+        value = self.db.get(_TAIL)
+        return None if value is None else bytes(value)
+
     def seen_since(self, ids: Sequence[bytes], since_ms: int) -> list[bool]:
         """For each 16-byte id: was it cleaned at ``since_ms`` or later? One multi-get."""
         if not ids:
@@ -94,9 +108,10 @@ class PartitionStore:
         windows: Mapping[WindowKey, Sequence[float]] | None = None,
         carry: Mapping[CarryKey, tuple[Any, float]] | None = None,
         checkpoint: int | None = None,
+        tail: bytes | None = None,
     ) -> None:
         """Write ``ids`` (id -> when cleaned), the windows and carry values given and the
-        checkpoint in one atomic batch."""
+        checkpoint with the ``tail`` digest (none: unknown) in one atomic batch."""
         batch = WriteBatch(raw_mode=True)
         put = batch.put
         for event_id, cleaned_ms in ids.items():
@@ -109,6 +124,10 @@ class PartitionStore:
             put(_CARRY + encode([tenant, type_name, entity, name]), encode([value, at]))
         if checkpoint is not None:
             put(_CHECKPOINT, checkpoint.to_bytes(8, "big"))
+            if tail is None:
+                batch.delete(_TAIL)
+            else:
+                put(_TAIL, tail)
         self.db.write(batch)
 
     def expire(self, before_ms: int, limit: int = 20_000) -> int:

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from schemas.events import CleanEvent
 from schemas.insights import DeadLetter
@@ -22,6 +24,7 @@ from shared.codec import decode, encode
 from shared.kafka import (
     BatchPublisher,
     OutRecord,
+    connection_config,
     create_consumer,
     create_producer,
     ensure_topics,
@@ -322,6 +325,58 @@ async def test_a_store_left_behind_is_caught_up_with_what_another_worker_cleaned
     assert status.restored == 300  # worker B's records, not the whole topic
     assert status.duplicates == len(events) and status.records_out == 0
     assert await total_records(clean_settings, clean) == len(events)
+
+
+async def test_a_store_is_not_trusted_against_a_clean_topic_created_again(
+    clean_settings: CleanSettings, topics: tuple[str, str], tmp_path: Path
+) -> None:
+    """A fresh local broker (or a deleted topic) under the same name: the old store's checkpoint
+    may lie within the new topic's offsets, but the record below it is another one."""
+    raw, clean = topics
+    await ensure_topics(clean_settings, [raw])
+    await publish(clean_settings, raw, [sales_event(TENANTS[i % 4], seq=i) for i in range(40)])
+    hop = Hop(clean_settings, raw, clean, f"clean-{uuid.uuid4().hex[:8]}")
+    try:
+        await hop.until(lambda s: s.records_out == 40)
+    finally:
+        await hop.stop()
+
+    admin = AIOKafkaAdminClient(**connection_config(clean_settings))
+    await admin.start()
+    try:
+        await admin.delete_topics([raw, clean, dlq(raw)])
+        async with asyncio.timeout(60):
+            while True:
+                if not {raw, clean} & set(await admin.list_topics()):
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+    async with asyncio.timeout(60):
+        while True:  # the broker may still be finishing the deletion
+            try:
+                await ensure_topics(clean_settings, [raw])
+                break
+            except KafkaError:
+                await asyncio.sleep(0.5)
+
+    events = [sales_event(TENANTS[i % 4], seq=i) for i in range(200)]
+    await publish(clean_settings, raw, events)
+    elsewhere = clean_settings.model_copy(update={"state_dir": str(tmp_path / "other")})
+    hop = Hop(elsewhere, raw, clean, f"clean-{uuid.uuid4().hex[:8]}")
+    try:
+        await hop.until(lambda s: s.records_out == len(events))
+    finally:
+        await hop.stop()
+
+    await publish(clean_settings, raw, events)  # retried: all duplicates
+    hop = Hop(clean_settings, raw, clean, f"clean-{uuid.uuid4().hex[:8]}")
+    try:
+        await hop.until(lambda s: s.records_in == 2 * len(events))
+    finally:
+        status = await hop.stop()
+    assert status.restored == len(events)  # rebuilt, not caught up from the old checkpoint
+    assert status.duplicates == 2 * len(events) and status.records_out == 0
 
 
 async def test_the_same_event_on_two_partitions_is_cleaned_once_on_its_tenants_partition(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.clean.store import PartitionStore
+from services.clean.store import PartitionStore, digest
 
 
 @pytest.fixture
@@ -60,11 +60,13 @@ def test_windows_carry_values_and_checkpoint_are_written_together_and_read_back(
         windows={("acme", "sales.quantity"): [1.5, 2.0, 1.5]},
         carry={("acme", "sales_order_line", ("BOLT-M8", "pcs"), "unit_price"): (4.25, 1.7e9)},
         checkpoint=42,
+        tail=digest(b"the record at 41"),
     )
     store.close()
     reopened = PartitionStore(tmp_path / "3", memory_mb=1)
     try:
         assert reopened.checkpoint == 42
+        assert reopened.tail == digest(b"the record at 41") != digest(b"another record")
         assert dict(reopened.windows()) == {("acme", "sales.quantity"): [1.5, 2.0, 1.5]}
         assert dict(reopened.carried()) == {
             ("acme", "sales_order_line", ("BOLT-M8", "pcs"), "unit_price"): (4.25, 1.7e9)
