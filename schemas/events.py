@@ -22,7 +22,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic_core import PydanticCustomError
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{1,62}$"
 TenantId = Annotated[
@@ -35,7 +36,10 @@ TenantId = Annotated[
 CurrencyCode = Annotated[
     str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 currency code, e.g. CNY, EUR, USD.")
 ]
-Quantity = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Quantity = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+# Numbers are strict (``strict=True``) as the JSON Schema says "number" / "integer": "10" and
+# true are refused, not read as 10 and 1 (pydantic's lax mode would). An integer may be sent
+# for a number; CSV cells and mapped ERP columns are converted to the declared type first.
 
 
 def missing(
@@ -61,7 +65,7 @@ class SalesOrderLine(Contract):
     """One line of a customer order: what was sold, to whom, at what price."""
 
     order_id: str = Field(min_length=1, description="The seller's order number.")
-    line_no: int = Field(1, ge=1, description="Line within the order.")
+    line_no: int = Field(1, ge=1, strict=True, description="Line within the order.")
     customer_id: str = Field(min_length=1, description="The seller's id of the customer.")
     product_sku: str = Field(min_length=1, description="The seller's product code.")
     quantity: Quantity = Field(description="Quantity sold, in `unit`.")
@@ -74,6 +78,7 @@ class SalesOrderLine(Contract):
         None,
         ge=0,
         allow_inf_nan=False,
+        strict=True,
         description="Price per `unit` in `currency`.",
         json_schema_extra=missing("carry_forward"),
     )
@@ -106,7 +111,7 @@ class InventoryLevel(Contract):
         json_schema_extra=missing("carry_forward"),
     )
     unit_cost: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="Cost per unit in `currency`."
+        None, ge=0, allow_inf_nan=False, strict=True, description="Cost per unit in `currency`."
     )
     currency: CurrencyCode | None = Field(
         None, description="Currency of `unit_cost`.", json_schema_extra=missing("default", "CNY")
@@ -117,7 +122,7 @@ class PurchaseOrder(Contract):
     """An order placed with a supplier."""
 
     po_id: str = Field(min_length=1, description="The buyer's purchase-order number.")
-    line_no: int = Field(1, ge=1, description="Line within the purchase order.")
+    line_no: int = Field(1, ge=1, strict=True, description="Line within the purchase order.")
     supplier_id: str = Field(min_length=1, description="The buyer's id of the supplier.")
     product_sku: str = Field(min_length=1, description="What is ordered.")
     quantity: Quantity = Field(description="Quantity ordered, in `unit`.")
@@ -128,6 +133,7 @@ class PurchaseOrder(Contract):
         None,
         ge=0,
         allow_inf_nan=False,
+        strict=True,
         description="Agreed price per unit.",
         json_schema_extra=missing("refuse"),
     )
@@ -176,7 +182,9 @@ class Workforce(Contract):
     """Headcount, hours and absences of one site over a period (aggregates, never people)."""
 
     site_id: str = Field(min_length=1, description="Site or department.")
-    headcount: int = Field(ge=0, description="People employed at the end of the period.")
+    headcount: int = Field(
+        ge=0, strict=True, description="People employed at the end of the period."
+    )
     hours_worked: Quantity | None = Field(
         None, description="Hours worked in the period.", json_schema_extra=missing("refuse")
     )
@@ -186,7 +194,9 @@ class Workforce(Contract):
     overtime_hours: Quantity | None = Field(
         None, description="Overtime hours in the period.", json_schema_extra=missing("default", 0)
     )
-    period_days: int = Field(1, ge=1, le=366, description="Length of the period in days.")
+    period_days: int = Field(
+        1, ge=1, le=366, strict=True, description="Length of the period in days."
+    )
 
 
 class MarketPrice(Contract):
@@ -196,7 +206,9 @@ class MarketPrice(Contract):
         min_length=1, description="What is priced (steel-hrc, copper, pp-resin ...)."
     )
     market: str = Field(min_length=1, description="Where: an exchange, a region or a platform.")
-    price: float = Field(ge=0, allow_inf_nan=False, description="Price per `unit` in `currency`.")
+    price: float = Field(
+        ge=0, allow_inf_nan=False, strict=True, description="Price per `unit` in `currency`."
+    )
     currency: CurrencyCode = Field(description="Currency of `price`.")
     unit: str = Field(min_length=1, description="Unit the price is quoted per (t, kg ...).")
     publisher: str | None = Field(None, description="Who published the price.")
@@ -241,7 +253,7 @@ class EventEnvelope(Contract):
     )
     tenant: TenantId
     type: str = Field(description="Event type, e.g. sales_order_line.")
-    schema_version: int = Field(ge=1, description="Version of the payload contract.")
+    schema_version: int = Field(ge=1, strict=True, description="Version of the payload contract.")
     occurred_at: AwareDatetime = Field(description="Event time with its UTC offset (RFC 3339).")
     source: Source = Field(description="Originating system and record.")
     corrects: UUID | None = Field(
@@ -251,6 +263,20 @@ class EventEnvelope(Contract):
         "replaces that row, a delete removes it, a create puts it back.",
     )
     payload: Any = Field(description="The typed payload; its model depends on type and version.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, data: Any) -> Any:
+        """Each event model's ``Literal[version]`` would take ``true`` or ``1.0`` for 1 (and a
+        field validator cannot run before a union's discriminator)."""
+        version = data.get("schema_version", 1) if isinstance(data, dict) else 1
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise PydanticCustomError(
+                "int_type",
+                "schema_version: Input should be a valid integer, not {kind}",
+                {"kind": type(version).__name__},
+            )
+        return data
 
 
 def _event_model(type_name: str, version: int, payload: type[Contract]) -> type[EventEnvelope]:
@@ -305,7 +331,7 @@ def model_for(type_name: object, version: object) -> type[EventEnvelope]:
     """The envelope model of ``(type, version)``; raises :class:`UnknownEventType`."""
     model = (
         EVENT_MODELS.get((type_name, version))
-        if isinstance(type_name, str) and isinstance(version, int)
+        if isinstance(type_name, str) and isinstance(version, int) and not isinstance(version, bool)
         else None
     )
     if model is None:

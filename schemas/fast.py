@@ -11,8 +11,9 @@ contract accepts too (a test checks this on mutated records of every type). It r
 
 - integers past 64 bits and numbers past the float range (orjson, which the contract path
   decodes with, does not read them as the contract expects);
-- pydantic's lax conversions (``"1.5"`` for a number, ``1.0`` for an integer, a Unix time for a
-  date-time, a UUID in braces) and values with whitespace around them (the contracts strip it);
+- pydantic's lax conversions where a contract allows them (a Unix time for a date-time, a UUID
+  in braces; numbers are strict in the contracts too: no ``"1.5"`` or ``true`` for a number, no
+  ``1.0`` for an integer) and values with whitespace around them (the contracts strip it);
 - a string value that starts with whitespace: the contracts strip it before ``min_length``
   (``"  "`` is refused), msgspec does not. A byte pattern (:data:`NEEDS_CONTRACT`, ~0.7 us)
   sends such records to the contract instead;
@@ -35,7 +36,7 @@ from uuid import UUID
 
 import annotated_types
 import msgspec
-from pydantic import AwareDatetime, BaseModel
+from pydantic import AwareDatetime, BaseModel, Strict
 from pydantic.fields import FieldInfo
 
 from schemas.events import EVENT_MODELS, EventEnvelope
@@ -77,6 +78,8 @@ def _constraints(metadata: list[Any]) -> dict[str, Any]:
             meta[bound] = getattr(item, bound)  # msgspec's Meta names them as annotated_types
         elif type(item).__name__ == "AllowInfNan":
             pass  # every float mirror is finite (see _BOUNDS)
+        elif isinstance(item, Strict):
+            pass  # msgspec is strict anyway: no "10" or true for a number, no 1.0 for an integer
         elif getattr(item, "pattern", None) is not None:
             meta["pattern"] = item.pattern
         elif isinstance(item, FieldInfo):

@@ -15,7 +15,11 @@ Columns:
 - every other column is a payload field; ``payload.<field>`` is accepted too, and a dotted
   name ``a.b`` builds a nested object ``{"a": {"b": ...}}`` for payloads that have one;
 - an empty cell is a missing value: the field is left out so the contract's missing-value policy
-  applies downstream (``default``, ``carry_forward`` or ``refuse``).
+  applies downstream (``default``, ``carry_forward`` or ``refuse``);
+- a cell is text, and the contracts are strict about numbers (``"10"`` is not one in JSON): a
+  cell of a number, integer or boolean field is converted to that type first
+  (:func:`typed_cell`); a cell that does not read as one stays text, which the contract refuses
+  with its reason.
 
 A row without ``event_id`` gets ``uuid5(tenant, sha256(body), row index)``: sending the same file
 again yields the same ids, so a client retry creates no duplicate downstream (the clean service
@@ -28,6 +32,9 @@ import csv
 import difflib
 import hashlib
 import io
+import re
+import types
+import typing
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,6 +75,8 @@ class CsvLayout:
     columns: tuple[str, ...]
     paths: tuple[tuple[str, ...], ...]
     """Per column: ``("envelope", name)`` or ``("payload", field, sub, ...)``."""
+    kinds: tuple[type | None, ...] = ()
+    """Per column: ``float``, ``int`` or ``bool`` when its field is declared as one."""
 
 
 def resolve_type(type_name: str | None, version: str | None) -> tuple[str, int]:
@@ -129,7 +138,44 @@ def check_header(header: list[str], type_name: str, version: int) -> CsvLayout:
             problems.append(f"missing column {name!r} (event time with UTC offset, RFC 3339)")
     if problems:
         raise CsvHeaderError("; ".join(problems))
-    return CsvLayout(type_name, version, columns, tuple(paths))
+    kinds = tuple(
+        declared_scalar(fields[path[1]].annotation)
+        if len(path) == 2 and path[0] == "payload"
+        else None
+        for path in paths
+    )
+    return CsvLayout(type_name, version, columns, tuple(paths), kinds)
+
+
+SCALARS = (bool, int, float)
+INTEGER_CELL = re.compile(r"[+-]?[0-9]+")
+NUMBER_CELL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+"""What a number looks like in a spreadsheet export: ``10``, ``+2``, ``-2.5``, ``.5``, ``1e3``
+(not ``nan``, ``inf`` or ``1_000``, which Python's ``float`` would read)."""
+
+
+def declared_scalar(annotation: Any) -> type | None:
+    """``float``, ``int`` or ``bool`` when a field is declared as one (optional or constrained),
+    else None."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return declared_scalar(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = {declared_scalar(arg) for arg in typing.get_args(annotation)} - {None}
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return kinds.pop() if len(kinds) == 1 and len(members) == 1 else None
+    return annotation if annotation in SCALARS else None
+
+
+def typed_cell(text: str, kind: type | None) -> Any:
+    """A cell as its field's declared type when it reads as one (``10``, ``-2.5``, ``1e3``,
+    ``true``); otherwise the text, for the contract to refuse with its reason."""
+    if kind is float and NUMBER_CELL.fullmatch(text):
+        return float(text)
+    if kind is int and INTEGER_CELL.fullmatch(text):
+        return int(text)
+    if kind is bool and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
 
 
 def csv_event_id(tenant: str, body_sha256: str, row: int) -> str:
@@ -199,10 +245,11 @@ def _event_of(layout: CsvLayout, cells: list[str], tenant: str) -> dict[str, Any
         "source": source,
         "payload": payload,
     }
-    for path, cell in zip(layout.paths, cells, strict=True):
-        value = cell.strip()
-        if not value:
+    for path, kind, cell in zip(layout.paths, layout.kinds, cells, strict=True):
+        text = cell.strip()
+        if not text:
             continue  # empty cell = missing value: the contract's policy applies downstream
+        value = typed_cell(text, kind)
         if path[0] == "envelope":
             name = path[1]
             if name == "record_id":

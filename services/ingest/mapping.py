@@ -35,7 +35,8 @@ A field is converted in this order: ``values`` (translate codes), ``epoch`` / ``
 (decode integers since the epoch and base64 decimals when no schema says what they are),
 ``multiply`` / ``divide`` (exact decimal arithmetic, e.g. cents -> currency units), ``convert``.
 Empty values (``None``, ``""``) take ``default`` or are left out, so the contract's
-missing-value policy applies downstream.
+missing-value policy applies downstream. Last, a value of a number, integer or boolean field is
+read as that type (:func:`as_declared`; the contracts accept no ``"10"`` for a number).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.events import PAYLOADS, TENANT_PATTERN, UnknownEventType, latest_version, model_for
+from services.ingest.csvmap import declared_scalar
 
 EPOCH = date(1970, 1, 1)
 EPOCH_UNITS: dict[str, int] = {
@@ -223,6 +225,9 @@ class RecordMapping(_Model):
             value = convert_value(spec, row, name, zone)
             if value is None:
                 continue
+            kind = declared_scalar(model_fields[name].annotation)
+            if kind is not None:
+                value = as_declared(value, kind, name)
             if (
                 _wants_str(model_fields[name].annotation)
                 and isinstance(value, (int, float, Decimal))
@@ -412,6 +417,22 @@ def _to_bool(value: Any, field: str) -> bool:
     raise MappingFailure(field, f"{value!r} is not a boolean")
 
 
+def as_declared(value: Any, kind: type, field: str) -> Any:
+    """A value of a number, integer or boolean field as that type: the contracts are strict
+    (``"10"`` is no number), while a CSV cell or a Debezium decimal in string mode is text, and
+    a divided integer is a float. Other values are left for the contract to judge."""
+    if kind is bool:
+        return _to_bool(value, field) if isinstance(value, str) else value
+    if kind is float and isinstance(value, (str, bool)):  # a boolean fails: it is no number
+        return float(_number(value, field))
+    if kind is int and isinstance(value, (str, float, bool)):
+        number = _number(value, field)
+        if number != number.to_integral_value():
+            raise MappingFailure(field, f"{value!r} is not a whole number")
+        return int(number)
+    return value
+
+
 def convert_value(spec: FieldMapping, row: dict[str, Any], field: str, zone: ZoneInfo) -> Any:
     """The value of one payload field from ``row`` (None when empty and without default)."""
     if "constant" in spec.model_fields_set:
@@ -475,6 +496,7 @@ __all__ = [
     "RecordMapping",
     "TableMapping",
     "as_aware",
+    "as_declared",
     "convert_value",
     "decode_connect_decimal",
     "from_epoch",

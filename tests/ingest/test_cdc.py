@@ -26,7 +26,7 @@ from services.ingest.cdc import (
     row_id,
     run_cdc,
 )
-from services.ingest.mapping import Mapping, load_mapping
+from services.ingest.mapping import Mapping, MappingFailure, load_mapping
 from shared.codec import decode, encode
 from shared.kafka import create_consumer, create_producer, ensure_topics, started
 from shared.settings import XietongSettings
@@ -238,10 +238,11 @@ def test_a_postgres_insert_with_schema_decodes_decimal_date_and_units() -> None:
 
 def test_the_same_change_without_the_schema_part_needs_the_mapping_to_say_the_encoding() -> None:
     bare = decode(pg_change("c", lsn=100, after=pg_row("SO-1")))["payload"]
-    event = map_change(pg_mapping(), encode(bare))
-    assert event is not None
-    # without a schema the decimal stays the base64 text Debezium wrote (validation refuses it)
-    assert event["payload"]["quantity"] == connect_decimal("12.500", 3)
+    # without a schema the decimal stays the base64 text Debezium wrote, which is no number
+    with pytest.raises(MappingFailure) as caught:
+        map_change(pg_mapping(), encode(bare))
+    assert caught.value.field == "quantity"
+    assert connect_decimal("12.500", 3) in caught.value.reason
 
 
 def test_a_second_snapshot_of_an_unchanged_row_is_the_same_event() -> None:

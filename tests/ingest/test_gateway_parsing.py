@@ -95,7 +95,7 @@ def test_csv_rows_quoting_bom_blank_lines_and_short_rows() -> None:
         "order_id": 'SO-1, "rush"',
         "customer_id": "C-1\nsecond line",
         "product_sku": "螺栓",
-        "quantity": "1",
+        "quantity": 1.0,  # a cell of a number field is converted to a number
     }
     assert items[1].data is None and "wrong number of cells" in (items[1].error or "")
     assert "customer_id" not in items[2].data["payload"]  # empty cell = missing
@@ -106,6 +106,35 @@ def test_csv_rows_quoting_bom_blank_lines_and_short_rows() -> None:
         (2, "payload.customer_id"),
     }
     assert str(intake.refused[0].original).startswith(HEADER)  # what the dead letter keeps
+
+
+def test_csv_cells_become_the_declared_numbers_and_text_that_is_none_is_refused() -> None:
+    """CSV cells are text; the contracts are strict about numbers, so the CSV mapping converts a
+    cell to its field's type first, and only what does not read as one is refused."""
+    body = rows(
+        "2026-11-01T08:00:00Z,SO-1,C-1,B,10,2",
+        "2026-11-01T08:00:00Z,SO-2,C-1,B,+2.5e1,3",
+        "2026-11-01T08:00:00Z,SO-3,C-1,B,.5,4",
+        "2026-11-01T08:00:00Z,SO-4,C-1,B,ten,5",
+        "2026-11-01T08:00:00Z,SO-5,C-1,B,true,6",
+        "2026-11-01T08:00:00Z,SO-6,C-1,B,nan,7",
+        "2026-11-01T08:00:00Z,SO-7,C-1,B,1,2.0",
+        "2026-11-01T08:00:00Z,SO-8,C-1,B,1_000,8",
+        header=HEADER + ",line_no",
+    )
+    items = parse_csv(body, "acme", "sales_order_line", 1)
+    payloads = [item.data["payload"] for item in items]
+    assert [(p["quantity"], p["line_no"]) for p in payloads[:3]] == [(10.0, 2), (25.0, 3), (0.5, 4)]
+    assert [p["quantity"] for p in payloads[3:6]] == ["ten", "true", "nan"]  # left as text
+    intake = validate_records(items, "acme", source_system="csv")
+    assert len(intake.accepted) == 3
+    assert sorted((r.index, r.errors[0].field) for r in intake.refused) == [
+        (3, "payload.quantity"),
+        (4, "payload.quantity"),
+        (5, "payload.quantity"),
+        (6, "payload.line_no"),
+        (7, "payload.quantity"),
+    ]
 
 
 def test_csv_that_is_not_utf8_or_not_csv_refuses_the_request() -> None:

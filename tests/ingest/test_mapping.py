@@ -118,13 +118,31 @@ def test_a_record_maps_onto_the_payload_with_conversions() -> None:
         "line_no": 2,
         "customer_id": "C-9",
         "product_sku": "BOLT-M8",
-        "quantity": "12.5",  # no conversion asked: the contract parses it
+        "quantity": 12.5,  # no conversion asked: read as the number the contract declares
         "unit": "kg",
         "unit_price": 19.99,
         "currency": "CNY",
         "region": "north",
     }
     assert spec.record_id_of(row) is None
+
+
+def test_text_and_divided_values_of_number_fields_become_the_declared_type() -> None:
+    """The contracts take no "10" for a number: a CSV cell or a decimal in string mode is read
+    as its field's type, a divided integer feeds an integer field, and what is none fails."""
+    spec = parse_mapping(sales_mapping(line_no={"column": "pos", "divide": 10})).tables["lines"]
+    row = {"order_no": "SO-1", "customer": "C", "sku": "S", "qty": " 7 ", "pos": 20}
+    payload = spec.payload_of(row)
+    assert payload["quantity"] == 7.0 and type(payload["quantity"]) is float
+    assert payload["line_no"] == 2 and type(payload["line_no"]) is int
+    for field, changes in [
+        ("quantity", {"qty": "seven"}),
+        ("quantity", {"qty": True}),
+        ("line_no", {"pos": 25}),
+    ]:
+        with pytest.raises(MappingFailure) as caught:
+            spec.payload_of({**row, **changes})
+        assert caught.value.field == field
 
 
 def test_empty_values_are_left_out_so_the_contract_policy_applies() -> None:

@@ -69,6 +69,7 @@ SUSPECTS = [
     "1.0",
     "1.5",
     '"1"',
+    '"10"',
     '"1.5"',
     "1e999",
     "-1e999",
@@ -245,3 +246,41 @@ def test_a_value_starting_with_whitespace_goes_to_the_contract(text: str) -> Non
 
 def test_every_event_type_has_a_mirror() -> None:
     assert set(FAST_EVENTS) == {name for name, _ in PAYLOADS}
+
+
+INTEGER_FIELDS = frozenset(
+    name
+    for model in PAYLOADS.values()
+    for name, info in model.model_fields.items()
+    if info.annotation is int
+)
+
+
+def numeric_paths(event: dict[str, Any]) -> Iterator[tuple[str, ...]]:
+    """Paths of the event's number and integer values (booleans are not numbers)."""
+    for path in paths(event):
+        value: Any = event
+        for key in path:
+            value = value[key]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield path
+
+
+def test_numbers_are_strict_in_the_contract_and_its_mirror() -> None:
+    """The JSON Schema says number (or integer): "10", true and false are none, on either path;
+    a whole number is a number, 7.0 is not an integer."""
+    checked = 0
+    for event in valid_events():
+        for path in numeric_paths(event):
+            for text in ('"10"', '"1.5"', "true", "false", "[]"):
+                line = with_value(event, path, text)
+                assert not contract_accepts(line), (event["type"], path, text)
+                assert fast_event(line, TENANT) is None, (event["type"], path, text)
+                checked += 1
+            if path[-1] == "schema_version":
+                continue
+            whole = with_value(event, path, "7")
+            assert contract_accepts(whole) and fast_event(whole, TENANT) is not None, path
+            if path[-1] in INTEGER_FIELDS:
+                assert not contract_accepts(with_value(event, path, "7.0")), path
+    assert checked > 100
