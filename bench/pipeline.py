@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import shutil
 import statistics
 import tempfile
@@ -252,6 +254,9 @@ def _env(settings: XietongSettings, workdir: Path, **extra: str) -> dict[str, st
         "XIETONG_LOG_LEVEL": "WARNING",
         "XIETONG_LOG_FORMAT": "text",
         "XIETONG_STATE_DIR": str(workdir / "state"),
+        # analytics keys insight ids and benchmark noise with it; a fresh one per run
+        "XIETONG_NETWORK_SECRET": os.environ.get("XIETONG_NETWORK_SECRET")
+        or secrets.token_urlsafe(32),
         **extra,
     }
 

@@ -47,6 +47,7 @@ async def test_the_service_runs_reports_health_and_metrics_and_stops_on_sigterm(
         "XIETONG_ANALYTICS_NETWORK_GROUP_ID": unique_name("analytics-network"),
         "XIETONG_ANALYTICS_FIRM_WINDOWS_TOPIC": unique_name("analytics.firm-windows"),
         "XIETONG_LOG_FORMAT": "text",
+        "XIETONG_NETWORK_SECRET": settings.network_key().decode(),
     }
     log = (tmp_path / "analytics.log").open("wb")
     process = await asyncio.create_subprocess_exec(

@@ -891,6 +891,7 @@ async def test_the_operator_runs_the_demo_and_events_flow_through_every_stage(
         "XIETONG_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
         "XIETONG_KAFKA_PARTITIONS": str(settings.kafka_partitions),
         "XIETONG_LOG_FORMAT": "text",
+        "XIETONG_NETWORK_SECRET": settings.network_key().decode(),
     }
     output = tmp_path / "demo.out"
     with output.open("wb") as out:
