@@ -19,6 +19,7 @@ from schemas.control import ApiKey, Grant, Tenant
 from schemas.events import EVENT_MODELS, CleanEvent
 from schemas.insights import INSIGHT_MODELS, DeadLetter
 from schemas.internal import FirmWindowSummary, PartitionWatermark
+from schemas.models import ModelAlias, ModelCard
 from schemas.topics import TOPICS
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +40,8 @@ def schema_files() -> dict[str, type[BaseModel]]:
     files["json/control/grant.v1.json"] = Grant
     files["json/internal/firm_window_summary.v1.json"] = FirmWindowSummary
     files["json/internal/partition_watermark.v1.json"] = PartitionWatermark
+    files["json/models/model_card.v1.json"] = ModelCard
+    files["json/models/model_alias.v1.json"] = ModelAlias
     return files
 
 

@@ -24,6 +24,7 @@ from schemas.insights import (
     TextInsight,
 )
 from schemas.internal import FirmWindowSummary, PartitionWatermark
+from schemas.models import ModelAlias, ModelCard
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ INSIGHTS_TEXT = "insights.text.v1"
 CONTROL_TENANTS = "control.tenants.v1"
 CONTROL_KEYS = "control.keys.v1"
 CONTROL_GRANTS = "control.grants.v1"
+CONTROL_MODELS = "control.models.v1"
+CONTROL_MODEL_ALIASES = "control.model-aliases.v1"
 ANALYTICS_FIRM_WINDOWS = "analytics.firm-windows.v1"
 
 INSIGHT_TOPICS: dict[str, str] = {
@@ -183,6 +186,26 @@ TOPICS: tuple[TopicSpec, ...] = (
         (Grant,),
         producers=("cli", "ingest"),
         consumers=("ingest",),
+        compacted=True,
+    ),
+    TopicSpec(
+        CONTROL_MODELS,
+        "Model registry: one card per trained model version, naming its artifact in the "
+        "object store and its sha256 (compacted).",
+        "'<model name>/<version>'",
+        (ModelCard,),
+        producers=("ml", "nlp", "cli"),
+        consumers=("ml", "nlp", "cli"),
+        compacted=True,
+    ),
+    TopicSpec(
+        CONTROL_MODEL_ALIASES,
+        "Model registry aliases (champion, challenger): the version each points at and the "
+        "ones before it (compacted).",
+        "'<model name>/<alias>'",
+        (ModelAlias,),
+        producers=("ml", "nlp", "cli"),
+        consumers=("ml", "nlp", "cli"),
         compacted=True,
     ),
     TopicSpec(

@@ -48,6 +48,12 @@ class XietongSettings(BaseSettings):
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
 
+    models_bucket: str = Field(
+        "xietong-models",
+        min_length=3,
+        description="Object-store bucket of the model registry's artifacts (shared.models).",
+    )
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     http_host: str = Field("127.0.0.1", description="Where health, metrics and APIs listen.")
