@@ -1,0 +1,1 @@
+"""The storage service: archives, durable insight history, private files, hybrid placement."""
