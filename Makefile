@@ -7,6 +7,7 @@ SETUP := $(VENV)/.installed
 KAFKA_JARS := .cache/kafka/libs/.fetched
 export KAFKA_PORT ?= 9092
 export S3_PORT ?= 8333
+export S3_PRIVATE_PORT ?= 8433
 export GATEWAY_PORT ?= 8080
 
 .PHONY: help setup kafka-jars kafka-up kafka-down s3-up s3-down up down status demo test test-unit lint format schemas bench lock clean
@@ -15,7 +16,7 @@ help:
 	@echo "make demo    — start Kafka, SeaweedFS, every service and simulated partner firms (Ctrl-C stops)"
 	@echo "make test    — set up, start what the tests need, run the whole suite, stop it"
 	@echo "make lint    — ruff and mypy strict"
-	@echo "make up/down — start/stop the local Kafka broker and SeaweedFS"
+	@echo "make up/down — start/stop the local Kafka broker and SeaweedFS (public and private store)"
 	@echo "make bench   — measure our paths against raw baselines (ratios)"
 
 setup: $(SETUP)

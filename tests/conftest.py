@@ -66,6 +66,28 @@ def s3_endpoint() -> Iterator[S3Endpoint]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def private_s3_endpoint() -> Iterator[S3Endpoint]:
+    """A second, separate S3 server: the storage service's private store (the other stands for
+    the public cloud). ``XIETONG_TEST_PRIVATE_S3_ENDPOINT`` (with ``..._ACCESS_KEY_ID`` and
+    ``..._SECRET_ACCESS_KEY``) names an existing one."""
+    external = os.environ.get("XIETONG_TEST_PRIVATE_S3_ENDPOINT")
+    if external:
+        yield S3Endpoint(
+            external,
+            os.environ["XIETONG_TEST_PRIVATE_S3_ACCESS_KEY_ID"],
+            os.environ["XIETONG_TEST_PRIVATE_S3_SECRET_ACCESS_KEY"],
+        )
+        return
+    data_dir = Path(tempfile.mkdtemp(prefix="xietong-s3-private-"))
+    server = infra.start_seaweedfs(data_dir=data_dir)
+    try:
+        yield S3Endpoint(server.endpoint_url, server.access_key_id, server.secret_access_key)
+    finally:
+        infra.stop(server)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 @pytest.fixture
 def settings(kafka_bootstrap: str, tmp_path: Path) -> XietongSettings:
     """Platform settings pointing at the test broker, with state in a per-test folder."""

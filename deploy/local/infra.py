@@ -441,6 +441,15 @@ def _write_env_file() -> None:
             f"XIETONG_S3_ACCESS_KEY_ID={s3.access_key_id}",
             f"XIETONG_S3_SECRET_ACCESS_KEY={s3.secret_access_key}",
         ]
+    # The storage service's second store: the network's private cloud, another S3 endpoint.
+    private_state = _dev_state("s3-private")
+    if private_state.exists():
+        private = SeaweedInstance(**json.loads(private_state.read_text()))
+        lines += [
+            f"XIETONG_STORAGE_PRIVATE_S3_ENDPOINT_URL={private.endpoint_url}",
+            f"XIETONG_STORAGE_PRIVATE_S3_ACCESS_KEY_ID={private.access_key_id}",
+            f"XIETONG_STORAGE_PRIVATE_S3_SECRET_ACCESS_KEY={private.secret_access_key}",
+        ]
     # Keys insight ids and benchmark noise: generated once, kept so ids stay the same across runs.
     secret_file = RUN_DIR / "network-secret"
     if not secret_file.exists():
@@ -476,18 +485,24 @@ def main(argv: list[str] | None = None) -> int:
             f"seaweedfs S3 ready on {s3.endpoint_url} (credentials in .run/local.env; "
             f"log: {s3.log_file})"
         )
+        # A second, separate SeaweedFS: the private store of the storage service.
+        private_port = int(os.environ.get("S3_PRIVATE_PORT", "8433"))
+        private = start_seaweedfs(s3_port=private_port, data_dir=RUN_DIR / "s3-private")
+        _write_state(_dev_state("s3-private"), private)
+        print(f"seaweedfs private S3 ready on {private.endpoint_url} (log: {private.log_file})")
     elif args.action in ("kafka-down", "s3-down"):
         kind = args.action.split("-")[0]
-        state = _dev_state(kind)
-        if state.exists():
-            data = json.loads(state.read_text())
-            stop_pid(int(data["pid"]))
-            state.unlink()
-            print(f"{kind} stopped")
-        else:
-            print(f"{kind} was not running")
+        for kind in (kind, "s3-private") if kind == "s3" else (kind,):
+            state = _dev_state(kind)
+            if state.exists():
+                data = json.loads(state.read_text())
+                stop_pid(int(data["pid"]))
+                state.unlink()
+                print(f"{kind} stopped")
+            else:
+                print(f"{kind} was not running")
     elif args.action == "status":
-        for kind in ("kafka", "s3"):
+        for kind in ("kafka", "s3", "s3-private"):
             state = _dev_state(kind)
             if state.exists():
                 data = json.loads(state.read_text())
