@@ -144,6 +144,25 @@ class Prediction(Insight):
     value: FiniteFloat | None = Field(None, description="Regression output.")
     label: str | None = Field(None, description="Classification output.")
     probability: FiniteFloat | None = Field(None, ge=0, le=1)
+    model_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the model artifact that scored (its card in the registry).",
+    )
+
+
+class ModelDrift(Insight):
+    """Live inputs of a model have drifted from its training data (for the model's owner)."""
+
+    type: Literal["model_drift"] = "model_drift"
+    model_name: str
+    model_version: str
+    rows: int = Field(ge=0, description="Live rows of the window compared.")
+    threshold: FiniteFloat = Field(description="Population stability index that counts as drift.")
+    psi: dict[str, FiniteFloat] = Field(
+        description="Per feature: population stability index against the training reference."
+    )
+    drifted: list[str] = Field(description="Features whose index crossed the threshold.")
 
 
 class TextInsight(Insight):
@@ -166,6 +185,7 @@ INSIGHT_MODELS: dict[str, type[Insight]] = {
     "cluster_assignment": ClusterAssignment,
     "benchmark": Benchmark,
     "prediction": Prediction,
+    "model_drift": ModelDrift,
     "text_insight": TextInsight,
 }
 

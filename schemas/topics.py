@@ -19,6 +19,7 @@ from schemas.insights import (
     ClusterAssignment,
     Correlation,
     DeadLetter,
+    ModelDrift,
     Prediction,
     Statistics,
     TextInsight,
@@ -51,6 +52,8 @@ INSIGHTS_CORRELATION = "insights.correlation.v1"
 INSIGHTS_CLUSTERS = "insights.clusters.v1"
 INSIGHTS_BENCHMARKS = "insights.benchmarks.v1"
 INSIGHTS_PREDICTIONS = "insights.predictions.v1"
+INSIGHTS_MODEL_DRIFT = "insights.model-drift.v1"
+ML_SHADOW_PREDICTIONS = "ml.shadow-predictions.v1"
 INSIGHTS_TEXT = "insights.text.v1"
 CONTROL_TENANTS = "control.tenants.v1"
 CONTROL_KEYS = "control.keys.v1"
@@ -65,6 +68,7 @@ INSIGHT_TOPICS: dict[str, str] = {
     "cluster_assignment": INSIGHTS_CLUSTERS,
     "benchmark": INSIGHTS_BENCHMARKS,
     "prediction": INSIGHTS_PREDICTIONS,
+    "model_drift": INSIGHTS_MODEL_DRIFT,
     "text_insight": INSIGHTS_TEXT,
 }
 """Insight type -> its topic."""
@@ -147,11 +151,30 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         INSIGHTS_PREDICTIONS,
-        "Model predictions per firm.",
+        "Model predictions per firm (the champion model's; owner: the firm the prediction "
+        "is about).",
         TENANT_KEY + " (owner)",
         (Prediction,),
         producers=("ml",),
         consumers=("subscribers", "storage"),
+    ),
+    TopicSpec(
+        INSIGHTS_MODEL_DRIFT,
+        "Per model and event-time window: features whose live inputs drifted from the "
+        "training data (owner: the model's owner, 'network' for models of pooled data).",
+        TENANT_KEY + " (owner)",
+        (ModelDrift,),
+        producers=("ml",),
+        consumers=("subscribers", "storage"),
+    ),
+    TopicSpec(
+        ML_SHADOW_PREDICTIONS,
+        "Internal to ml: the challenger model's predictions on the same batches as the "
+        "champion's, for comparison. Not an insight topic: no grant or gateway path reads it.",
+        TENANT_KEY + " (the firm scored)",
+        (Prediction,),
+        producers=("ml",),
+        consumers=("ml",),
     ),
     TopicSpec(
         INSIGHTS_TEXT,

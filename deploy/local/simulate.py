@@ -8,6 +8,8 @@ shows refusals and dead letters. Everything is generated from a seed: nothing is
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
 import uuid
 from collections.abc import Iterator
@@ -226,3 +228,112 @@ def spoil(event: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     else:
         spoiled["payload"]["quantity"] = "twelve"
     return spoiled
+
+
+COMMODITY = {"fasteners": "steel-wire", "steel": "steel-hrc", "electronics": "copper"}
+COMMODITY_PRICE = {"steel-wire": 4800.0, "steel-hrc": 4200.0, "copper": 70000.0}
+
+
+def supply_events(
+    firm: Firm,
+    *,
+    start: datetime | None = None,
+    step: timedelta = timedelta(hours=6),
+    seed: int = 1,
+    suppliers: int = 4,
+) -> Iterator[dict[str, Any]]:
+    """An endless, event-time ordered stream of one firm's purchase orders, the deliveries
+    against them (days later) and market prices of what it buys, with a learnable lateness
+    pattern: unreliable suppliers, short lead times, large orders and prices squeezed below
+    the market make a delivery late more often (what the ml service's supplier-delay model
+    learns)."""
+    rng = random.Random(f"{firm.tenant}-supply-{seed}")
+    moment = start or datetime.now(UTC).replace(microsecond=0)
+    commodity = COMMODITY[firm.industry]
+    reliability = {f"SUP-{i:02d}": rng.uniform(0.25, 0.95) for i in range(suppliers)}
+    pending: list[tuple[datetime, int, dict[str, Any]]] = []
+    market = COMMODITY_PRICE[commodity]
+    seq = 0
+    while True:
+        seq += 1
+        moment += step * rng.uniform(0.5, 1.5)
+        while pending and pending[0][0] <= moment:
+            yield heapq.heappop(pending)[2]
+        if rng.random() < 0.2:
+            market *= rng.uniform(0.97, 1.03)
+            yield envelope(
+                firm,
+                "market_price",
+                moment,
+                {
+                    "commodity": commodity,
+                    "market": "SHFE",
+                    "price": round(market, 2),
+                    "currency": "CNY",
+                    "unit": "t",
+                },
+                f"MKT-S{seq}",
+            )
+            continue
+        supplier = rng.choice(sorted(reliability))
+        lead = rng.randint(3, 30)
+        quantity = max(1.0, round(rng.lognormvariate(3, 0.8) * firm.size))
+        squeeze = rng.uniform(0.85, 1.15)
+        logit = (
+            -0.8
+            + 5.0 * (0.6 - reliability[supplier])
+            + (1.5 if lead < 8 else 0.0)
+            + 0.6 * (math.log1p(quantity) - 3.5)
+            + 8.0 * (0.97 - squeeze)
+        )
+        late = rng.random() < 1 / (1 + math.exp(-logit))
+        promised = (moment + timedelta(days=lead)).date()
+        delivered = promised + timedelta(days=rng.randint(1, 7) if late else -rng.randint(0, 2))
+        po_id = f"PO-{seq:07d}"
+        sku = f"{commodity}/grade-{rng.randint(1, 3)}"
+        yield envelope(
+            firm,
+            "purchase_order",
+            moment,
+            {
+                "po_id": po_id,
+                "supplier_id": supplier,
+                "product_sku": sku,
+                "quantity": quantity,
+                "unit": "t",
+                "unit_price": round(market * squeeze, 2),
+                "currency": "CNY",
+                "promised_date": promised.isoformat(),
+            },
+            po_id,
+        )
+        arrival = datetime.combine(delivered, moment.timetz()) + timedelta(hours=rng.uniform(1, 8))
+        arrival = max(arrival, moment + timedelta(minutes=1))
+        rejected = (
+            round(quantity * rng.uniform(0.02, 0.15))
+            if rng.random() > reliability[supplier]
+            else 0.0
+        )
+        heapq.heappush(
+            pending,
+            (
+                arrival,
+                seq,
+                envelope(
+                    firm,
+                    "supplier_delivery",
+                    arrival,
+                    {
+                        "po_id": po_id,
+                        "supplier_id": supplier,
+                        "product_sku": sku,
+                        "delivered_quantity": quantity,
+                        "unit": "t",
+                        "rejected_quantity": float(rejected),
+                        "promised_date": promised.isoformat(),
+                        "delivered_date": delivered.isoformat(),
+                    },
+                    f"DLV-{po_id}",
+                ),
+            ),
+        )

@@ -1,0 +1,1 @@
+"""The ml service: see :mod:`services.ml.app`."""
