@@ -27,7 +27,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.control import Grant
 from schemas.insights import INSIGHT_MODELS, NETWORK_TENANT
-from schemas.topics import INSIGHT_TOPICS
 from services.storage.files import FileError
 from services.storage.reader import ArchiveReader, in_range, parse_moment
 from services.storage.segments import ArchivedRecord, describe
@@ -201,7 +200,7 @@ class History:
         self, reader: str, grants: list[Grant], query: HistoryQuery
     ) -> tuple[list[bytes], str | None]:
         at = now()
-        topics = [INSIGHT_TOPICS[t] for t in query.types]
+        topics = [self.settings.storage_insight_topics[t] for t in query.types]
         owners = readable_owners(reader, grants, query.owner)
         found: dict[str, tuple[int, str, bytes]] = {}
         for topic in topics:

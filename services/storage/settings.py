@@ -29,6 +29,10 @@ class StorageSettings(XietongSettings):
         default_factory=lambda: [EVENTS_CLEAN, *INSIGHT_TOPICS.values()],
         description="Topics archived (JSON list in the environment).",
     )
+    storage_insight_topics: dict[str, str] = Field(
+        default_factory=lambda: dict(INSIGHT_TOPICS),
+        description="Insight type -> topic, where the history reads the live tail (JSON).",
+    )
     storage_archive: bool = Field(True, description="Run the archive loop in this process.")
 
     storage_public_bucket: str = Field("xietong-public", description="Bucket of the public store.")
