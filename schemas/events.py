@@ -227,6 +227,12 @@ class TextDocument(Contract):
     subject_ref: str | None = Field(
         None, description="Customer, supplier or product the text is about."
     )
+    label: str | None = Field(
+        None,
+        max_length=64,
+        description="A known class of the text, for training the nlp classifiers: positive or "
+        "negative (customer_feedback), quality, delay, price or other (supplier_note).",
+    )
 
 
 # --------------------------------------------------------------------------- the envelope

@@ -176,7 +176,42 @@ class TextInsight(Insight):
     sentiment: FiniteFloat | None = Field(
         None, ge=-1, le=1, description="-1 negative .. 1 positive."
     )
-    key_terms: list[str] = Field(default_factory=list)
+    key_terms: list[str] = Field(
+        default_factory=list, description="Its highest TF-IDF terms, from the redacted text."
+    )
+    kind: str | None = Field(None, description="What sort of text: customer_feedback, ...")
+    task: str | None = Field(
+        None, description="What `label` is: sentiment or topic (None: not classified)."
+    )
+    model_version: str | None = Field(
+        None, description="The classifier that labelled it: <model name>/<version>."
+    )
+    entities: list[str] = Field(
+        default_factory=list,
+        description="Pseudonyms of the personal data redacted from the text (KIND:<hex>, keyed "
+        "per owner: the same value gives the same pseudonym in all of the owner's insights).",
+    )
+
+
+class TermCount(Contract):
+    """A term and how many documents of the window had it among their terms."""
+
+    term: str
+    documents: int = Field(ge=1)
+
+
+class TextSummary(Insight):
+    """A firm's texts over one window: how many, in which languages, top terms, class mix."""
+
+    type: Literal["text_summary"] = "text_summary"
+    documents: int = Field(ge=1, description="Texts of the firm that occurred in the window.")
+    languages: dict[str, int] = Field(description="Texts per language.")
+    top_terms: list[TermCount] = Field(
+        description="Most frequent terms of the redacted texts, by documents."
+    )
+    class_mix: dict[str, dict[str, int]] = Field(
+        description="Task (sentiment, topic) -> class -> texts classified so."
+    )
 
 
 INSIGHT_MODELS: dict[str, type[Insight]] = {
@@ -187,6 +222,7 @@ INSIGHT_MODELS: dict[str, type[Insight]] = {
     "prediction": Prediction,
     "model_drift": ModelDrift,
     "text_insight": TextInsight,
+    "text_summary": TextSummary,
 }
 
 

@@ -23,6 +23,7 @@ from schemas.insights import (
     Prediction,
     Statistics,
     TextInsight,
+    TextSummary,
 )
 from schemas.internal import FirmWindowSummary, PartitionWatermark
 from schemas.models import ModelAlias, ModelCard
@@ -55,6 +56,7 @@ INSIGHTS_PREDICTIONS = "insights.predictions.v1"
 INSIGHTS_MODEL_DRIFT = "insights.model-drift.v1"
 ML_SHADOW_PREDICTIONS = "ml.shadow-predictions.v1"
 INSIGHTS_TEXT = "insights.text.v1"
+INSIGHTS_TEXT_SUMMARY = "insights.text-summary.v1"
 CONTROL_TENANTS = "control.tenants.v1"
 CONTROL_KEYS = "control.keys.v1"
 CONTROL_GRANTS = "control.grants.v1"
@@ -70,6 +72,7 @@ INSIGHT_TOPICS: dict[str, str] = {
     "prediction": INSIGHTS_PREDICTIONS,
     "model_drift": INSIGHTS_MODEL_DRIFT,
     "text_insight": INSIGHTS_TEXT,
+    "text_summary": INSIGHTS_TEXT_SUMMARY,
 }
 """Insight type -> its topic."""
 
@@ -178,9 +181,18 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         INSIGHTS_TEXT,
-        "Classification, sentiment and key terms of texts.",
+        "Per text document: language, class and probability, key terms and the pseudonyms of "
+        "what was redacted (never the text).",
         TENANT_KEY + " (owner)",
         (TextInsight,),
+        producers=("nlp",),
+        consumers=("subscribers", "storage"),
+    ),
+    TopicSpec(
+        INSIGHTS_TEXT_SUMMARY,
+        "Per firm and event-time window: texts, languages, top terms and class mix.",
+        TENANT_KEY + " (owner)",
+        (TextSummary,),
         producers=("nlp",),
         consumers=("subscribers", "storage"),
     ),

@@ -1,0 +1,1 @@
+"""The nlp service: text documents in, redacted text insights out."""
