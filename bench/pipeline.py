@@ -271,7 +271,10 @@ def start_service(
     overrides = {
         f"XIETONG_{field.upper()}": value for field, value in fields.items() if field in known
     }
-    env = _env(settings, workdir / name, **{f"XIETONG_{name.upper()}_HTTP_PORT": str(port)})
+    ports = {f"XIETONG_{name.upper()}_HTTP_PORT": str(port)}
+    if name == "ingest":  # the gateway's operator port (metrics), free as well
+        ports["XIETONG_INGEST_METRICS_PORT"] = str(free_port())
+    env = _env(settings, workdir / name, **ports)
     return spawn(name, f"services.{name}", [], {**env, **overrides}, workdir / "logs"), port
 
 

@@ -25,7 +25,12 @@ def add_health_routes(
     service: str,
     ready: ReadinessCheck,
     registry: CollectorRegistry = REGISTRY,
+    *,
+    metrics: bool = True,
 ) -> None:
+    """``/healthz``, ``/readyz`` and (unless ``metrics`` is False: a partner-facing port)
+    ``/metrics``."""
+
     async def healthz(_: web.Request) -> web.Response:
         return json_response({"status": "ok", "service": service})
 
@@ -37,14 +42,15 @@ def add_health_routes(
             {"status": "not ready", "service": service, "reason": problem}, status=503
         )
 
-    async def metrics(_: web.Request) -> web.Response:
+    async def prometheus(_: web.Request) -> web.Response:
         response = web.Response(body=generate_latest(registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    if metrics:
+        app.router.add_get("/metrics", prometheus)
 
 
 async def serve_health(service: str, host: str, port: int, ready: ReadinessCheck) -> web.AppRunner:

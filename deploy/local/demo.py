@@ -36,6 +36,7 @@ from shared.settings import XietongSettings, load_settings
 
 # Health/metrics port of each worker service, as an offset from --health-port-base (8081).
 HEALTH_PORT_OFFSETS = {"clean": 0, "analytics": 1, "ml": 2, "nlp": 3, "storage": 4}
+INGEST_METRICS_OFFSET = 9
 
 
 DEMO_MAX_AHEAD_SECONDS = 10 * 366 * 86400
@@ -61,6 +62,8 @@ def start_services(
             f"XIETONG_{name.upper()}_HTTP_PORT": str(port),
             "XIETONG_STATE_DIR": str(RUN_DIR / "state"),
             "XIETONG_EVENT_TIME_MAX_AHEAD_SECONDS": str(DEMO_MAX_AHEAD_SECONDS),
+            # the gateway's Prometheus metrics: its operator port, 8090 by default
+            "XIETONG_INGEST_METRICS_PORT": str(health_port_base + INGEST_METRICS_OFFSET),
         }
         log = (logs / f"{name}.log").open("ab")
         processes[name] = subprocess.Popen(

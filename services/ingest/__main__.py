@@ -1,6 +1,8 @@
 """``python -m services.ingest``: run the HTTP gateway until SIGTERM / SIGINT.
 
-On a signal aiohttp stops accepting connections, lets running requests finish (their records
+Two ports: the partner-facing gateway (``XIETONG_INGEST_HTTP_PORT``) and the operator's
+metrics, health and readiness (``XIETONG_INGEST_METRICS_PORT``). On a signal aiohttp stops
+accepting connections, lets running requests finish (their records
 are acknowledged before they answer), then the ``cleanup_ctx`` stops the registry and flushes and
 closes the producer.
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.ingest.app import SERVICE, create_app
+from services.ingest.app import SERVICE, create_app, operator_port
 from services.ingest.settings import load_ingest_settings
 from shared.logs import configure_logging
 
@@ -17,8 +19,10 @@ from shared.logs import configure_logging
 def main() -> None:
     settings = load_ingest_settings()
     configure_logging(SERVICE, settings.log_level, settings.log_format)
+    app = create_app(settings)
+    app.cleanup_ctx.append(operator_port)
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.http_host,
         port=settings.ingest_http_port,
         access_log=None,

@@ -22,8 +22,10 @@ answer is ``503`` and the client retries. A retry (or any re-sent batch) publish
 event ids** (its de-duplication survives restarts). The gateway itself keeps no state: any
 replica can take any request.
 
-Routes: ``POST /v1/events``; ``GET /healthz``, ``/readyz`` (broker answers a metadata request),
-``/metrics`` (Prometheus), ``/openapi.json`` (OpenAPI 3.1) — these four need no key.
+Routes: ``POST /v1/events``; ``GET /healthz``, ``/readyz`` (broker answers a metadata request)
+and ``/openapi.json`` (OpenAPI 3.1) — these three need no key. The Prometheus ``/metrics`` (with
+``/healthz`` and ``/readyz`` again) are served on a separate operator port
+(``XIETONG_INGEST_METRICS_PORT``, default 8090, :func:`operator_port`), never to partners.
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ from services.ingest.settings import IngestSettings
 from shared.codec import json_response
 from shared.control import ControlRegistry
 from shared.kafka import create_producer, ensure_topics, started
-from shared.observability import add_health_routes
+from shared.observability import ReadinessCheck, add_health_routes
 
 SERVICE = "ingest"
 SETTINGS_KEY = web.AppKey("settings", IngestSettings)
+READY_KEY: web.AppKey[ReadinessCheck] = web.AppKey("ready")
+OPERATOR_KEY = web.AppKey("operator", web.AppRunner)
 
 
 async def kafka_clients(app: web.Application) -> AsyncIterator[None]:
@@ -109,7 +113,8 @@ def create_app(settings: IngestSettings) -> web.Application:
         """The OpenAPI 3.1 document of this gateway."""
         return json_response(build_openapi(app, settings))
 
-    add_health_routes(app, SERVICE, ready, registry=metrics.registry)
+    app[READY_KEY] = ready
+    add_health_routes(app, SERVICE, ready, metrics=False)  # for the load balancers
     app.router.add_post("/v1/events", post_events)
     app.router.add_get("/openapi.json", openapi)
     if settings.ingest_with_insights:
@@ -118,3 +123,24 @@ def create_app(settings: IngestSettings) -> web.Application:
 
         setup_insight_routes(app)
     return app
+
+
+def create_operator_app(gateway: web.Application) -> web.Application:
+    """The operator side of a gateway app: its Prometheus metrics, health and readiness."""
+    operator = web.Application()
+    add_health_routes(operator, SERVICE, gateway[READY_KEY], registry=gateway[METRICS_KEY].registry)
+    return operator
+
+
+async def operator_port(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx`` of the process: serve :func:`create_operator_app` on
+    ``ingest_metrics_port`` for the life of the gateway."""
+    settings = app[SETTINGS_KEY]
+    runner = web.AppRunner(create_operator_app(app), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.http_host, settings.ingest_metrics_port).start()
+        app[OPERATOR_KEY] = runner
+        yield
+    finally:
+        await runner.cleanup()

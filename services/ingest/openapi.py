@@ -138,18 +138,6 @@ def _gateway_operations() -> dict[tuple[str, str], Operation]:
                 },
             }
         ),
-        ("GET", "/metrics"): _public(
-            {
-                "operationId": "metrics",
-                "summary": "Prometheus metrics (text exposition format).",
-                "responses": {
-                    "200": {
-                        "description": "Metrics.",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                },
-            }
-        ),
         ("GET", "/openapi.json"): _public(
             {
                 "operationId": "openapi",
@@ -217,8 +205,9 @@ def build_openapi(app: web.Application, settings: IngestSettings | None = None) 
             "version": "1",
             "description": (
                 "Partner firms publish events and read the insights they may see. Every route "
-                "but health, metrics and this document needs a tenant API key: "
-                "`Authorization: Bearer xt_<key id>_<secret>` (or `X-Api-Key`)."
+                "but health, readiness and this document needs a tenant API key: "
+                "`Authorization: Bearer xt_<key id>_<secret>` (or `X-Api-Key`). The gateway's "
+                "Prometheus metrics are on the operator port, not here."
             ),
         },
         "paths": paths,

@@ -1,5 +1,5 @@
 """Settings of the ingest gateway (environment prefix ``XIETONG_``: ``XIETONG_INGEST_HTTP_PORT``,
-``XIETONG_INGEST_MAX_BODY_BYTES``)."""
+``XIETONG_INGEST_METRICS_PORT``, ``XIETONG_INGEST_MAX_BODY_BYTES``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ from shared.settings import XietongSettings
 class IngestSettings(XietongSettings):
     """What the gateway needs beyond the platform settings."""
 
-    ingest_http_port: int = Field(8080, ge=0, le=65535, description="Port of the HTTP gateway.")
+    ingest_http_port: int = Field(
+        8080, ge=0, le=65535, description="Partner-facing port of the HTTP gateway."
+    )
+    ingest_metrics_port: int = Field(
+        8090,
+        ge=0,
+        le=65535,
+        description="Operator port: Prometheus /metrics, /healthz and /readyz (never on the "
+        "partner port, which keeps /healthz and /readyz for load balancers).",
+    )
     ingest_max_body_bytes: int = Field(
         16 * 1024 * 1024,
         ge=1,

@@ -143,6 +143,7 @@ def gateway_url(settings: XietongSettings) -> Iterator[str]:
         "XIETONG_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
         "XIETONG_KAFKA_PARTITIONS": "3",
         "XIETONG_INGEST_HTTP_PORT": str(port),
+        "XIETONG_INGEST_METRICS_PORT": str(free_port()),
         "XIETONG_INGEST_WITH_INSIGHTS": "false",
         "XIETONG_LOG_FORMAT": "text",
     }

@@ -37,6 +37,9 @@ HTTP_PORTS = {
     "storage": 8085,
 }
 """The health/metrics (and API) port of each planned service, ``XIETONG_<SERVICE>_HTTP_PORT``."""
+METRICS_PORTS = {"ingest": 8090}
+"""Services whose Prometheus metrics are on a port of their own (``XIETONG_<S>_METRICS_PORT``):
+the gateway's HTTP port faces the partners."""
 
 INFRA = {"kafka", "seaweedfs"}
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|ACCESS_KEY|TOKEN|API_KEY|CREDENTIAL", re.IGNORECASE)
@@ -115,7 +118,9 @@ def known_setting(env_name: str) -> bool:
     field = env_name.removeprefix("XIETONG_").lower()
     if field in XietongSettings.model_fields:
         return True
-    return any(field == f"{service}_http_port" for service in HTTP_PORTS)
+    return any(field == f"{service}_http_port" for service in HTTP_PORTS) or any(
+        field == f"{service}_metrics_port" for service in METRICS_PORTS
+    )
 
 
 # --------------------------------------------------------------------------- compose
@@ -179,10 +184,13 @@ def test_compose_services_listen_and_are_probed_on_their_port() -> None:
         assert "/healthz" in " ".join(test)
 
 
-def test_the_ingest_gateway_is_published_on_8080() -> None:
+def test_the_ingest_gateway_is_published_on_8080_and_its_metrics_port_is_not() -> None:
     ingest = load_compose()["services"]["ingest"]
     published = [str(port).rsplit(":", 2)[-2:] for port in ingest["ports"]]
     assert ["8080", "8080"] in published
+    metrics = str(METRICS_PORTS["ingest"])
+    assert int(env_of(ingest)["XIETONG_INGEST_METRICS_PORT"]) == int(metrics)
+    assert not [pair for pair in published if pair[-1] == metrics]
 
 
 def test_compose_holds_no_literal_secret() -> None:
@@ -378,7 +386,7 @@ def test_a_deployment_runs_its_module_probes_and_is_scraped_on_its_port(name: st
     )
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/port"] == str(METRICS_PORTS.get(name, port))
     assert annotations["prometheus.io/path"] == "/metrics"
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["spec"]["containers"]
@@ -387,6 +395,9 @@ def test_a_deployment_runs_its_module_probes_and_is_scraped_on_its_port(name: st
     assert ports["http"] == port
     env = {item["name"]: item["value"] for item in container.get("env", [])}
     assert env[f"XIETONG_{name.upper()}_HTTP_PORT"] == str(port)
+    if name in METRICS_PORTS:
+        assert ports["metrics"] == METRICS_PORTS[name]
+        assert env[f"XIETONG_{name.upper()}_METRICS_PORT"] == str(METRICS_PORTS[name])
     assert not [key for key in env if SECRET_NAME.search(key)], "secrets come from the Secret"
     sources = {next(iter(ref)): ref[next(iter(ref))]["name"] for ref in container["envFrom"]}
     assert sources == {"configMapRef": CONFIG_NAME_REF, "secretRef": SECRET_NAME_REF}
@@ -399,6 +410,8 @@ def test_a_deployment_runs_its_module_probes_and_is_scraped_on_its_port(name: st
     service = k8s_objects("Service")[name]
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert {"port": port, "targetPort": "http"}.items() <= service["spec"]["ports"][0].items()
+    if name in METRICS_PORTS:  # the Service in front of the partners has no metrics port
+        assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
 
 
 # --------------------------------------------------------------------------- published schemas

@@ -10,17 +10,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import ConsumerRecord, TopicPartition
 
+from deploy.local.infra import free_port
 from schemas.control import ApiKey, Tenant
 from schemas.events import EVENT_MODELS
 from schemas.topics import EVENTS_RAW, dlq
-from services.ingest.app import create_app
+from services.ingest.app import create_app, create_operator_app, operator_port
 from services.ingest.auth import REGISTRY_KEY
-from services.ingest.handlers import PUBLISHER_KEY, ErrorAnswer, IngestAnswer
+from services.ingest.handlers import METRICS_KEY, PUBLISHER_KEY, ErrorAnswer, IngestAnswer
 from services.ingest.settings import IngestSettings
 from shared.control import ControlRegistry, ControlWriter, issue_api_key, new_id
 from shared.kafka import create_consumer
@@ -533,10 +535,17 @@ async def test_a_consumer_tenant_may_not_publish(gateway: Gateway) -> None:
 async def test_health_readiness_and_metrics_need_no_key_and_count_what_happened(
     gateway: Gateway,
 ) -> None:
+    """Health and readiness on both ports (load balancers probe the partner one); the metrics
+    only on the operator port: a partner gets 404 for /metrics, with or without a key."""
     client = gateway.client
-    assert (await client.get("/healthz")).status == 200
-    ready = await client.get("/readyz")
-    assert ready.status == 200, await ready.text()
+    operator = TestClient(TestServer(create_operator_app(client.app), host="127.0.0.1"))
+    await operator.start_server()
+    for served in (client, operator):
+        assert (await served.get("/healthz")).status == 200
+        ready = await served.get("/readyz")
+        assert ready.status == 200, await ready.text()
+    assert (await client.get("/metrics")).status == 404
+    assert (await client.get("/metrics", headers=gateway.auth())).status == 404
 
     bad = event(gateway.tenant, seq=1)
     bad["payload"]["quantity"] = "lots"
@@ -544,7 +553,8 @@ async def test_health_readiness_and_metrics_need_no_key_and_count_what_happened(
     await gateway.post(b"[", "application/json")
     await gateway.post(b"[]", "application/json", key="nope")
 
-    text = await (await client.get("/metrics")).text()
+    text = await (await operator.get("/metrics")).text()
+    await operator.close()
     samples = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -557,6 +567,26 @@ async def test_health_readiness_and_metrics_need_no_key_and_count_what_happened(
     assert samples['xietong_ingest_records_accepted_total{format="json"}'] == 1
     assert samples['xietong_ingest_records_refused_total{reason="invalid event"}'] == 1
     assert samples["xietong_ingest_publish_seconds_count"] == 1
+
+
+async def test_the_process_serves_the_metrics_on_the_operator_port(
+    settings: XietongSettings,
+) -> None:
+    port = free_port()
+    app = create_app(ingest_settings(settings, ingest_metrics_port=port))
+    app.cleanup_ctx.append(operator_port)  # as python -m services.ingest does
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                assert response.status == 200
+                assert "xietong_ingest_http_requests" in await response.text()
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                assert response.status == 200
+        assert (await client.get("/metrics")).status == 404
+    finally:
+        await client.close()
 
 
 async def test_openapi_documents_exactly_the_served_routes_and_the_models(
@@ -582,10 +612,10 @@ async def test_openapi_documents_exactly_the_served_routes_and_the_models(
             ("POST", "/v1/events"),
             ("GET", "/healthz"),
             ("GET", "/readyz"),
-            ("GET", "/metrics"),
             ("GET", "/openapi.json"),
         }
         assert gateway_routes < served and ("GET", "/v1/insights") in served
+        assert ("GET", "/metrics") not in served  # on the operator port only
         assert document["openapi"].startswith("3.1")
 
         # Every reference resolves, and the components are the contracts' own schemas.
@@ -640,13 +670,9 @@ async def test_concurrent_requests_share_rounds_and_each_is_answered_after_its_a
         for r in range(24):
             mine = [o for o in order if int(o[3:]) // 100 == r]
             assert mine == sorted(mine)
-        text = await (await gateway.client.get("/metrics")).text()
-        rounds = next(
-            float(line.split()[-1])
-            for line in text.splitlines()
-            if line.startswith("xietong_ingest_publish_round_requests_count")
-        )
-        assert 1 <= rounds <= 24
+        registry = gateway.client.app[METRICS_KEY].registry  # served on the operator port
+        rounds = registry.get_sample_value("xietong_ingest_publish_round_requests_count")
+        assert rounds is not None and 1 <= rounds <= 24
 
 
 async def test_a_broker_that_does_not_acknowledge_gives_503_not_202(
