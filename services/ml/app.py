@@ -188,12 +188,12 @@ async def replay_state(settings: MlSettings, scorer: Scorer) -> int:
     async with started(consumer):
         partitions = await _partitions(consumer, settings.ml_source_topic)
         committed = {tp: await consumer.committed(tp) for tp in partitions}
+    targets = {tp: offset for tp, offset in committed.items() if offset}
+    if not targets:
+        return 0
     reader = create_consumer(settings, None)
     count = 0
     async with started(reader):
-        targets = {tp: offset for tp, offset in committed.items() if offset}
-        if not targets:
-            return 0
         reader.assign(list(targets))
         since_ms = int((time.time() - settings.ml_replay_days * DAY) * 1000)
         found = await reader.offsets_for_times(dict.fromkeys(targets, since_ms))
@@ -237,6 +237,16 @@ async def run_scoring(
     ready: asyncio.Event | None = None,
 ) -> None:
     """The scoring loop until ``stop`` is set (see the module docstring)."""
+    await ensure_topics(
+        settings,
+        [
+            settings.ml_source_topic,
+            settings.ml_predictions_topic,
+            settings.ml_shadow_topic,
+            settings.ml_drift_topic,
+            settings.ml_dead_letter_topic,
+        ],
+    )
     replayed = await replay_state(settings, server.scorer)
     if replayed:
         log.info("feature state replayed", extra={"events": replayed})
@@ -435,16 +445,6 @@ def _aliases(registry: ModelRegistry, card: ModelCard) -> list[str]:
 
 async def run_ml(settings: MlSettings, stop: asyncio.Event) -> None:
     """The whole service: registries, HTTP, scoring loop and refits, until ``stop``."""
-    await ensure_topics(
-        settings,
-        [
-            settings.ml_source_topic,
-            settings.ml_predictions_topic,
-            settings.ml_shadow_topic,
-            settings.ml_drift_topic,
-            settings.ml_dead_letter_topic,
-        ],
-    )
     async with ControlRegistry(settings) as control, ModelRegistry(settings) as registry:
         server = ModelServer(registry, new_scorer(settings))
         runner = web.AppRunner(http_app(control, registry, server), access_log=None)
