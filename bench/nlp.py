@@ -94,7 +94,10 @@ def measure(n: int = 6000, repeats: int = 3) -> dict[str, float]:
         )
         for e in events
     ]
-    ours, batched, single, redact_mb = [], [], [], []
+    ours: list[float] = []
+    batched: list[float] = []
+    single: list[float] = []
+    redact_mb: list[float] = []
 
     def run_ours() -> float:
         windows = {0: PartitionTexts(86400, 3_600_000)}
