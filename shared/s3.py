@@ -27,6 +27,9 @@ def s3_client(settings: XietongSettings) -> AbstractAsyncContextManager[Any]:
             else None
         ),
         config=Config(
-            s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 3, "mode": "standard"},
+            # SigV4 everywhere, presigned URLs too (SigV2 presigning with response headers fails)
+            signature_version="s3v4",
         ),
     )

@@ -276,8 +276,19 @@ class FileStore:
             )
             upload.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
 
+        cancelled: asyncio.CancelledError | None = None
         try:
-            async for chunk in body.iter_chunked(1 << 20):
+            while True:
+                try:
+                    chunk = await body.readany()
+                except asyncio.CancelledError as error:  # the server cancels on a lost client
+                    cancelled = interrupted = error
+                    break
+                except Exception as error:  # the body ended early: keep what arrived
+                    interrupted = error
+                    break
+                if not chunk:
+                    break
                 if upload.offset + received + len(chunk) > upload.size:
                     raise FileError(413, "more bytes than the declared size", size=upload.size)
                 received += len(chunk)
@@ -290,34 +301,43 @@ class FileStore:
                     in_flight.append(asyncio.create_task(send_part(next_part, data)))
                     next_part += 1
                     if len(in_flight) >= 2:  # bounded memory: at most two parts on their way
-                        await in_flight[0]
+                        try:
+                            await asyncio.shield(in_flight[0])
+                        except asyncio.CancelledError as error:
+                            cancelled = interrupted = error
+                            break
                         in_flight.pop(0)
-        except FileError:
-            interrupted = None
-            received = 0
-            buffer.clear()
+                if cancelled is not None:
+                    break
+        except BaseException:
             await asyncio.gather(*in_flight, return_exceptions=True)
             raise
-        except (ConnectionError, asyncio.IncompleteReadError, OSError) as error:
-            interrupted = error  # the client went away: keep what arrived
-        except Exception as error:
-            if type(error).__name__ not in ("ClientPayloadError", "EofStream"):
-                raise
-            interrupted = error
-        await asyncio.gather(*in_flight)
-        upload.parts.sort(key=lambda p: int(p["PartNumber"]))
-        upload.offset += received
-        upload.tail = len(buffer)
-        if buffer:
-            await self.meta.put(self._tail_key(upload), bytes(buffer))
-        if hasher is not None:
-            self.hashers[upload.upload_id] = (upload.offset, hasher)
-        await self.save_upload(upload)
+
+        async def keep() -> None:
+            """Record what arrived: parts sent, the rest as the upload's tail."""
+            await asyncio.gather(*in_flight)
+            upload.parts.sort(key=lambda p: int(p["PartNumber"]))
+            upload.offset += received
+            upload.tail = len(buffer)
+            if buffer:
+                await self.meta.put(self._tail_key(upload), bytes(buffer))
+            if hasher is not None:
+                self.hashers[upload.upload_id] = (upload.offset, hasher)
+            await self.save_upload(upload)
+
+        keeping = asyncio.create_task(keep())
+        try:
+            await asyncio.shield(keeping)
+        except asyncio.CancelledError:
+            await keeping  # finish recording what arrived, then give way
+            raise
         if interrupted is not None:
             log.info(
                 "upload interrupted; resumable",
                 extra={"upload": upload.upload_id, "offset": upload.offset},
             )
+        if cancelled is not None:
+            raise cancelled
         return upload
 
     def _tail_key(self, upload: Upload) -> str:
@@ -388,9 +408,12 @@ class FileStore:
     async def _hash_object(self, store: Store, key: str) -> str:
         hasher = hashlib.sha256()
         response = await store.client.get_object(Bucket=store.bucket, Key=key)
-        async with response["Body"] as body:
+        body = response["Body"]
+        try:
             async for chunk in body.iter_chunks(1 << 20):
                 hasher.update(chunk)
+        finally:
+            body.close()
         return hasher.hexdigest()
 
     async def _drop_upload(self, upload: Upload) -> None:
@@ -589,9 +612,12 @@ async def stream_object(
         response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
     answer = await store.client.get_object(**params)
     await response.prepare(request)
-    async with answer["Body"] as body:
+    body = answer["Body"]
+    try:
         async for chunk in body.iter_chunks(1 << 20):
             await response.write(chunk)
+    finally:
+        body.close()
     await response.write_eof()
     return response
 
