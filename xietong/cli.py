@@ -19,7 +19,7 @@ stopped the upload (what was acknowledged before stays published: re-running the
 safe, event ids repeat and the clean service drops the repeats).
 
 Commands are grouped under :func:`main` with ``@main.group()`` / ``@main.command()``, so more
-(``share``, ``subscribe``) can be added beside them.
+(``share``, ``subscribe``, ``models``) can be added beside them.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ from schemas.topics import EVENTS_RAW, dlq
 from shared.control import ControlRegistry, ControlWriter, issue_api_key
 from shared.kafka import BatchPublisher, create_producer, ensure_topics, started
 from shared.settings import XietongSettings, load_settings
+from xietong.models import models
 from xietong.share import share, subscribe
+from xietong.storage import catalog, replay
 
 T = TypeVar("T")
 
@@ -576,3 +578,7 @@ def publish(
 # Sharing agreements and subscriptions act with a tenant's key through the gateway.
 main.add_command(share)
 main.add_command(subscribe)
+main.add_command(catalog)
+main.add_command(replay)
+# The model registry (the ml and nlp services' models) on the control topics and S3.
+main.add_command(models)

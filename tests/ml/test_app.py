@@ -19,41 +19,17 @@ from schemas.insights import Prediction
 from schemas.topics import INSIGHT_TOPICS
 from services.ml.app import ModelServer, http_app, run_scoring, train_and_register
 from services.ml.handlers import Scorer
-from services.ml.settings import MlSettings, load_ml_settings
+from services.ml.settings import MlSettings
 from services.ml.training import MODEL_TRAINING, NotEnoughFirms
 from shared.codec import decode, encode
 from shared.control import ControlRegistry, ControlWriter, issue_api_key, new_id
 from shared.kafka import BatchPublisher, OutRecord, create_consumer, create_producer, started
 from shared.models import ModelRegistry
 from shared.s3 import s3_client
-from shared.settings import XietongSettings
 from tests.ml.conftest import supply_envelopes
 
 pytestmark = pytest.mark.integration
 NOW = datetime.now(UTC)
-
-
-@pytest.fixture
-def ml_settings(
-    settings: XietongSettings, s3_settings: XietongSettings, unique_name: Callable[[str], str]
-) -> MlSettings:
-    return load_ml_settings(
-        **{
-            **settings.model_dump(),
-            "s3_endpoint_url": s3_settings.s3_endpoint_url,
-            "s3_access_key_id": s3_settings.s3_access_key_id,
-            "s3_secret_access_key": s3_settings.s3_secret_access_key,
-            "models_bucket": f"models-{uuid.uuid4().hex[:12]}",
-            "ml_group_id": unique_name("ml"),
-            "ml_source_topic": unique_name("events.clean"),
-            "ml_predictions_topic": unique_name("insights.predictions"),
-            "ml_shadow_topic": unique_name("ml.shadow-predictions"),
-            "ml_drift_topic": unique_name("insights.model-drift"),
-            "ml_dead_letter_topic": unique_name("events.clean.dlq"),
-            "ml_models": ["supplier-delay"],
-            "ml_batch_wait_ms": 50,
-        }
-    )
 
 
 @pytest.fixture
