@@ -141,11 +141,12 @@ async def live_tail(
     consumer = create_consumer(settings, None)
     await consumer.start()
     try:
-        await consumer.topics()  # metadata of every topic, so partitions_for_topic knows them
+        described = await admin.describe_topics(topics)
         partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            for p in sorted(consumer.partitions_for_topic(topic) or ())
+            TopicPartition(topic["topic"], p["partition"])
+            for topic in described
+            if topic["error_code"] == 0
+            for p in topic["partitions"]
         ]
         if not partitions:
             return []
@@ -200,7 +201,8 @@ class History:
         self, reader: str, grants: list[Grant], query: HistoryQuery
     ) -> tuple[list[bytes], str | None]:
         at = now()
-        topics = [self.settings.storage_insight_topics[t] for t in query.types]
+        known = self.settings.storage_insight_topics
+        topics = [known[t] for t in query.types if t in known]
         owners = readable_owners(reader, grants, query.owner)
         found: dict[str, tuple[int, str, bytes]] = {}
         for topic in topics:
