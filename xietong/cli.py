@@ -48,6 +48,7 @@ from shared.kafka import BatchPublisher, create_producer, ensure_topics, started
 from shared.settings import XietongSettings, load_settings
 from xietong.models import models
 from xietong.share import share, subscribe
+from xietong.storage import catalog, replay
 
 T = TypeVar("T")
 
@@ -577,5 +578,7 @@ def publish(
 # Sharing agreements and subscriptions act with a tenant's key through the gateway.
 main.add_command(share)
 main.add_command(subscribe)
+main.add_command(catalog)
+main.add_command(replay)
 # The model registry (the ml and nlp services' models) on the control topics and S3.
 main.add_command(models)

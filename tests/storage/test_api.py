@@ -85,8 +85,9 @@ class Api:
         )
         await self.net.writer.put_grant(grant)
         async with asyncio.timeout(30):
-            while grant.grant_id not in self.app[REGISTRY_KEY].grants:
-                await asyncio.sleep(0.05)
+            registry = self.app[REGISTRY_KEY]
+            while grant.grant_id not in registry.grants:
+                await registry.wait_changed(registry.version, 1)
         return grant
 
 

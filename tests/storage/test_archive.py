@@ -85,7 +85,7 @@ async def held_offsets(stores: dict[str, Store], topic: str) -> Counter[tuple[in
 async def until(check: Callable[[], object], timeout: float = 60) -> None:
     async with asyncio.timeout(timeout):
         while not await check():  # type: ignore[misc]
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # noqa: ASYNC110 - polling the object store
 
 
 async def produce(settings: StorageSettings, topic: str, items: list[OutRecord]) -> None:
