@@ -1,6 +1,6 @@
 """``python -m services.storage``: the archive loop and the partner API on one port.
 
-Listens on ``XIETONG_HTTP_HOST``:``XIETONG_STORAGE_HTTP_PORT`` (8084). SIGTERM or SIGINT flush
+Listens on ``XIETONG_HTTP_HOST``:``XIETONG_STORAGE_HTTP_PORT`` (8085). SIGTERM or SIGINT flush
 every open segment, commit and exit.
 """
 

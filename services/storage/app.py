@@ -16,7 +16,7 @@ carry what a restart must skip; see :mod:`services.storage.segments`); dead lett
 at-least-once. Files are stored once their checksum matched; an upload is resumable from the
 last byte that arrived.
 
-Serves partners on ``XIETONG_STORAGE_HTTP_PORT`` (8084), each route but the health ones and a
+Serves partners on ``XIETONG_STORAGE_HTTP_PORT`` (8085), each route but the health ones and a
 signed link needing a tenant key: ``/v1/insights/history`` (:mod:`~services.storage.history`),
 ``/v1/files...`` (:mod:`~services.storage.files`), ``/v1/links`` (:mod:`~services.storage.links`),
 ``/v1/catalog`` (:mod:`~services.storage.catalog`); ``/healthz``, ``/readyz``, ``/metrics``.

@@ -7,6 +7,8 @@ S3-compatible cloud); the *private* one, the network's own cloud, is another end
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 
 from schemas.topics import EVENTS_CLEAN, INSIGHT_TOPICS
@@ -23,7 +25,7 @@ DEFAULT_SENSITIVITY: dict[str, str] = {
 class StorageSettings(XietongSettings):
     """What the storage service needs beyond the platform settings."""
 
-    storage_http_port: int = Field(8084, ge=0, le=65535, description="Partner API and health.")
+    storage_http_port: int = Field(8085, ge=0, le=65535, description="Partner API and health.")
     storage_group_id: str = Field("storage", min_length=1, description="Archive consumer group.")
     storage_topics: list[str] = Field(
         default_factory=lambda: [EVENTS_CLEAN, *INSIGHT_TOPICS.values()],
@@ -45,7 +47,8 @@ class StorageSettings(XietongSettings):
     storage_private_s3_access_key_id: SecretStr | None = None
     storage_private_s3_secret_access_key: SecretStr | None = None
     storage_policy_file: str = Field(
-        "deploy/placement-policy.yaml", description="Placement rules (YAML)."
+        str(Path(__file__).resolve().parents[2] / "deploy" / "placement-policy.yaml"),
+        description="Placement rules (YAML); the shipped deploy/placement-policy.yaml by default.",
     )
 
     storage_segment_max_bytes: int = Field(

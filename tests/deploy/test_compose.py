@@ -41,7 +41,7 @@ METRICS_PORTS = {"ingest": 8090}
 """Services whose Prometheus metrics are on a port of their own (``XIETONG_<S>_METRICS_PORT``):
 the gateway's HTTP port faces the partners."""
 
-INFRA = {"kafka", "seaweedfs"}
+INFRA = {"kafka", "seaweedfs", "seaweedfs-private"}
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|ACCESS_KEY|TOKEN|API_KEY|CREDENTIAL", re.IGNORECASE)
 ENV_REFERENCE = re.compile(r"\$\{[A-Z0-9_]+(?:[:]?[?][^}]*)?\}")
 """A whole value that only names an environment variable (``${X}`` or ``${X:?message}``)."""
@@ -118,6 +118,10 @@ def known_setting(env_name: str) -> bool:
     field = env_name.removeprefix("XIETONG_").lower()
     if field in XietongSettings.model_fields:
         return True
+    if field.startswith("storage_"):  # the storage service's own settings (its second store)
+        from services.storage.settings import StorageSettings
+
+        return field in StorageSettings.model_fields
     return any(field == f"{service}_http_port" for service in HTTP_PORTS) or any(
         field == f"{service}_metrics_port" for service in METRICS_PORTS
     )
@@ -134,6 +138,9 @@ def test_compose_refuses_to_start_without_the_s3_credentials_and_the_network_sec
         "XIETONG_S3_ACCESS_KEY_ID",
         "XIETONG_S3_SECRET_ACCESS_KEY",
         "XIETONG_NETWORK_SECRET",
+        # the storage service's private store, a second S3 server
+        "XIETONG_STORAGE_PRIVATE_S3_ACCESS_KEY_ID",
+        "XIETONG_STORAGE_PRIVATE_S3_SECRET_ACCESS_KEY",
     }
 
 
