@@ -114,10 +114,10 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         dlq(EVENTS_CLEAN),
-        "Clean events that analytics, ml or nlp could not process.",
+        "Clean events that analytics, ml, nlp or the storage archive could not process.",
         TENANT_KEY,
         (DeadLetter,),
-        producers=("analytics", "ml", "nlp"),
+        producers=("analytics", "ml", "nlp", "storage"),
         consumers=("storage",),
     ),
     TopicSpec(
@@ -252,6 +252,19 @@ TOPICS: tuple[TopicSpec, ...] = (
         producers=("analytics",),
         consumers=("analytics",),
     ),
+)
+
+TOPICS += tuple(
+    TopicSpec(
+        dlq(topic),
+        "Insights the storage service could not archive (unreadable, or labels no store may "
+        "receive), with their original bytes and the reason.",
+        TENANT_KEY + " (owner)",
+        (DeadLetter,),
+        producers=("storage",),
+        consumers=("operators",),
+    )
+    for topic in INSIGHT_TOPICS.values()
 )
 
 TOPIC_BY_NAME: dict[str, TopicSpec] = {spec.name: spec for spec in TOPICS}
