@@ -64,6 +64,11 @@ def start_services(
             "XIETONG_EVENT_TIME_MAX_AHEAD_SECONDS": str(DEMO_MAX_AHEAD_SECONDS),
             # the gateway's Prometheus metrics: its operator port, 8090 by default
             "XIETONG_INGEST_METRICS_PORT": str(health_port_base + INGEST_METRICS_OFFSET),
+            # storage: the simulated firms' data may go to the public cloud (personal data never
+            # does); segments flush every 10 s so the catalog fills while one watches
+            "XIETONG_STORAGE_DEFAULT_RESIDENCY": "any",
+            "XIETONG_STORAGE_SEGMENT_MAX_SECONDS": "10",
+            "XIETONG_STORAGE_LATE_MAX_SECONDS": "60",
         }
         log = (logs / f"{name}.log").open("ab")
         processes[name] = subprocess.Popen(
@@ -207,6 +212,8 @@ async def watch(
     latest: deque[str] = deque(maxlen=8)
     reasons: Counter[str] = Counter()
     began = time.monotonic()
+    catalog: list[str] = []
+    last_catalog = 0.0
     async with started(
         create_consumer(settings, None, *topics, auto_offset_reset="latest")
     ) as consumer:
@@ -239,6 +246,14 @@ async def watch(
                         + ", ".join(f"{r} ({n})" for r, n in reasons.most_common(3)),
                     ]
                 lines += ["", "latest insights:"] + [f"  {line}" for line in latest]
+                if "storage" in services and last_draw - last_catalog >= 10:
+                    last_catalog = last_draw
+                    from xietong.storage import catalog_summary
+
+                    with contextlib.suppress(Exception):  # the stores may still be starting
+                        catalog = await catalog_summary()
+                if catalog:
+                    lines += ["", "archive catalog (store, placement rule):", *catalog]
                 print("\033[2J\033[H" + "\n".join(lines), flush=True)
 
 
