@@ -126,3 +126,27 @@ def replay(
         click.echo(orjson.dumps(asyncio.run(go()), option=orjson.OPT_INDENT_2).decode())
     except (ArchiveMismatch, ValueError) as error:
         raise click.ClickException(str(error)) from None
+
+
+async def catalog_summary(settings: StorageSettings | None = None) -> list[str]:
+    """A few lines for the demo: objects, records and bytes per store and rule, and files."""
+    settings = settings or load_storage_settings()
+    if not settings.storage_private_s3_endpoint_url:
+        return ["  (no private store configured)"]
+    async with open_stores(settings) as stores:
+        found = await ArchiveReader(stores).all_manifests()
+    totals: dict[tuple[str, str], list[int]] = {}
+    for item in found:
+        m = item.manifest
+        entry = totals.setdefault((m.store, m.rule), [0, 0, 0])
+        entry[0] += 1
+        entry[1] += m.record_count
+        entry[2] += m.object_bytes
+    if not totals:
+        return [
+            "  (nothing archived yet: segments flush every XIETONG_STORAGE_SEGMENT_MAX_SECONDS)"
+        ]
+    return [
+        f"  {store:<8} {rule:<42} {objects:>6,} objects {records:>9,} records {size / 1e6:>8.2f} MB"
+        for (store, rule), (objects, records, size) in sorted(totals.items())
+    ]
