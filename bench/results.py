@@ -37,6 +37,10 @@ ROW_KEYS = (
     "rss.ingest",
     "rss.clean",
     "rss.analytics",
+    "ML1",
+    "ML1.onerow",
+    "ML2",
+    "ML3",
 )
 """Every row the harness reports, in table order."""
 

@@ -12,6 +12,7 @@ go to the internal shadow topic only.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import uuid
@@ -93,48 +94,74 @@ def check_inputs(matrix: np.ndarray, served: Served) -> tuple[np.ndarray, list[s
     return ok, reasons
 
 
-def prediction_record(
-    served: Served, subject: Subject, score: float, *, source: str, produced_at: str
-) -> dict[str, Any]:
-    """A :class:`~schemas.insights.Prediction` as a dict ready to encode (built directly: this
-    is the hot path; a test validates the records against the contract)."""
+def stable_id(name: str) -> str:
+    """``str(uuid.uuid5(PREDICTION_NAMESPACE, name))``, about three times faster (a test checks
+    they agree): one per prediction, on the hot path."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_NAMESPACE_BYTES = PREDICTION_NAMESPACE.bytes
+
+
+def prediction_records(
+    served: Served,
+    subjects: Sequence[Subject],
+    scores: Sequence[float],
+    *,
+    source: str,
+    produced_at: str,
+) -> list[tuple[str, dict[str, Any]]]:
+    """:class:`~schemas.insights.Prediction` records as dicts ready to encode, with the owner
+    tenant (built directly, the parts common to the batch once: this is the hot path; a test
+    validates the records against the contract)."""
     card = served.card
-    name, version = card.name, card.version
-    record: dict[str, Any] = {
-        "insight_id": str(
-            uuid.uuid5(PREDICTION_NAMESPACE, f"{name}/{version}/{subject.event_id}/{subject.key}")
-        ),
-        "type": "prediction",
-        "tenant": subject.tenant,
-        "visibility": "private",
-        "provenance": {
-            "window_start": None,
-            "window_end": None,
-            "contributing_partners": 1,
-            "event_count": 1,
-            "source_topics": [source],
-            "schema_versions": {SPECS[name].trigger_event_type: 1},
-            "service": SERVICE,
-            "service_version": SERVICE_VERSION,
-            "produced_at": produced_at,
-            "restates": None,
-        },
-        "target": card.target,
-        "model_name": name,
-        "model_version": str(version),
-        "subject_event_id": subject.event_id,
-        "value": None,
-        "label": None,
-        "probability": None,
-        "model_sha256": card.sha256,
+    name, version = card.name, str(card.version)
+    provenance = {
+        "window_start": None,
+        "window_end": None,
+        "contributing_partners": 1,
+        "event_count": 1,
+        "source_topics": [source],
+        "schema_versions": {SPECS[name].trigger_event_type: 1},
+        "service": SERVICE,
+        "service_version": SERVICE_VERSION,
+        "produced_at": produced_at,
+        "restates": None,
     }
-    if card.task == "classification":
-        probability = min(1.0, max(0.0, score))
-        record["probability"] = probability
-        record["label"] = "late" if probability >= 0.5 else "on_time"
-    else:
-        record["value"] = max(0.0, score)
-    return record
+    classify = card.task == "classification"
+    prefix = f"{name}/{version}/"
+    out = []
+    for subject, score in zip(subjects, scores, strict=True):
+        if classify:
+            probability = min(1.0, max(0.0, float(score)))
+            value, label = None, "late" if probability >= 0.5 else "on_time"
+        else:
+            probability, value, label = None, max(0.0, float(score)), None
+        out.append(
+            (
+                subject.tenant,
+                {
+                    "insight_id": stable_id(f"{prefix}{subject.event_id}/{subject.key}"),
+                    "type": "prediction",
+                    "tenant": subject.tenant,
+                    "visibility": "private",
+                    "provenance": provenance,
+                    "target": card.target,
+                    "model_name": name,
+                    "model_version": version,
+                    "subject_event_id": subject.event_id,
+                    "value": value,
+                    "label": label,
+                    "probability": probability,
+                    "model_sha256": card.sha256,
+                },
+            )
+        )
+    return out
 
 
 @dataclass
@@ -227,15 +254,10 @@ class Scorer:
         matrix = encode_products(subjects, served.categories, served.names.index("product_code"))
         ok, reasons = check_inputs(matrix, served)
         if ok.any():
-            scores = served.model.score(matrix[ok])
+            scores = served.model.score(matrix[ok]).tolist()
             kept = [s for s, good in zip(subjects, ok, strict=True) if good]
-            source = self.source
-            into.extend(
-                (
-                    s.tenant,
-                    prediction_record(served, s, float(v), source=source, produced_at=produced_at),
-                )
-                for s, v in zip(kept, scores, strict=True)
+            into += prediction_records(
+                served, kept, scores, source=self.source, produced_at=produced_at
             )
         return ok, reasons, matrix[ok]
 
@@ -278,9 +300,7 @@ class Scorer:
         end = datetime.fromtimestamp(window.start + self.drift_window_seconds, UTC)
         card = served.card
         return {
-            "insight_id": str(
-                uuid.uuid5(PREDICTION_NAMESPACE, f"drift/{card.name}/{card.version}/{start}")
-            ),
+            "insight_id": stable_id(f"drift/{card.name}/{card.version}/{start}"),
             "type": "model_drift",
             "tenant": card.owner or NETWORK_TENANT,
             "visibility": "private",

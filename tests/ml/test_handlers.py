@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -12,7 +13,14 @@ import pytest
 from schemas.insights import ModelDrift, Prediction
 from schemas.models import ModelCard
 from services.ml.features import MlEvent
-from services.ml.handlers import Scorer, Served, check_inputs, load_served
+from services.ml.handlers import (
+    PREDICTION_NAMESPACE,
+    Scorer,
+    Served,
+    check_inputs,
+    load_served,
+    stable_id,
+)
 from services.ml.specs import SUPPLIER_DELAY
 from services.ml.training import build_rows, train
 from shared.codec import decode, encode
@@ -147,3 +155,8 @@ def test_drift_is_reported_for_the_operator_when_inputs_shift(
     drift = ModelDrift.model_validate(decode(encode(reports[0])))
     assert drift.tenant == "network" and "log_quantity" in drift.drifted
     assert drift.psi["log_quantity"] > drift.threshold
+
+
+def test_the_fast_prediction_id_is_uuid5() -> None:
+    for name in ["a", "supplier-delay/1/0f1e/PO-1", "日本/x" * 20]:
+        assert stable_id(name) == str(uuid.uuid5(PREDICTION_NAMESPACE, name))
