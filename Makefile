@@ -9,14 +9,16 @@ export KAFKA_PORT ?= 9092
 export S3_PORT ?= 8333
 export S3_PRIVATE_PORT ?= 8433
 export GATEWAY_PORT ?= 8080
+export HEALTH_PORT_BASE ?= 8081
 
 .PHONY: help setup kafka-jars kafka-up kafka-down s3-up s3-down up down status demo test test-unit lint format schemas bench lock clean
 
 help:
-	@echo "make demo    — start Kafka, SeaweedFS, every service and simulated partner firms (Ctrl-C stops)"
+	@echo "make demo    — start Kafka, SeaweedFS, every service and simulated partner firms (Ctrl-C stops what it started)"
 	@echo "make test    — set up, start what the tests need, run the whole suite, stop it"
 	@echo "make lint    — ruff and mypy strict"
-	@echo "make up/down — start/stop the local Kafka broker and SeaweedFS (public and private store)"
+	@echo "make up/down — start/stop the local Kafka broker and SeaweedFS (public and private store); data stays"
+	@echo "make clean   — stop everything and wipe all local data (.run/) and the venv, listing what goes"
 	@echo "make bench   — measure our paths against raw baselines (ratios)"
 
 setup: $(SETUP)
@@ -51,15 +53,19 @@ s3-up: setup
 s3-down:
 	@if [ -x $(PY) ]; then $(PY) -m deploy.local.infra s3-down; fi
 
-up: kafka-up s3-up
+# Every port (Kafka's, SeaweedFS's and the services') is checked before anything starts.
+up: setup kafka-jars
+	$(PY) -m deploy.local.infra up
 
-down: kafka-down s3-down
+down:
+	@if [ -x $(PY) ]; then $(PY) -m deploy.local.infra down; fi
 
 status: setup
 	$(PY) -m deploy.local.infra status
 
-demo: up
-	source .run/local.env && $(PY) -m deploy.local.demo --gateway-port $(GATEWAY_PORT)
+# Starts Kafka and SeaweedFS unless they run, and stops on exit (Ctrl-C) what it started.
+demo: setup kafka-jars
+	$(PY) -m deploy.local.demo --up --gateway-port $(GATEWAY_PORT) --health-port-base $(HEALTH_PORT_BASE)
 
 # The whole suite: the session fixtures start a fresh Kafka and SeaweedFS on free ports and stop them.
 test: setup kafka-jars
@@ -87,5 +93,8 @@ bench: setup kafka-jars
 lock: setup
 	$(VENV)/bin/pip freeze --exclude-editable | sed '1i # Every package version, pinned so a fresh machine resolves the same set. Regenerate with `make lock`.' > constraints.txt
 
-clean: down
-	rm -rf .run $(VENV)
+# The one way to wipe local data: lists what it wipes (deploy.local.infra is stdlib only).
+clean:
+	$(PYTHON) -m deploy.local.infra clean
+	@echo "removing $(VENV)/ (the virtualenv; the next make rebuilds it)"
+	@rm -rf $(VENV)

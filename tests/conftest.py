@@ -7,6 +7,9 @@ cluster:
   ``XIETONG_TEST_S3_SECRET_ACCESS_KEY``.
 
 Both start lazily: unit tests that ask for neither never start anything.
+
+The suite never touches the checkout's ``.run/`` (a ``make demo`` may be using it): the run folder
+(``XIETONG_RUN_DIR``, honoured by the demo and ``deploy.local.infra``) is a temporary one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ import pytest
 
 from deploy.local import infra
 from shared.settings import XietongSettings, load_settings
+
+_RUN_DIR = Path(tempfile.mkdtemp(prefix="xietong-test-run-"))
+os.environ["XIETONG_RUN_DIR"] = str(_RUN_DIR)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_run_dir() -> Iterator[Path]:
+    yield _RUN_DIR
+    shutil.rmtree(_RUN_DIR, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,16 @@
 """``make demo``: the whole network on this machine, with simulated partner firms.
 
 Starts every service that exists in ``services/`` (``python -m services.<name>``, logs in
-``.run/logs/``), registers the simulated firms as tenants with API keys, lets them publish through
-the ingest gateway (or straight into Kafka through the same intake when there is no gateway), and
-shows what flows through the real broker — per topic counts and rates, refusals, the latest
-insights — until Ctrl-C (or ``--duration`` seconds).
+``.run/logs/``; ``--run-dir`` or ``XIETONG_RUN_DIR`` names another run folder), registers the
+simulated firms as tenants with API keys, lets them publish through the ingest gateway (or
+straight into Kafka through the same intake when there is no gateway), and shows what flows
+through the real broker — per topic counts and rates, refusals, the latest insights — until
+Ctrl-C (or ``--duration`` seconds).
+
+With ``--up`` (``make demo``) it also starts Kafka and SeaweedFS if they are not running, and
+stops on exit what it started (their data stays in the run folder). The firms' event time
+continues where the last run stopped (``demo-clock.json``), so a second run's events never fall
+behind windows the first one closed.
 """
 
 from __future__ import annotations
@@ -21,12 +27,22 @@ import sys
 import time
 from collections import Counter, deque
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from deploy.local.infra import ROOT, RUN_DIR
-from deploy.local.simulate import Firm, firm_events, make_firms
+from deploy.local import infra
+from deploy.local.infra import ROOT, run_dir
+from deploy.local.simulate import (
+    Firm,
+    event_moment,
+    firm_events,
+    load_clock,
+    make_firms,
+    resume_start,
+    save_clock,
+)
 from schemas.control import Tenant
 from schemas.topics import COMPACTED_TOPICS, EVENTS_RAW, TOPICS
 from shared.codec import decode, encode
@@ -48,19 +64,32 @@ def existing_services() -> list[str]:
     return sorted(p.parent.name for p in (ROOT / "services").glob("*/__main__.py"))
 
 
+def service_port(name: str, gateway_port: int, health_port_base: int) -> int:
+    if name == "ingest":
+        return gateway_port
+    return health_port_base + HEALTH_PORT_OFFSETS.get(name, len(HEALTH_PORT_OFFSETS))
+
+
+def service_ports(names: list[str], *, gateway_port: int, health_port_base: int) -> dict[int, str]:
+    """Every HTTP port the demo's services open (port -> what it is), checked before starting."""
+    ports = {service_port(n, gateway_port, health_port_base): f"{n} HTTP" for n in names}
+    if "ingest" in names:
+        ports[health_port_base + INGEST_METRICS_OFFSET] = "ingest metrics"
+    return ports
+
+
 def start_services(
     names: list[str], gateway_port: int, health_port_base: int
 ) -> dict[str, subprocess.Popen[bytes]]:
-    logs = RUN_DIR / "logs"
+    logs = run_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     processes = {}
     for name in names:
-        offset = HEALTH_PORT_OFFSETS.get(name, len(HEALTH_PORT_OFFSETS))
-        port = gateway_port if name == "ingest" else health_port_base + offset
+        port = service_port(name, gateway_port, health_port_base)
         env = {
             **os.environ,
             f"XIETONG_{name.upper()}_HTTP_PORT": str(port),
-            "XIETONG_STATE_DIR": str(RUN_DIR / "state"),
+            "XIETONG_STATE_DIR": str(run_dir() / "state"),
             "XIETONG_EVENT_TIME_MAX_AHEAD_SECONDS": str(DEMO_MAX_AHEAD_SECONDS),
             # the gateway's Prometheus metrics: its operator port, 8090 by default
             "XIETONG_INGEST_METRICS_PORT": str(health_port_base + INGEST_METRICS_OFFSET),
@@ -95,7 +124,7 @@ def stop_services(processes: dict[str, subprocess.Popen[bytes]]) -> None:
 
 async def register_firms(settings: XietongSettings, firms: list[Firm]) -> dict[str, str]:
     """Tenants and one API key per firm (plaintext keys kept in .run/demo-keys.json, mode 600)."""
-    keys_file = RUN_DIR / "demo-keys.json"
+    keys_file = run_dir() / "demo-keys.json"
     known: dict[str, str] = json.loads(keys_file.read_text()) if keys_file.exists() else {}
     async with ControlWriter(settings) as writer, ControlRegistry(settings) as registry:
         for firm in firms:
@@ -138,10 +167,21 @@ async def publish_loop(
     stop: asyncio.Event,
     stats: Counter[str],
 ) -> None:
-    """Every second, each firm sends its share of ``rate`` events (a few deliberately bad)."""
-    start = datetime.now(UTC) - timedelta(hours=6)  # some history, so windows close during the demo
+    """Every second, each firm sends its share of ``rate`` events (a few deliberately bad).
+
+    Each firm's event time starts where its last run stopped (or 6 h ago the first time, some
+    history so windows close during the demo) and where it stands is kept after every second.
+    """
+    clock_file = run_dir() / "demo-clock.json"
+    clock = load_clock(clock_file)
+    fresh = datetime.now(UTC) - timedelta(hours=6)
     streams = {
-        f.tenant: firm_events(f, start=start, step=timedelta(seconds=20), bad_rate=0.02)
+        f.tenant: firm_events(
+            f,
+            start=resume_start(clock, f.tenant, fresh),
+            step=timedelta(seconds=20),
+            bad_rate=0.02,
+        )
         for f in firms
     }
     per_firm = max(1, int(rate / len(firms)))
@@ -157,6 +197,7 @@ async def publish_loop(
             tick = time.monotonic()
             for firm in firms:
                 batch = list(itertools.islice(streams[firm.tenant], per_firm))
+                clock[firm.tenant] = event_moment(batch[-1])
                 if session is not None:
                     body = b"\n".join(encode(e) for e in batch)
                     async with session.post(
@@ -182,8 +223,17 @@ async def publish_loop(
                     await publish_intake(publisher, intake, firm.tenant, source_ref="demo")
                     stats["accepted"] += len(intake.accepted)
                     stats["refused"] += len(intake.refused)
+            save_clock(clock_file, clock)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, 1.0 - (time.monotonic() - tick)))
+
+
+def dead_letter_reasons(value: dict[str, Any]) -> list[str]:
+    """What the dead-letter panel counts for one dead letter: each field with its reason
+    (``payload.quantity: Input should be a valid number``), or the summary if it names none."""
+    errors = value.get("errors") or []
+    found = [f"{e.get('field') or '(record)'}: {e.get('reason', '?')}" for e in errors]
+    return found or [str(value.get("reason", "?"))]
 
 
 def describe_insight(value: dict[str, Any]) -> str:
@@ -227,7 +277,7 @@ async def watch(
                             f"{tp.topic.split('.')[1]:<12} {describe_insight(decode(record.value))}"
                         )
                     elif tp.topic.endswith(".dlq"):
-                        reasons[decode(record.value).get("reason", "?")] += 1
+                        reasons.update(dead_letter_reasons(decode(record.value)))
             if time.monotonic() - last_draw >= 2:
                 last_draw = time.monotonic()
                 elapsed = max(1e-9, last_draw - began)
@@ -240,11 +290,8 @@ async def watch(
                 ]
                 lines += [f"{t:<28}{counts[t]:>10,}{counts[t] / elapsed:>10,.0f}" for t in topics]
                 if reasons:
-                    lines += [
-                        "",
-                        "dead-letter reasons: "
-                        + ", ".join(f"{r} ({n})" for r, n in reasons.most_common(3)),
-                    ]
+                    lines += ["", "dead-letter reasons (field: reason):"]
+                    lines += [f"  {n:>6,}  {r[:90]}" for r, n in reasons.most_common(5)]
                 lines += ["", "latest insights:"] + [f"  {line}" for line in latest]
                 if "storage" in services and last_draw - last_catalog >= 10:
                     last_catalog = last_draw
@@ -258,17 +305,19 @@ async def watch(
 
 
 async def run(args: argparse.Namespace) -> None:
-    settings = load_settings(event_time_max_ahead_seconds=DEMO_MAX_AHEAD_SECONDS)
-    RUN_DIR.mkdir(parents=True, exist_ok=True)  # a fresh clone has no .run/ yet
-    await ensure_topics(settings, [spec.name for spec in TOPICS], compacted=COMPACTED_TOPICS)
-    firms = make_firms(args.firms)
-    keys = await register_firms(settings, firms)
-    services = existing_services()
-    processes = start_services(services, args.gateway_port, args.health_port_base)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    settings = load_settings(event_time_max_ahead_seconds=DEMO_MAX_AHEAD_SECONDS)
+    run_dir().mkdir(parents=True, exist_ok=True)  # a fresh clone has no .run/ yet
+    await ensure_topics(settings, [spec.name for spec in TOPICS], compacted=COMPACTED_TOPICS)
+    firms = make_firms(args.firms)
+    keys = await register_firms(settings, firms)
+    if stop.is_set():
+        return
+    services = existing_services()
+    processes = start_services(services, args.gateway_port, args.health_port_base)
     if args.duration:
         loop.call_later(args.duration, stop.set)
     stats: Counter[str] = Counter()
@@ -278,7 +327,7 @@ async def run(args: argparse.Namespace) -> None:
             gateway = f"http://127.0.0.1:{args.gateway_port}"
             if not await wait_http(f"{gateway}/healthz"):
                 raise SystemExit(
-                    f"the gateway did not start; see {RUN_DIR / 'logs' / 'ingest.log'}"
+                    f"the gateway did not start; see {run_dir() / 'logs' / 'ingest.log'}"
                 )
         await asyncio.gather(
             publish_loop(settings, firms, keys, gateway, args.rate, stop, stats),
@@ -288,8 +337,35 @@ async def run(args: argparse.Namespace) -> None:
         stop_services(processes)
     print(
         f"\ndemo stopped: {stats['accepted']:,} events accepted, {stats['refused']:,} refused; "
-        f"raw topic {EVENTS_RAW}; logs in {RUN_DIR / 'logs'}"
+        f"raw topic {EVENTS_RAW}; logs in {run_dir() / 'logs'}"
     )
+
+
+def start_infrastructure(args: argparse.Namespace) -> list[str]:
+    """``--up``: Kafka and SeaweedFS as ``make up`` starts them, every port (the services' too)
+    checked first; the environment of ``local.env`` for this process and its services. Returns
+    what was started now."""
+    ports = service_ports(
+        existing_services(), gateway_port=args.gateway_port, health_port_base=args.health_port_base
+    )
+    started = infra.up(infra.LocalPorts.from_env(), also_free=ports)
+    os.environ.update(infra.read_env_file())
+    return started
+
+
+def stop_infrastructure(started: list[str]) -> None:
+    """Stop what the demo started; say what keeps running and how to stop it."""
+    left = sorted(set(infra.running()) - set(started))
+    if started:
+        # a second Ctrl-C must not leave a broker half stopped
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(f"stopping {', '.join(started)} (the demo started them; data kept in {run_dir()})")
+        infra.down(started)
+    if left:
+        print(
+            f"still running: {', '.join(left)} (started before the demo) - `make down` stops them"
+        )
+    print("`make demo` continues where this run stopped; `make clean` wipes all data")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,8 +389,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--duration", type=float, default=0, help="stop after this many seconds (0: Ctrl-C)"
     )
-    asyncio.run(run(parser.parse_args(argv)))
-
-
-if __name__ == "__main__":
-    main()
+    parser.add_argument(
+        "--up",
+        action="store_true",
+        help="start Kafka and SeaweedFS if they do not run (and stop them on exit)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        help="logs, state, keys and the firms' clock (default: XIETONG_RUN_DIR or .run/)",
+    )
+    args = parser.parse_args(argv)
+    if args.run_dir:
+        os.environ["XIETONG_RUN_DIR"] = str(args.run_dir.resolve())
+    before = set(infra.running()) if args.up else set()
+    try:
+        if args.up:
+            start_infrastructure(args)
+        else:
+            infra.require_free(
+                service_ports(
+                    existing_services(),
+                    gateway_port=args.gateway_port,
+                    health_port_base=args.health_port_base,
+                )
+            )
+        asyncio.run(run(args))
+    except (infra.PortsBusy, infra.AlreadyRunning) as error:
+        raise SystemExit(f"demo: {error}") from None
+    except KeyboardInterrupt:
+        pass  # Ctrl-C while Kafka or SeaweedFS started: stop what did
+    finally:
+        if args.up:  # what runs now and did not before: the demo started it
+            stop_infrastructure(sorted(set(infra.running()) - before))

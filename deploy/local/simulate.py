@@ -9,12 +9,14 @@ shows refusals and dead letters. Everything is generated from a seed: nothing is
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 INDUSTRIES = {
@@ -75,6 +77,40 @@ def make_firms(count: int = 8, seed: int = 7) -> list[Firm]:
             )
         )
     return firms
+
+
+# --------------------------------------------------------------------------- event time across runs
+
+
+def load_clock(path: Path) -> dict[str, datetime]:
+    """Where each simulated firm's event time stood when the last run stopped (tenant -> time);
+    empty when there was no run (or the file is unreadable)."""
+    try:
+        saved = json.loads(path.read_text())
+        return {tenant: datetime.fromisoformat(moment) for tenant, moment in saved.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def save_clock(path: Path, clock: Mapping[str, datetime]) -> None:
+    """Keep ``clock`` (tenant -> last event time published), written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({t: m.isoformat() for t, m in sorted(clock.items())}, indent=1))
+    partial.replace(path)
+
+
+def resume_start(clock: Mapping[str, datetime], tenant: str, fresh: datetime) -> datetime:
+    """Where a firm's event time starts: where its last run stopped, so no event falls behind
+    a window analytics already closed for it — or ``fresh`` if that is later (or it never ran)."""
+    last = clock.get(tenant)
+    return fresh if last is None else max(last, fresh)
+
+
+def event_moment(event: Mapping[str, Any]) -> datetime:
+    """An event's time, UTC (a spoiled record may have lost its offset, never its UTC value)."""
+    moment = datetime.fromisoformat(str(event["occurred_at"]))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def envelope(
