@@ -422,3 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if args.up:  # what runs now and did not before: the demo started it
             stop_infrastructure(sorted(set(infra.running()) - before))
+
+
+if __name__ == "__main__":
+    main()
