@@ -42,6 +42,8 @@ from deploy.local.simulate import (
     make_firms,
     resume_start,
     save_clock,
+    supply_history,
+    with_supply,
 )
 from schemas.control import Tenant
 from schemas.topics import COMPACTED_TOPICS, EVENTS_RAW, TOPICS
@@ -146,6 +148,55 @@ async def register_firms(settings: XietongSettings, firms: list[Firm]) -> dict[s
     return known
 
 
+async def prepare_models(settings: XietongSettings, firms: list[Firm]) -> None:
+    """For the ml service: every firm lets the network train models on its data (a grant of
+    ``model_training`` to ``network``), and, once per run folder, 120 days of purchase orders
+    and deliveries are back-filled so there are labelled orders to learn lateness from."""
+    from schemas.control import Grant
+    from schemas.insights import NETWORK_TENANT
+    from shared.control import new_id
+
+    marker = run_dir() / "demo-supply-history"
+    async with ControlWriter(settings) as writer, ControlRegistry(settings) as registry:
+        consenting = {
+            g.owner
+            for g in registry.grants.values()
+            if g.grantee == NETWORK_TENANT and "model_training" in g.insight_types
+        }
+        for firm in firms:
+            if firm.tenant not in consenting:
+                await writer.put_grant(
+                    Grant(
+                        grant_id=new_id(),
+                        owner=firm.tenant,
+                        grantee=NETWORK_TENANT,
+                        insight_types=["model_training"],
+                        purpose="demo: the network's supplier-delay and demand models",
+                        created_at=datetime.now(UTC),
+                    )
+                )
+    if marker.exists():
+        return
+    end = datetime.now(UTC) - timedelta(hours=6)  # where the live streams start the first time
+    history = [e for f in firms for e in supply_history(f, end=end)]
+    async with started(create_producer(settings)) as producer:
+        from services.ingest.intake import Incoming, publish_intake, validate_records
+
+        publisher = BatchPublisher(producer)
+        by_tenant: dict[str, list[dict[str, Any]]] = {}
+        for event in history:
+            by_tenant.setdefault(event["tenant"], []).append(event)
+        for tenant, events in by_tenant.items():
+            intake = validate_records(
+                [Incoming(i, encode(e), e) for i, e in enumerate(events)],
+                tenant,
+                source_system="demo",
+                bounds=settings.event_time_bounds(),
+            )
+            await publish_intake(publisher, intake, tenant, source_ref="demo-history")
+    marker.write_text(f"{len(history)} supply events back-filled\n")
+
+
 async def wait_http(url: str, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
@@ -176,11 +227,15 @@ async def publish_loop(
     clock = load_clock(clock_file)
     fresh = datetime.now(UTC) - timedelta(hours=6)
     streams = {
-        f.tenant: firm_events(
+        f.tenant: with_supply(
+            firm_events(
+                f,
+                start=resume_start(clock, f.tenant, fresh),
+                step=timedelta(seconds=20),
+                bad_rate=0.02,
+            ),
             f,
             start=resume_start(clock, f.tenant, fresh),
-            step=timedelta(seconds=20),
-            bad_rate=0.02,
         )
         for f in firms
     }
@@ -250,6 +305,13 @@ def describe_insight(value: dict[str, Any]) -> str:
         return f"{value['tenant']:<14} cluster {value['cluster']} of k={value['k']}"
     if kind == "correlation":
         return f"{value['tenant']:<14} corr over {len(value['metrics'])} metrics"
+    if kind == "prediction":
+        shown = (
+            f"p(late)={value['probability']:.2f}"
+            if value.get("probability") is not None
+            else f"value={value.get('value') or 0:,.1f}"
+        )
+        return f"{value['tenant']:<14} {value['model_name']} v{value['model_version']} {shown}"
     return f"{value.get('tenant', '?'):<14} {kind}"
 
 
@@ -314,6 +376,7 @@ async def run(args: argparse.Namespace) -> None:
     await ensure_topics(settings, [spec.name for spec in TOPICS], compacted=COMPACTED_TOPICS)
     firms = make_firms(args.firms)
     keys = await register_firms(settings, firms)
+    await prepare_models(settings, firms)
     if stop.is_set():
         return
     services = existing_services()

@@ -373,3 +373,35 @@ def supply_events(
                 ),
             ),
         )
+
+
+def with_supply(
+    events: Iterator[dict[str, Any]],
+    firm: Firm,
+    *,
+    start: datetime,
+    step: timedelta = timedelta(minutes=30),
+    seed: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """``events`` (a firm's stream) merged in event-time order with its purchase orders,
+    deliveries and market prices (:func:`supply_events`)."""
+    supply = supply_events(firm, start=start, step=step, seed=seed)
+    return heapq.merge(events, supply, key=_occurred)
+
+
+def _occurred(event: dict[str, Any]) -> datetime:
+    moment = datetime.fromisoformat(str(event["occurred_at"]))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def supply_history(
+    firm: Firm, *, end: datetime, days: float = 120.0, step: timedelta = timedelta(hours=8)
+) -> list[dict[str, Any]]:
+    """The firm's supply events of the ``days`` before ``end`` (the same suppliers as the live
+    stream's: same seed), to back-fill a demo so the ml service has labelled orders to learn."""
+    out: list[dict[str, Any]] = []
+    for event in supply_events(firm, start=end - timedelta(days=days), step=step):
+        if _occurred(event) >= end:
+            break
+        out.append(event)
+    return out
