@@ -13,11 +13,18 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import TopicPartition
 
 from schemas.control import Grant, Tenant
 from schemas.insights import Prediction
 from schemas.topics import INSIGHT_TOPICS
-from services.ml.app import ModelServer, http_app, run_scoring, train_and_register
+from services.ml.app import (
+    ModelServer,
+    http_app,
+    replay_state,
+    run_scoring,
+    train_and_register,
+)
 from services.ml.handlers import Scorer
 from services.ml.settings import MlSettings
 from services.ml.training import MODEL_TRAINING, NotEnoughFirms
@@ -263,3 +270,30 @@ async def test_model_cards_are_served_to_tenants_with_a_key(
             assert [(c["version"], c["aliases"]) for c in cards] == [(1, ["champion"])]
             assert private.version not in [c["version"] for c in cards]
             assert (await client.get("/healthz")).status == 200
+
+
+async def test_a_restarted_scorer_rebuilds_its_feature_state_from_the_clean_topic(
+    ml_settings: MlSettings, open_registry: Callable[[], ModelRegistry]
+) -> None:
+    settings = ml_settings
+    history = renamed(supply_envelopes(firms=2, per_firm=120), new_id()[:6])
+    await produce(settings, history)
+    async with open_registry() as registry:
+        first = ModelServer(registry, Scorer(source=settings.ml_source_topic))
+        stop, ready = asyncio.Event(), asyncio.Event()
+        loop = asyncio.create_task(run_scoring(settings, stop, first, ready=ready))
+        consumer = create_consumer(settings, settings.ml_group_id)
+        async with started(consumer):
+            partitions = [TopicPartition(settings.ml_source_topic, p) for p in range(3)]
+            async with asyncio.timeout(60):
+                while sum([await consumer.committed(tp) or 0 for tp in partitions]) < len(history):
+                    assert not loop.done(), loop.exception()
+                    await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+
+        second = Scorer(source=settings.ml_source_topic)
+        assert await replay_state(settings, second) == len(history)
+        assert second.supply.deliveries == first.scorer.supply.deliveries
+        assert second.supply.labels == first.scorer.supply.labels
+        assert len(second.supply.labels) > 50
