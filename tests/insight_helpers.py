@@ -15,10 +15,10 @@ from aiohttp.test_utils import TestServer
 from schemas.control import Tenant
 from schemas.insights import NETWORK_TENANT, Benchmark, Insight, Prediction, Provenance, Statistics
 from schemas.topics import INSIGHT_TOPICS
-from services.ingest.auth import REGISTRY_KEY, require_api_key
 from services.ingest.insights import INSIGHTS_KEY, setup_insight_routes
 from shared.codec import encode
 from shared.control import ControlRegistry, ControlWriter, issue_api_key, new_id
+from shared.httpauth import REGISTRY_KEY, require_api_key
 from shared.kafka import BatchPublisher, OutRecord, create_producer, ensure_topics, started
 from shared.sdk import GatewayClient, InsightStream
 from shared.settings import XietongSettings
@@ -150,7 +150,7 @@ class Gateway:
 @asynccontextmanager
 async def gateway_app(settings: XietongSettings) -> AsyncIterator[Gateway]:
     async with network(settings) as net:
-        app = web.Application(middlewares=[require_api_key])
+        app = web.Application(middlewares=[require_api_key()])
         app[REGISTRY_KEY] = net.registry
         setup_insight_routes(app, heartbeat=0.5)
         async with TestServer(app, host="127.0.0.1") as server:

@@ -37,7 +37,6 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from schemas.topics import EVENTS_RAW, dlq
-from services.ingest.auth import REGISTRY_KEY, require_api_key
 from services.ingest.handlers import (
     EVENT_TIME_KEY,
     MAX_BODY_KEY,
@@ -54,6 +53,7 @@ from services.ingest.openapi import build_openapi
 from services.ingest.settings import IngestSettings
 from shared.codec import json_response
 from shared.control import ControlRegistry
+from shared.httpauth import REGISTRY_KEY, require_api_key
 from shared.kafka import create_producer, ensure_topics, started
 from shared.observability import ReadinessCheck, add_health_routes
 
@@ -88,7 +88,7 @@ async def kafka_clients(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: IngestSettings) -> web.Application:
     """The gateway app; Kafka clients start with it (``cleanup_ctx``) and stop with it."""
     metrics = GatewayMetrics.create()
-    app = web.Application(middlewares=[count_requests, answer_errors, require_api_key])
+    app = web.Application(middlewares=[count_requests, answer_errors, require_api_key()])
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = metrics
     app[MAX_BODY_KEY] = settings.ingest_max_body_bytes

@@ -42,7 +42,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import DEFAULT_EVENT_TIME, EventTimeBounds
-from services.ingest.auth import authenticated_tenant
 from services.ingest.csvmap import CsvError, parse_csv, resolve_type
 from services.ingest.intake import (
     ForeignTenant,
@@ -53,6 +52,7 @@ from services.ingest.intake import (
     validate_records,
 )
 from shared.codec import DecodeError, decode, encode, json_response
+from shared.httpauth import authenticated_tenant
 from shared.kafka import BatchPublisher, OutRecord, Text
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Insights and sharing agreements on the gateway.
 
-Routes (every one authenticated by a tenant key, see :mod:`services.ingest.auth`):
+Routes (every one authenticated by a tenant key, see :mod:`shared.httpauth`):
 
 - ``GET /v1/insights?type=&metric=&window_start=&owner=&limit=`` — the latest insights the caller
   may read, newest first;
@@ -61,10 +61,10 @@ from schemas.insights import (
     Statistics,
 )
 from schemas.topics import INSIGHT_TOPICS
-from services.ingest.auth import REGISTRY_KEY, api_key_of, authenticated_tenant
 from shared.codec import DecodeError, decode, encode, json_response
 from shared.control import ControlRegistry, ControlWriter, new_id, now, reading_grants
 from shared.deadletter import field_errors
+from shared.httpauth import REGISTRY_KEY, api_key_of, authenticated_tenant
 from shared.kafka import create_consumer, ensure_topics
 from shared.sdk import InsightFilter
 from shared.settings import XietongSettings

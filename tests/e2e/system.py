@@ -37,10 +37,10 @@ from services.analytics.app import run_analytics
 from services.analytics.settings import AnalyticsSettings, load_analytics_settings
 from services.clean.app import HopStatus, run_clean
 from services.ingest.app import create_app
-from services.ingest.auth import REGISTRY_KEY
 from services.ingest.settings import load_ingest_settings
 from shared.codec import decode, encode
 from shared.control import ControlRegistry, ControlWriter, issue_api_key
+from shared.httpauth import REGISTRY_KEY
 from shared.kafka import create_consumer, create_producer, ensure_topics, started
 from shared.sdk import GatewayClient, InsightStream
 from shared.settings import XietongSettings

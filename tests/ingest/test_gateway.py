@@ -21,10 +21,10 @@ from schemas.control import ApiKey, Tenant
 from schemas.events import EVENT_MODELS
 from schemas.topics import EVENTS_RAW, dlq
 from services.ingest.app import create_app, create_operator_app, operator_port
-from services.ingest.auth import REGISTRY_KEY
 from services.ingest.handlers import METRICS_KEY, PUBLISHER_KEY, ErrorAnswer, IngestAnswer
 from services.ingest.settings import IngestSettings
 from shared.control import ControlRegistry, ControlWriter, issue_api_key, new_id
+from shared.httpauth import REGISTRY_KEY
 from shared.kafka import create_consumer
 from shared.settings import XietongSettings
 from tests.factories import sales_event

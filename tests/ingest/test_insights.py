@@ -19,7 +19,6 @@ from aiohttp.test_utils import TestServer
 
 from schemas.control import Grant, Tenant
 from services.ingest.app import create_app
-from services.ingest.auth import REGISTRY_KEY, require_api_key
 from services.ingest.insights import (
     InsightCache,
     grant_history,
@@ -31,6 +30,7 @@ from services.ingest.insights import (
 )
 from services.ingest.settings import IngestSettings
 from shared.control import issue_api_key, new_id
+from shared.httpauth import REGISTRY_KEY, require_api_key
 from shared.sdk import GatewayClient, GatewayError, InsightFilter, InsightStream, ServerSentEvent
 from shared.settings import XietongSettings, load_settings
 from tests.insight_helpers import (
@@ -409,7 +409,7 @@ async def test_a_stream_ends_when_the_key_is_revoked(gateway: Gateway) -> None:
 @pytest.mark.integration
 async def test_open_streams_end_cleanly_when_the_gateway_stops(settings: XietongSettings) -> None:
     async with network(settings) as net:
-        app = web.Application(middlewares=[require_api_key])
+        app = web.Application(middlewares=[require_api_key()])
         app[REGISTRY_KEY] = net.registry
         setup_insight_routes(app)
         server = TestServer(app, host="127.0.0.1")
