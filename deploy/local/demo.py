@@ -66,6 +66,12 @@ def existing_services() -> list[str]:
     return sorted(p.parent.name for p in (ROOT / "services").glob("*/__main__.py"))
 
 
+READY_FIRST = ("clean", "analytics")
+READY_TIMEOUT = 180.0
+"""The demo's clock (``--duration``) starts once these services are ready (or this many seconds
+have passed)."""
+
+
 def service_port(name: str, gateway_port: int, health_port_base: int) -> int:
     if name == "ingest":
         return gateway_port
@@ -381,8 +387,6 @@ async def run(args: argparse.Namespace) -> None:
         return
     services = existing_services()
     processes = start_services(services, args.gateway_port, args.health_port_base)
-    if args.duration:
-        loop.call_later(args.duration, stop.set)
     stats: Counter[str] = Counter()
     try:
         gateway = None
@@ -392,6 +396,15 @@ async def run(args: argparse.Namespace) -> None:
                 raise SystemExit(
                     f"the gateway did not start; see {run_dir() / 'logs' / 'ingest.log'}"
                 )
+        # clean and analytics first restore their state (from the clean topic when the run
+        # folder's stores are new or stale): what is published before that only waits
+        for name in READY_FIRST:
+            if name in services and not stop.is_set():
+                print(f"waiting for {name} to restore its state ...", flush=True)
+                port = service_port(name, args.gateway_port, args.health_port_base)
+                await wait_http(f"http://127.0.0.1:{port}/readyz", timeout=READY_TIMEOUT)
+        if args.duration:
+            loop.call_later(args.duration, stop.set)
         await asyncio.gather(
             publish_loop(settings, firms, keys, gateway, args.rate, stop, stats),
             watch(settings, stop, stats, services),
