@@ -1,31 +1,60 @@
-"""nlp rows: the service's batch work against the plain pipeline on the same documents.
+"""nlp rows: the service against the plain pipeline on the same documents, in the same run.
 
-``nlp.docs`` — :func:`services.nlp.handlers.analyse_batch` (decode, redact, tokenise, one
-``transform`` + ``predict_proba`` per task and language, insights encoded, windows) over
-batches of 500 clean ``text_document`` events, against the plain pipeline: tokenise (jieba
-precise / nltk RegexpTokenizer) + ``vectorizer.transform`` + ``predict_proba`` in batches of
-500 (target >= 0.7), and against the same plain pipeline one document at a time (>= 3).
-``nlp.redact`` — MB/s of :func:`services.nlp.redact.redact` on the same mixed texts, one core
-(target >= 10). Both in-process, same documents, interleaved repeats; no broker.
+In-process (no broker), each chunk of 500 documents run by every side in turn (rotating order,
+CPU time of this process), so the drift of a shared machine falls on all sides alike:
+
+- ``nlp.docs`` — :func:`services.nlp.handlers.analyse_batch` (decode, check, redact, tokenise,
+  one ``transform`` + ``predict_proba`` per task and language, key terms, insights built and
+  encoded, windows) over the chunk, against the plain pipeline: tokenise (jieba precise / nltk
+  RegexpTokenizer) + ``vectorizer.transform`` + ``predict_proba`` per task and language over the
+  same chunk (target >= 0.7).
+- ``nlp.single`` — the same service work against the plain pipeline one document at a time
+  (target >= 3).
+- ``nlp.redact`` — MB/s of :func:`services.nlp.redact.redact` on the same mixed en/zh texts
+  (about one in ten with a phone number, a resident id, an e-mail or a name), one core
+  (target >= 10).
+
+Through the broker (same documents pre-filled in a fresh topic, drained from the first fetch to
+the append time of the last per-document insight):
+
+- ``nlp.kafka`` — :func:`services.nlp.app.run_nlp` (the service: consumer group, windows,
+  commit points, ``acks=all``) against the plain pipeline in-process over the same documents
+  (information: what the Kafka hop costs).
 """
 
 from __future__ import annotations
 
 import random
+import shutil
 import statistics
+import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from functools import cache, partial
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 
-from services.nlp.classify import KIND_TASK
+from services.nlp.classify import KIND_TASK, TextClassifier, model_name, train
 from services.nlp.corpus import generate, load_zh_sentiment
 from services.nlp.handlers import Keys, Limits, Models, analyse_batch
+from services.nlp.redact import redact
 from services.nlp.tokens import load_jieba, tokenize
 from services.nlp.training import to_examples
 from services.nlp.windows import PartitionTexts
+from shared.kafka import OutRecord
+from shared.models import ModelRegistry
+from shared.settings import XietongSettings
+
+if TYPE_CHECKING:
+    from bench.harness import Options, Progress
+    from bench.results import Row
+
+CHUNK = 500
+KEY = b"k" * 32
 
 
 class _Record(NamedTuple):
@@ -37,10 +66,11 @@ class _Record(NamedTuple):
     timestamp: int
 
 
-def _documents(n: int) -> list[dict[str, Any]]:
-    rng = random.Random(5)
-    zh = load_zh_sentiment()
-    pool = [(d.text, "zh", "customer_feedback") for d in zh[:1000]]
+def documents(n: int, seed: int = 5) -> list[dict[str, Any]]:
+    """``n`` clean ``text_document`` events: Chinese feedback (the shipped sample), English
+    feedback and supplier notes in both languages (generated, some with personal data)."""
+    rng = random.Random(seed)
+    pool = [(d.text, "zh", "customer_feedback") for d in load_zh_sentiment()[:1000]]
     pool += [(d.text, "en", "customer_feedback") for d in generate("sentiment", "en", 500, seed=9)]
     pool += [
         (d.text, d.language, "supplier_note")
@@ -65,10 +95,10 @@ def _documents(n: int) -> list[dict[str, Any]]:
     return out
 
 
-def _models() -> Models:
-    from services.nlp.classify import train
-
-    out = {}
+@cache
+def models() -> Models:
+    """The four classifiers, trained once per process on the shipped and generated sets."""
+    out: dict[tuple[str, str], TextClassifier] = {}
     for task in ("sentiment", "topic"):
         for language in ("en", "zh"):
             data = (
@@ -77,16 +107,29 @@ def _models() -> Models:
                 else generate(task, language, 1200, seed=7)
             )
             out[(task, language)], _ = train(to_examples(data, b"b" * 32), task, language)
+            out[(task, language)].version = 1
     return Models(out)
 
 
-def measure(n: int = 6000, repeats: int = 3) -> dict[str, float]:
+def plain_pipeline(docs: list[tuple[str, str, str]], batch: int, classifiers: Models) -> None:
+    """Tokenise + ``vectorizer.transform`` + ``predict_proba`` per task and language."""
+    for i in range(0, len(docs), batch):
+        groups: dict[tuple[str, str], list[list[str]]] = {}
+        for text, language, task in docs[i : i + batch]:
+            groups.setdefault((task, language), []).append(tokenize(text, language, KEY).terms)
+        for (task, language), terms in groups.items():
+            model = classifiers.classifiers[(task, language)]
+            model.model.predict_proba(model.vectorizer.transform(terms))
+
+
+def measure(n: int = 6000, repeats: int = 3) -> dict[str, list[float]]:
+    """Per repeat: docs/s of the service's batch work and of the plain pipeline (batched and one
+    at a time), and redaction MB/s, chunk by chunk in rotating order (CPU time)."""
     load_jieba()
-    models = _models()
-    events = _documents(n)
+    classifiers = models()
+    events = documents(n)
     values = [orjson.dumps(e) for e in events]
-    key = b"k" * 32
-    plain_docs = [
+    plain = [
         (
             e["payload"]["text"],
             e["payload"]["language"],
@@ -94,59 +137,275 @@ def measure(n: int = 6000, repeats: int = 3) -> dict[str, float]:
         )
         for e in events
     ]
-    ours: list[float] = []
-    batched: list[float] = []
-    single: list[float] = []
-    redact_mb: list[float] = []
-
-    def run_ours() -> float:
+    size = sum(len(t.encode()) for t, _, _ in plain)
+    samples: dict[str, list[float]] = {"ours": [], "batched": [], "single": [], "redact": []}
+    for _ in range(repeats):
         windows = {0: PartitionTexts(86400, 3_600_000)}
-        keys = Keys(key)
-        start = time.perf_counter()
-        for i in range(0, n, 500):
-            records = [_Record("t", 0, j, b"", values[j], 0) for j in range(i, min(n, i + 500))]
-            analyse_batch(records, models, windows, keys, Limits(), "t", datetime.now(UTC))
-        return n / (time.perf_counter() - start)
+        keys = Keys(KEY)
+        spent = dict.fromkeys(samples, 0.0)
+        for chunk_no, start in enumerate(range(0, n, CHUNK)):
+            stop = min(n, start + CHUNK)
+            records = [_Record("t", 0, j, b"", values[j], 0) for j in range(start, stop)]
+            docs = plain[start:stop]
+            jobs: list[tuple[str, Callable[[], object]]] = [
+                (
+                    "ours",
+                    partial(
+                        analyse_batch,
+                        records,
+                        classifiers,
+                        windows,
+                        keys,
+                        Limits(),
+                        "t",
+                        datetime.now(UTC),
+                    ),
+                ),
+                ("batched", partial(plain_pipeline, docs, CHUNK, classifiers)),
+                ("single", partial(plain_pipeline, docs, 1, classifiers)),
+                ("redact", partial(_redact_all, docs)),
+            ]
+            shift = chunk_no % len(jobs)
+            for name, job in jobs[shift:] + jobs[:shift]:
+                began = time.process_time()
+                job()
+                spent[name] += time.process_time() - began
+        for name in ("ours", "batched", "single"):
+            samples[name].append(n / spent[name])
+        samples["redact"].append(size / spent["redact"] / 1e6)
+    return samples
 
-    def run_plain(batch: int) -> float:
-        start = time.perf_counter()
-        for i in range(0, n, batch):
-            groups: dict[tuple[str, str], list[list[str]]] = {}
-            for text, language, task in plain_docs[i : i + batch]:
-                groups.setdefault((task, language), []).append(tokenize(text, language, key).terms)
-            for (task, language), docs in groups.items():
-                model = models.classifiers[(task, language)]
-                model.model.predict_proba(model.vectorizer.transform(docs))
-        return n / (time.perf_counter() - start)
 
-    def run_redact() -> float:
-        from services.nlp.redact import redact
+def _redact_all(docs: list[tuple[str, str, str]]) -> None:
+    for text, _, _ in docs:
+        redact(text, KEY)
 
-        texts = [t for t, _, _ in plain_docs]
-        size = sum(len(t.encode()) for t in texts)
-        start = time.perf_counter()
-        for text in texts:
-            redact(text, key)
-        return size / (time.perf_counter() - start) / 1e6
 
-    for r in range(repeats):
-        for job in (
-            (run_ours, ours),
-            (lambda: run_plain(500), batched),
-            (lambda: run_plain(1), single),
-        )[:: 1 if r % 2 else -1]:
-            job[1].append(job[0]())
-        redact_mb.append(run_redact())
-    return {
-        "nlp.docs_per_s": statistics.median(ours),
-        "plain.batched_docs_per_s": statistics.median(batched),
-        "plain.single_docs_per_s": statistics.median(single),
-        "nlp.docs_vs_batched": statistics.median(o / b for o, b in zip(ours, batched, strict=True)),
-        "nlp.docs_vs_single": statistics.median(o / s for o, s in zip(ours, single, strict=True)),
-        "nlp.redact_mb_per_s": statistics.median(redact_mb),
+class _FixedRegistry:
+    """The registry the service reads, holding this run's four classifiers (no S3 needed)."""
+
+    version = 0
+
+    def __init__(self, classifiers: Models) -> None:
+        self.blobs = {model_name(*k): c.dumps() for k, c in classifiers.classifiers.items()}
+
+    async def __aenter__(self) -> _FixedRegistry:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def resolve(self, name: str, alias: str) -> Any:
+        return SimpleNamespace(name=name, version=1) if name in self.blobs else None
+
+    async def fetch(self, card: Any) -> bytes:
+        return self.blobs[card.name]
+
+    def problem(self) -> str | None:
+        return None
+
+
+async def drain_service(
+    settings: XietongSettings, source: str, target: str, n: int, timeout: float
+) -> float:
+    """docs/s of ``run_nlp`` from its first fetch to the append time of its last insight."""
+    from bench.harness import drain_in_process
+    from bench.workload import unique_topic
+    from services.nlp.app import run_nlp
+    from services.nlp.settings import load_nlp_settings
+
+    state = tempfile.mkdtemp(prefix="xietong-bench-nlp-")
+    try:
+        nlp_settings = load_nlp_settings(
+            **{
+                **settings.model_dump(),
+                "state_dir": state,
+                "network_secret": "bench-network-secret-of-enough-length",
+            },
+            nlp_source_topic=source,
+            nlp_insights_topic=target,
+            nlp_summary_topic=unique_topic("nlp-summary"),
+            nlp_group_id=f"bench-nlp-{uuid.uuid4().hex[:8]}",
+            nlp_bootstrap_models=False,
+        )
+        registry = cast(ModelRegistry, _FixedRegistry(models()))
+        return await drain_in_process(
+            nlp_settings,
+            lambda stop: run_nlp(nlp_settings, stop, registry=registry),
+            source,
+            target,
+            n,
+            timeout,
+        )
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+async def drain_faust(
+    settings: XietongSettings, source: str, target: str, n: int, timeout: float
+) -> float:
+    """docs/s of a Faust agent running :func:`analyse_batch` on ``stream.take_events`` batches
+    of up to 500 (windows kept per partition as in the service), from the first batch the agent
+    gets (later than the first fetch: in Faust's favour) to the append time of its last insight.
+    The agent sends each output without awaiting its delivery (Faust's producer batches them)."""
+    from bench.probe import wait_for_output
+    from shared.faust_app import create_faust_app
+
+    state = tempfile.mkdtemp(prefix="xietong-bench-faust-")
+    classifiers = models()
+    first: list[float] = []
+    try:
+        app = create_faust_app(
+            f"bench-nlp-faust-{uuid.uuid4().hex[:8]}",
+            settings.model_copy(update={"state_dir": state}),
+            store="memory://",
+        )
+        source_topic = app.topic(source, key_serializer="raw", value_serializer="raw")
+        out = app.topic(target, key_serializer="raw", value_serializer="raw")
+        windows = {p: PartitionTexts(86400, 3_600_000) for p in range(settings.kafka_partitions)}
+        keys = Keys(KEY)
+
+        async def analyse(stream: Any) -> None:
+            async for batch in stream.take_events(CHUNK, within=0.05):
+                if not first:
+                    first.append(time.time())
+                records = [
+                    _Record(e.message.topic, e.message.partition, e.message.offset, b"", e.value, 0)
+                    for e in batch
+                ]
+                result = analyse_batch(
+                    records, classifiers, windows, keys, Limits(), source, datetime.now(UTC)
+                )
+                for record in result.insights:
+                    await out.send(key=record.key, value=record.value)
+
+        app.agent(source_topic, name="analyse")(analyse)
+        await app.start()
+        try:
+            end = await wait_for_output(settings, target, n, timeout=timeout)
+        finally:
+            await app.stop()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    return n / max(end - first[0], 1e-3)
+
+
+async def nlp_rows(settings: XietongSettings, options: Options, say: Progress) -> list[Row]:
+    """nlp.docs, nlp.single, nlp.redact (in-process) and nlp.kafka (through the broker)."""
+    from bench.results import Row, Side, paired
+    from bench.workload import create_topics, prefill, unique_topic
+
+    n = max(CHUNK, min(options.events // 5, 6000))
+    rows = {
+        "nlp.docs": Row(
+            "nlp.docs",
+            "nlp batch work / plain tokenise+transform+predict_proba, batches of 500 (docs/s)",
+            target=">= 0.7",
+            events=n,
+        ),
+        "nlp.single": Row(
+            "nlp.single",
+            "nlp batch work / the plain pipeline one document at a time (docs/s)",
+            target=">= 3",
+            events=n,
+        ),
+        "nlp.redact": Row(
+            "nlp.redact", "redaction on mixed en/zh text, one core (MB/s)", target=">= 10", events=n
+        ),
+        "nlp.kafka": Row(
+            "nlp.kafka",
+            "nlp service through Kafka / plain pipeline in-process, batches of 500 (docs/s)",
+            events=n,
+        ),
+        "nlp.faust": Row(
+            "nlp.faust",
+            "Faust agent (take_events, same handler) via Kafka / plain pipeline (docs/s)",
+            target=">= 0.7",
+            events=n,
+        ),
+        "nlp.faust.loop": Row(
+            "nlp.faust.loop", "Faust agent / the aiokafka service, same broker (docs/s)", events=n
+        ),
     }
+    try:
+        found = measure(n, options.warmup + options.repeats)
+    except Exception as error:
+        for key in ("nlp.docs", "nlp.single", "nlp.redact"):
+            rows[key].status, rows[key].reason = "error", f"{type(error).__name__}: {error}"
+    else:
+        keep = slice(options.warmup, None)
+        ours = Side("analyse_batch", "docs/s", found["ours"][keep])
+        paired(rows["nlp.docs"], ours, Side("plain, batches", "docs/s", found["batched"][keep]))
+        paired(rows["nlp.single"], ours, Side("plain, one by one", "docs/s", found["single"][keep]))
+        redact_mb = found["redact"][keep]
+        rows["nlp.redact"].numerator = Side("redact", "MB/s", redact_mb)
+        rows["nlp.redact"].ratio_samples = list(redact_mb)
+        say(
+            f"nlp in-process: {rows['nlp.docs'].ratio:.2f} of batched, "
+            f"{statistics.median(redact_mb):.1f} MB/s"
+        )
+    row = rows["nlp.kafka"]
+    try:
+        events = documents(n, seed=17)
+        records = [OutRecord(e["tenant"].encode(), orjson.dumps(e)) for e in events]
+        plain = [
+            (
+                e["payload"]["text"],
+                e["payload"]["language"],
+                KIND_TASK.get(e["payload"]["kind"], "sentiment"),
+            )
+            for e in events
+        ]
+        service: list[float] = []
+        faust: list[float] = []
+        baseline: list[float] = []
+        for round_no in range(options.warmup + options.repeats):
+            source, target = unique_topic("nlp-in"), unique_topic("nlp-out")
+            await create_topics(
+                settings, [source], partitions=options.partitions, append_time=False
+            )
+            await create_topics(settings, [target], partitions=options.partitions)
+            await prefill(settings, [source], records)
+            faust_target = unique_topic("nlp-faust-out")
+            await create_topics(settings, [faust_target], partitions=options.partitions)
+            began = time.perf_counter()
+            plain_pipeline(plain, CHUNK, models())
+            rate = n / (time.perf_counter() - began)
+            sides = {
+                "service": partial(drain_service, settings, source, target, n, options.timeout),
+                "faust": partial(drain_faust, settings, source, faust_target, n, options.timeout),
+            }
+            got: dict[str, float] = {}
+            for name in list(sides)[:: 1 if round_no % 2 else -1]:
+                got[name] = await sides[name]()
+            say(
+                f"nlp round {round_no}: service via Kafka {got['service']:,.0f}, "
+                f"Faust agent {got['faust']:,.0f}, plain {rate:,.0f} docs/s"
+            )
+            if round_no >= options.warmup:
+                service.append(got["service"])
+                faust.append(got["faust"])
+                baseline.append(rate)
+    except Exception as error:
+        for key in ("nlp.kafka", "nlp.faust", "nlp.faust.loop"):
+            rows[key].status, rows[key].reason = "error", f"{type(error).__name__}: {error}"
+    else:
+        paired(row, Side("run_nlp", "docs/s", service), Side("plain, batches", "docs/s", baseline))
+        row.status = "info"
+        paired(
+            rows["nlp.faust"],
+            Side("Faust agent", "docs/s", faust),
+            Side("plain, batches", "docs/s", baseline),
+        )
+        paired(
+            rows["nlp.faust.loop"],
+            Side("Faust agent", "docs/s", faust),
+            Side("run_nlp", "docs/s", service),
+        )
+        rows["nlp.faust.loop"].status = "info"
+    return list(rows.values())
 
 
 if __name__ == "__main__":
-    for name, value in measure().items():
-        print(f"{name:28} {value:10.2f}")
+    for name, values in measure().items():
+        print(f"{name:10} " + " ".join(f"{v:10.2f}" for v in values))

@@ -68,12 +68,12 @@ class TextClassifier:
     vectorizer: TfidfVectorizer
     model: LogisticRegression
     version: int | None = None
-    terms: np.ndarray[Any, Any] = field(init=False, repr=False)
+    terms: list[str] = field(init=False, repr=False)
     unigram: np.ndarray[Any, Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.terms = self.vectorizer.get_feature_names_out()
-        self.unigram = np.array([" " not in term for term in self.terms])
+        self.terms = [str(term) for term in self.vectorizer.get_feature_names_out()]
+        self.unigram = np.array([" " not in term for term in self.terms], dtype=bool)
 
     @property
     def classes(self) -> list[str]:
@@ -89,19 +89,23 @@ class TextClassifier:
         classes = self.model.classes_
         return [str(classes[i]) for i in best], proba.max(axis=1).tolist(), proba
 
-    def key_terms(self, matrix: Any, row: int, k: int = 5) -> list[str]:
-        """The ``k`` unigrams of a row with the highest TF-IDF weight."""
-        start, end = matrix.indptr[row], matrix.indptr[row + 1]
-        columns = matrix.indices[start:end]
-        weights = matrix.data[start:end]
-        order = np.argsort(-weights, kind="stable")
-        out: list[str] = []
-        for i in order:
-            column = columns[i]
-            if self.unigram[column]:
-                out.append(str(self.terms[column]))
-                if len(out) == k:
-                    break
+    def key_terms(self, matrix: Any, k: int = 5) -> list[list[str]]:
+        """Per row, the ``k`` unigrams with the highest TF-IDF weight (ties: stored order).
+
+        One sort over the whole matrix: by row, then weight descending, then position."""
+        rows = len(matrix.indptr) - 1
+        row_of = np.repeat(np.arange(rows), np.diff(matrix.indptr))
+        keep = self.unigram[matrix.indices]
+        position = np.flatnonzero(keep)
+        row_of, columns = row_of[keep], matrix.indices[keep]
+        order = np.lexsort((position, -matrix.data[keep], row_of))
+        row_of, columns = row_of[order], columns[order]
+        rank = np.arange(len(row_of)) - np.searchsorted(row_of, np.arange(rows))[row_of]
+        chosen = rank < k
+        out: list[list[str]] = [[] for _ in range(rows)]
+        terms = self.terms
+        for row, column in zip(row_of[chosen].tolist(), columns[chosen].tolist(), strict=True):
+            out[row].append(terms[column])
         return out
 
     def dumps(self) -> bytes:

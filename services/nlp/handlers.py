@@ -12,13 +12,12 @@ event types are not ours and are passed over.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from schemas.insights import Provenance, TermCount, TextInsight, TextSummary
 from services.nlp.classify import KIND_TASK, LANGUAGES, TextClassifier, model_name
@@ -61,14 +60,13 @@ class Keys:
 
     def insight_id(self, *parts: object) -> uuid.UUID:
         """Deterministic id: the same document or window gives the same insight id."""
-        text = "\x00".join(str(p) for p in parts).encode()
-        digest = hmac.new(self.network_key, text, hashlib.sha256).digest()
-        return uuid.UUID(bytes=digest[:16], version=4)
+        text = "\x00".join(map(str, parts)).encode()
+        return uuid.UUID(bytes=hmac.digest(self.network_key, text, "sha256")[:16], version=4)
 
 
-@dataclass(frozen=True, slots=True)
-class Analysed:
-    """A text ready for classification: where it came from and its redacted tokens."""
+class Analysed(NamedTuple):
+    """A text ready for classification: where it came from and its redacted tokens (a named
+    tuple: immutable at a third of a frozen dataclass' construction cost)."""
 
     offset: int
     partition: int
@@ -124,9 +122,11 @@ def check_text(event: Any, limits: Limits) -> tuple[str, str, str, str]:
     title = payload.get("title")
     if isinstance(title, str) and title.strip():
         text = f"{title}\n{text}"
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > limits.max_text_bytes:
-        raise Refused(f"text of {size} bytes exceeds the limit of {limits.max_text_bytes}")
+    # a character is at most 4 bytes in UTF-8: most texts need no encoding to be measured
+    if len(text) * 4 > limits.max_text_bytes:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limits.max_text_bytes:
+            raise Refused(f"text of {size} bytes exceeds the limit of {limits.max_text_bytes}")
     kind = payload.get("kind")
     return tenant, str(kind), str(language), text
 
@@ -212,19 +212,26 @@ def classify(
             continue
         matrix = model.transform([docs[i].terms for i in members])
         version = f"{model_name(model.task, language)}/{model.version}" if task else None
-        if task is not None:
-            labels, probabilities, proba = model.predict(matrix)
+        all_terms = model.key_terms(matrix, key_terms)
+        if task is None:
+            for row, i in enumerate(members):
+                out[i] = (None, None, None, None, all_terms[row], None)
+            continue
+        labels, probabilities, proba = model.predict(matrix)
+        sentiments: list[float | None] = [None] * len(members)
+        if task == "sentiment":
             classes = model.classes
+            pos, neg = classes.index("positive"), classes.index("negative")
+            sentiments = [round(d, 4) for d in (proba[:, pos] - proba[:, neg]).tolist()]
         for row, i in enumerate(members):
-            terms = model.key_terms(matrix, row, key_terms)
-            if task is None:
-                out[i] = (None, None, None, None, terms, None)
-                continue
-            sentiment = None
-            if task == "sentiment":
-                pos, neg = classes.index("positive"), classes.index("negative")
-                sentiment = round(float(proba[row, pos] - proba[row, neg]), 4)
-            out[i] = (task, labels[row], round(probabilities[row], 4), sentiment, terms, version)
+            out[i] = (
+                task,
+                labels[row],
+                round(probabilities[row], 4),
+                sentiments[row],
+                all_terms[row],
+                version,
+            )
     return out
 
 
@@ -232,35 +239,48 @@ def document_insight(
     doc: Analysed,
     classified: tuple[str | None, str | None, float | None, float | None, list[str], str | None],
     keys: Keys,
-    source_topic: str,
-    produced_at: datetime,
+    provenance: dict[str, Any],
 ) -> TextInsight:
+    """The insight of one document, validated against its contract in one call (a dict, not
+    nested constructors: the same checks at about two thirds of the cost).
+
+    ``provenance`` holds the fields every document of the batch shares
+    (:func:`batch_provenance`)."""
     task, label, probability, sentiment, terms, version = classified
-    return TextInsight(
-        insight_id=keys.insight_id("text_insight", doc.tenant, doc.event_id),
-        tenant=doc.tenant,
-        provenance=Provenance(
-            window_start=doc.occurred_at,
-            window_end=doc.occurred_at,
-            contributing_partners=1,
-            event_count=1,
-            source_topics=[source_topic],
-            schema_versions={"text_document": doc.schema_version},
-            service=SERVICE,
-            service_version=SERVICE_VERSION,
-            produced_at=produced_at,
-        ),
-        document_event_id=uuid.UUID(doc.event_id),
-        language=doc.language,  # type: ignore[arg-type]
-        label=label,
-        label_probability=probability,
-        sentiment=sentiment,
-        key_terms=terms,
-        kind=doc.kind,
-        task=task,
-        model_version=version,
-        entities=sorted(set(doc.entities)),
+    return TextInsight.model_validate(
+        {
+            "insight_id": keys.insight_id("text_insight", doc.tenant, doc.event_id),
+            "tenant": doc.tenant,
+            "provenance": {
+                **provenance,
+                "window_start": doc.occurred_at,
+                "window_end": doc.occurred_at,
+                "schema_versions": {"text_document": doc.schema_version},
+            },
+            "document_event_id": doc.event_id,
+            "language": doc.language,
+            "label": label,
+            "label_probability": probability,
+            "sentiment": sentiment,
+            "key_terms": terms,
+            "kind": doc.kind,
+            "task": task,
+            "model_version": version,
+            "entities": sorted(set(doc.entities)),
+        }
     )
+
+
+def batch_provenance(source_topic: str, produced_at: datetime) -> dict[str, Any]:
+    """The provenance fields of one document's insight that do not depend on the document."""
+    return {
+        "contributing_partners": 1,
+        "event_count": 1,
+        "source_topics": [source_topic],
+        "service": SERVICE,
+        "service_version": SERVICE_VERSION,
+        "produced_at": produced_at,
+    }
 
 
 def window_summary(
@@ -306,10 +326,11 @@ def analyse_batch(
     result = BatchResult()
     docs = analyse_records(records, keys, limits, result)
     classified = classify(docs, models, limits.key_terms)
+    provenance = batch_provenance(source_topic, produced_at)
     for doc, found in zip(docs, classified, strict=True):
         state = windows[doc.partition]
         if doc.offset >= state.published:
-            insight = document_insight(doc, found, keys, source_topic, produced_at)
+            insight = document_insight(doc, found, keys, provenance)
             result.insights.append(OutRecord(doc.tenant.encode(), encode(insight)))
         counted = state.add(
             TextEvent(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import orjson
 
@@ -45,8 +46,7 @@ class TextWindow:
     classes: dict[str, Counter[str]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class TextEvent:
+class TextEvent(NamedTuple):
     """What a window needs of one analysed text."""
 
     offset: int
