@@ -7,6 +7,7 @@ unauthenticated endpoints of the platform.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -59,5 +60,23 @@ async def serve_health(service: str, host: str, port: int, ready: ReadinessCheck
     add_health_routes(app, service, ready)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as error:
+        await runner.cleanup()
+        if error.errno not in BIND_ERRORS:
+            raise
+        raise cannot_listen(service, error, f"XIETONG_{service.upper()}_HTTP_PORT") from None
     return runner
+
+
+BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+"""Why a port cannot be listened on: the operator's to fix, not a bug to show a traceback for."""
+
+
+def cannot_listen(service: str, error: OSError, setting: str) -> SystemExit:
+    """A port that cannot be listened on, as the one line the process exits with."""
+    return SystemExit(
+        f"{service}: {error.strerror or error} (another process holds it?); "
+        f"choose another port with {setting}"
+    )

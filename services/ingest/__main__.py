@@ -14,6 +14,7 @@ from aiohttp import web
 from services.ingest.app import SERVICE, create_app, operator_port
 from services.ingest.settings import load_ingest_settings
 from shared.logs import configure_logging
+from shared.observability import BIND_ERRORS, cannot_listen
 
 
 def main() -> None:
@@ -21,14 +22,20 @@ def main() -> None:
     configure_logging(SERVICE, settings.log_level, settings.log_format)
     app = create_app(settings)
     app.cleanup_ctx.append(operator_port)
-    web.run_app(
-        app,
-        host=settings.http_host,
-        port=settings.ingest_http_port,
-        access_log=None,
-        shutdown_timeout=30,
-        handle_signals=True,
-    )
+    try:
+        web.run_app(
+            app,
+            host=settings.http_host,
+            port=settings.ingest_http_port,
+            access_log=None,
+            shutdown_timeout=30,
+            handle_signals=True,
+        )
+    except OSError as error:  # a busy port (either of the two) is one line, not a traceback
+        if error.errno not in BIND_ERRORS:
+            raise
+        ports = "XIETONG_INGEST_HTTP_PORT / XIETONG_INGEST_METRICS_PORT"
+        raise cannot_listen(SERVICE, error, ports) from None
 
 
 if __name__ == "__main__":

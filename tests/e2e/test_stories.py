@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import random
 import socket
@@ -32,7 +33,7 @@ from sklearn.preprocessing import StandardScaler
 
 from deploy.local.demo import HEALTH_PORT_OFFSETS
 from deploy.local.infra import ROOT
-from deploy.local.simulate import make_firms
+from deploy.local.simulate import load_clock, make_firms
 from schemas.insights import (
     NETWORK_TENANT,
     Benchmark,
@@ -872,6 +873,18 @@ async def records_since(
     return counts
 
 
+def checkout_run_listing() -> tuple[set[str], bytes | None]:
+    """The checkout's ``.run/``: its entries and its logs' (a ``make demo`` beside the suite
+    keeps writing its stores under ``state/`` and appending to its logs, so neither the stores'
+    files nor sizes are compared), and the demo's keys, which a demo run rewrites."""
+    run = ROOT / ".run"
+    entries = {p.name for p in run.iterdir()} if run.exists() else set()
+    if (run / "logs").is_dir():
+        entries |= {f"logs/{p.name}" for p in (run / "logs").iterdir()}
+    keys = run / "demo-keys.json"
+    return entries, keys.read_bytes() if keys.exists() else None
+
+
 @pytest.mark.slow
 async def test_the_operator_runs_the_demo_and_events_flow_through_every_stage(
     settings: XietongSettings, tmp_path: Path
@@ -879,7 +892,11 @@ async def test_the_operator_runs_the_demo_and_events_flow_through_every_stage(
     """Story 4, the operator: ``python -m deploy.local.demo`` starts every service as a
     process against the broker, registers simulated firms and lets them publish through the
     gateway; it stops by itself after ``--duration`` and exits 0, and in the meantime the
-    firms' events reached the raw and clean topics and came back as insights."""
+    firms' events reached the raw and clean topics and came back as insights. It keeps its
+    logs, state, keys and clock in the run folder it is given: the checkout's ``.run/`` (which a
+    ``make demo`` may be using) is left as it was."""
+    before = checkout_run_listing()
+    run = tmp_path / "run"
     firms = {f.tenant for f in make_firms(5)}
     watched = [EVENTS_RAW, EVENTS_CLEAN, *sorted(set(INSIGHT_TOPICS.values()))]
     marks = await end_offsets(settings, watched)
@@ -892,6 +909,7 @@ async def test_the_operator_runs_the_demo_and_events_flow_through_every_stage(
         "XIETONG_KAFKA_PARTITIONS": str(settings.kafka_partitions),
         "XIETONG_LOG_FORMAT": "text",
         "XIETONG_NETWORK_SECRET": settings.network_key().decode(),
+        "XIETONG_RUN_DIR": str(run),
     }
     output = tmp_path / "demo.out"
     with output.open("wb") as out:
@@ -915,7 +933,7 @@ async def test_the_operator_runs_the_demo_and_events_flow_through_every_stage(
             stderr=subprocess.STDOUT,
         )
         try:
-            code = await asyncio.wait_for(demo.wait(), 150)
+            code = await asyncio.wait_for(demo.wait(), 400)
         except TimeoutError:
             demo.kill()
             await demo.wait()
@@ -929,3 +947,8 @@ async def test_the_operator_runs_the_demo_and_events_flow_through_every_stage(
     assert 0 < counts[EVENTS_CLEAN] <= counts[EVENTS_RAW], (counts, tail)
     insights = {t: n for t, n in counts.items() if t.startswith("insights.")}
     assert sum(insights.values()) > 0, (counts, tail)
+
+    assert checkout_run_listing() == before
+    assert (run / "logs" / "ingest.log").exists() and (run / "state").is_dir()
+    assert set(json.loads((run / "demo-keys.json").read_text())) == firms
+    assert set(load_clock(run / "demo-clock.json")) == firms
