@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from bench import hops, ml, ours, pipeline
+from bench import hops, ml, nlp, ours, pipeline
 from bench.probe import FirstFetch, wait_for_output
 from bench.results import ROW_KEYS, Row, Side, environment, paired, results_document, table
 from bench.workload import create_topics, make_events, prefill, to_records, unique_topic
@@ -297,6 +297,7 @@ async def run_rows(settings: XietongSettings, options: Options, say: Progress) -
     rows.append(await producer_row(settings, options, say))
     rows += await pipeline.pipeline_rows(settings, options, say)
     rows += await ml.ml_rows(settings, options, say)
+    rows += await nlp.nlp_rows(settings, options, say)
     by_key = {row.key: row for row in rows}
     missing = [key for key in ROW_KEYS if key not in by_key]
     if missing:

@@ -41,6 +41,10 @@ ROW_KEYS = (
     "ML1.onerow",
     "ML2",
     "ML3",
+    "nlp.docs",
+    "nlp.single",
+    "nlp.redact",
+    "nlp.kafka",
 )
 """Every row the harness reports, in table order."""
 
@@ -52,7 +56,6 @@ LIBRARIES = (
     "aiohttp",
     "pydantic",
     "pandas",
-    "faust-streaming",
 )
 
 

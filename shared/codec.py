@@ -1,8 +1,8 @@
 """One codec for the whole platform: UTF-8 JSON via orjson.
 
-The same functions serve aiokafka (bytes in, bytes out), aiohttp (``json_response``) and Faust
-(:class:`FaustJsonCodec`, registered as ``"xietong-json"``). Datetimes are written in RFC 3339
-with their offset, UUIDs as strings; pydantic models are dumped in JSON mode first.
+The same functions serve aiokafka (bytes in, bytes out) and aiohttp (``json_response``).
+Datetimes are written in RFC 3339 with their offset, UUIDs as strings; pydantic models are
+dumped in JSON mode first.
 """
 
 from __future__ import annotations
@@ -47,16 +47,3 @@ def json_response(
         body=encode(value), status=status, content_type="application/json", headers=headers
     )
 
-
-def register_faust_codec() -> None:
-    """Make ``"xietong-json"`` available as a Faust ``value_serializer``."""
-    from faust.serializers import codecs
-
-    class FaustJsonCodec(codecs.Codec):
-        def _dumps(self, obj: Any) -> bytes:
-            return encode(obj)
-
-        def _loads(self, data: bytes) -> Any:
-            return decode(data)
-
-    codecs.register("xietong-json", FaustJsonCodec())

@@ -661,7 +661,8 @@ def up(
         if instance is None:
             wanted |= ports.wanted(kind)
         elif not _same_ports(kind, instance, ports):
-            asked = ", ".join(str(p) for p in sorted(ports.wanted(kind)) if p < 10000)
+            wanted_ports = ports.wanted(kind)  # the ports asked for, without the gRPC twins
+            asked = ", ".join(str(p) for p in sorted(wanted_ports) if "gRPC" not in wanted_ports[p])
             _refuse_other_ports(kind, instance, asked)
     require_free(wanted)
     started = []

@@ -14,7 +14,6 @@ from deploy.local.infra import free_port
 from schemas.events import validate_event
 from shared.codec import decode, encode
 from shared.deadletter import dead_letter, dead_letter_record
-from shared.faust_app import create_faust_app
 from shared.logs import JsonFormatter
 from shared.observability import serve_health
 from shared.settings import load_settings
@@ -79,33 +78,3 @@ async def test_health_ready_and_metrics_endpoints() -> None:
             assert "python_info" in await metrics.text()
     finally:
         await runner.cleanup()
-
-
-async def test_faust_app_factory_uses_platform_settings_and_codec() -> None:
-    settings = load_settings(kafka_bootstrap_servers="127.0.0.1:1,127.0.0.1:2")
-    app = create_faust_app("analytics-test", settings, store="memory://")
-    assert [str(url) for url in app.conf.broker] == ["kafka://127.0.0.1:1", "kafka://127.0.0.1:2"]
-    topic = app.topic("in.t.v1", value_serializer="xietong-json")
-    seen: list[dict[str, object]] = []
-
-    @app.agent(topic)
-    async def collect(stream):  # type: ignore[no-untyped-def]
-        async for value in stream:
-            seen.append(value)
-
-    async with collect.test_context() as agent:
-        await agent.put({"tenant": "acme", "amount": 3})
-    assert seen == [{"tenant": "acme", "amount": 3}]
-
-
-def test_faust_app_gets_the_same_sasl_credentials_as_aiokafka() -> None:
-    settings = load_settings(
-        kafka_security_protocol="SASL_PLAINTEXT",
-        kafka_sasl_mechanism="SCRAM-SHA-512",
-        kafka_sasl_username="analytics",
-        kafka_sasl_password="pw",
-    )
-    app = create_faust_app("analytics-test", settings, store="memory://")
-    credentials = app.conf.broker_credentials
-    assert credentials.username == "analytics" and credentials.password == "pw"
-    assert str(credentials.mechanism.value) == "SCRAM-SHA-512"
