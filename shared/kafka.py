@@ -5,6 +5,17 @@ batch of records at once — one aiokafka ``BatchBuilder`` per partition, each k
 looked up once — and waits for the broker to acknowledge all of them together, never one
 delivery at a time. Consumers never auto-commit: :func:`run_batch_loop` commits a ``getmany``
 batch only after its handler has made the results durable (at-least-once).
+
+When the broker goes away: an idempotent producer never gives up a batch (aiokafka retries it
+until the broker answers), so a send in flight waits out the outage; a send that does fail
+(the broker lost the producer's sequence state — ``OutOfOrderSequenceNumber``,
+``UnknownProducerId``, fenced) leaves the producer broken for good, and
+:meth:`BatchPublisher.renew` replaces it with a fresh one (a new producer id). :func:`retrying`
+runs a unit of work until the broker takes it, :class:`KafkaHealth` tells readiness the truth
+within seconds, and :func:`kafka_problem` says in one line what is wrong and what to run.
+Topics are made by :func:`ensure_topics`, never by the broker: the local broker runs with
+``auto.create.topics.enable=false`` (aiokafka 0.14 has no ``allow.auto.create.topics`` switch:
+its metadata requests always allow creation, so the broker setting is the guard).
 """
 
 from __future__ import annotations
@@ -14,18 +25,34 @@ import contextlib
 import logging
 import signal
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    InvalidProducerEpoch,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    TopicAlreadyExistsError,
+    UnknownProducerId,
+)
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from shared.settings import XietongSettings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 Text = bytes | memoryview
@@ -107,8 +134,46 @@ class BatchPublisher:
     """Publishes batches of records: all appended first, then all deliveries awaited together."""
 
     producer: AIOKafkaProducer
+    renew_with: Callable[[], AIOKafkaProducer] | None = None
+    """Makes the (unstarted) producer that :meth:`renew` swaps in; None: no renewal."""
     _partitioner: DefaultPartitioner = field(default_factory=DefaultPartitioner)
     _partitions: dict[str, list[int]] = field(default_factory=dict)
+
+    def broken(self) -> BaseException | None:
+        """The error that killed the producer's sender, or None while it can still deliver."""
+        return producer_failure(self.producer)
+
+    def problem(self) -> str | None:
+        """Why this publisher cannot deliver (for readiness), or None."""
+        error = self.broken()
+        return None if error is None else f"Kafka producer broken, being replaced: {error!r}"
+
+    async def renew(self, failed: AIOKafkaProducer | None = None) -> bool:
+        """Replace the producer by a fresh, started one (a new producer id, sequences from 0).
+
+        For a producer whose idempotence state is broken (:func:`is_broken_producer_error`):
+        it fails every send from then on. ``failed`` is the producer the caller saw fail: if
+        another caller renewed it meanwhile, nothing is done. Raises what ``start()`` raises
+        (the broker is still away: call again later). Returns whether it renewed.
+        """
+        if self.renew_with is None:
+            return False
+        broken = self.producer if failed is None else failed
+        if self.producer is not broken:
+            return True
+        fresh = self.renew_with()
+        await fresh.start()
+        if self.producer is not broken:  # renewed by someone else while this one started
+            await fresh.stop()
+            return True
+        self.producer = fresh
+        self._partitions.clear()
+        log.warning(
+            "Kafka producer replaced",
+            extra={"reason": repr(producer_failure(broken) or "send failed")},
+        )
+        await stop_quietly(broken)
+        return True
 
     async def _partitions_of(self, topic: str) -> list[int]:
         known = self._partitions.get(topic)
@@ -171,6 +236,217 @@ class BatchPublisher:
                 count += len(records)
         await asyncio.gather(*futures)
         return count
+
+
+@contextlib.asynccontextmanager
+async def publishing(settings: XietongSettings, **overrides: Any) -> AsyncIterator[BatchPublisher]:
+    """``async with publishing(settings) as publisher:`` — a :class:`BatchPublisher` over a
+    started :func:`create_producer`, renewable (:meth:`BatchPublisher.renew`); whichever
+    producer it holds at the end is stopped."""
+    publisher = BatchPublisher(
+        create_producer(settings, **overrides),
+        renew_with=lambda: create_producer(settings, **overrides),
+    )
+    await publisher.producer.start()
+    try:
+        yield publisher
+    finally:
+        await publisher.producer.stop()
+
+
+# ------------------------------------------------------------------- when the broker is away
+
+BROKEN_PRODUCER_ERRORS: tuple[type[KafkaError], ...] = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    ProducerFenced,
+    InvalidProducerEpoch,
+)
+"""Errors after which an idempotent producer never delivers again (aiokafka#1038 and kin): the
+broker lost or rejects its producer id and sequence numbers. Only a new producer helps."""
+
+UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (
+    KafkaConnectionError,
+    NodeNotReadyError,
+    KafkaTimeoutError,
+    TimeoutError,
+    ConnectionError,
+)
+
+
+def is_broken_producer_error(error: BaseException) -> bool:
+    """Is ``error`` one after which the producer that raised it must be replaced?"""
+    return isinstance(error, BROKEN_PRODUCER_ERRORS)
+
+
+def producer_failure(producer: Any) -> BaseException | None:
+    """The error its sender task died of (then every send fails at once), else None."""
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    if not isinstance(task, asyncio.Task) or not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
+async def stop_quietly(client: Any, timeout: float = 5.0) -> None:
+    """Stop a client that may be broken or cut off from the broker: a producer's ``stop()``
+    flushes, which would wait for the broker; give it ``timeout`` seconds, then let it go."""
+    try:
+        async with asyncio.timeout(timeout):
+            await client.stop()
+    except (KafkaError, TimeoutError, OSError) as error:
+        log.warning("Kafka client abandoned while stopping", extra={"error": repr(error)})
+
+
+def kafka_problem(error: BaseException, bootstrap: str) -> str:
+    """One line saying what is wrong with Kafka and what to do, for operators and logs."""
+    text = str(error) or type(error).__name__
+    if isinstance(error, UNREACHABLE_ERRORS) or "Unable to bootstrap" in text:
+        return (
+            f"Kafka at {bootstrap} is not reachable — is it running? `make up` starts it "
+            "(`make status` shows what runs; XIETONG_KAFKA_BOOTSTRAP_SERVERS says where to look)"
+        )
+    if is_broken_producer_error(error):
+        return f"Kafka at {bootstrap} refused the producer's sequence ({type(error).__name__})"
+    return f"Kafka at {bootstrap}: {type(error).__name__}: {text}"
+
+
+@dataclass
+class KafkaHealth:
+    """What a service's readiness says about its work with the broker.
+
+    Loops call :meth:`progress` whenever they complete a unit of work with the broker (a batch
+    handled and committed, an empty fetch) and :meth:`failing` when one fails; a background
+    probe (:meth:`watching`) asks the broker for its metadata every ``interval`` seconds, so an
+    idle loop whose broker went away is found out too. Not ready (:meth:`problem`) once the last
+    progress or the last answer of the broker is older than ``unready_after`` seconds.
+    """
+
+    bootstrap: str
+    unready_after: float = 10.0
+    interval: float = 1.0
+    loops: bool = True
+    """False for a service without loops (the gateway): only the broker's answers count."""
+    last_progress: float = field(default_factory=time.monotonic)
+    last_answer: float = field(default_factory=time.monotonic)
+    trouble: str | None = None
+    unanswered: str | None = None
+    """Why the last probe failed; None once the broker answered it."""
+
+    @classmethod
+    def of(cls, settings: XietongSettings, *, loops: bool = True) -> KafkaHealth:
+        return cls(
+            settings.kafka_bootstrap_servers, settings.kafka_unready_after_seconds, loops=loops
+        )
+
+    def unreachable(self) -> str | None:
+        """Why the broker is away, once its probes failed for two intervals; else None."""
+        if self.unanswered is None or time.monotonic() - self.last_answer <= 2 * self.interval:
+            return None
+        return self.unanswered
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()
+        self.trouble = None
+
+    def failing(self, error: BaseException) -> None:
+        self.trouble = kafka_problem(error, self.bootstrap)
+
+    def problem(self) -> str | None:
+        """None when the loops progress and the broker answers, else why not (``/readyz``)."""
+        now = time.monotonic()
+        since = min(self.last_progress, self.last_answer) if self.loops else self.last_answer
+        quiet = now - since
+        if quiet <= self.unready_after:
+            return None
+        if now - self.last_answer > self.unready_after:
+            silent = f"Kafka at {self.bootstrap} has not answered for {quiet:.0f} s"
+            return self.unanswered or silent
+        return f"no progress with Kafka for {quiet:.0f} s" + (
+            f": {self.trouble}" if self.trouble else ""
+        )
+
+    @contextlib.asynccontextmanager
+    async def watching(self, settings: XietongSettings) -> AsyncIterator[KafkaHealth]:
+        """Probe the broker in the background for the life of the block."""
+        task = asyncio.create_task(self._probe(settings), name="kafka-health")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _probe(self, settings: XietongSettings) -> None:
+        client: AIOKafkaClient | None = None
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(max(self.interval, 2.0)):
+                        if client is None:
+                            client = AIOKafkaClient(**connection_config(settings))
+                            await client.bootstrap()
+                        await client.fetch_all_metadata()
+                    self.last_answer = time.monotonic()
+                    self.unanswered = None
+                except (KafkaError, OSError, TimeoutError) as error:
+                    self.unanswered = self.trouble = kafka_problem(error, self.bootstrap)
+                    if client is not None and not client.cluster.brokers():
+                        await client.close()
+                        client = None  # never bootstrapped: try from scratch next time
+                await asyncio.sleep(self.interval)
+        finally:
+            if client is not None:
+                await client.close()
+
+
+async def retrying(
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    health: KafkaHealth | None = None,
+    stop: asyncio.Event | None = None,
+    publisher: BatchPublisher | None = None,
+    bootstrap: str = "Kafka",
+    max_delay: float = 5.0,
+) -> T:
+    """Run ``attempt`` until the broker takes it: a :class:`KafkaError` or a timeout is logged
+    in one line (repeats are collapsed by :class:`shared.logs.RepeatFilter`), a broken
+    ``publisher`` is renewed, and the attempt runs again after a back-off (0.2 s doubling to
+    ``max_delay``). ``attempt`` must be safe to repeat (idempotent output). Any other error
+    propagates, and so do a refused commit (``CommitFailedError``, ``IllegalStateError``: a
+    rebalance, not an outage) and the last Kafka error once ``stop`` is set (the caller stops
+    without committing: the work is read again on restart).
+    """
+    delay = 0.2
+    while True:
+        try:
+            result = await attempt()
+        except (CommitFailedError, IllegalStateError):
+            raise
+        except (KafkaError, TimeoutError, OSError) as error:
+            if health is not None:
+                health.failing(error)
+                bootstrap = health.bootstrap
+            if stop is not None and stop.is_set():
+                raise
+            log.warning(
+                "%s failed; retrying: %s",
+                what,
+                kafka_problem(error, bootstrap),
+                extra={"what": what},
+            )
+            if publisher is not None and (
+                is_broken_producer_error(error) or publisher.broken() is not None
+            ):
+                with contextlib.suppress(KafkaError, OSError, TimeoutError):
+                    await publisher.renew()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+            continue
+        if health is not None:
+            health.progress()
+        return result
 
 
 async def ensure_topics(
@@ -250,23 +526,56 @@ async def run_batch_loop(
     *,
     max_records: int,
     timeout_ms: int,
+    health: KafkaHealth | None = None,
+    publisher: BatchPublisher | None = None,
 ) -> None:
     """At-least-once micro-batch loop: ``getmany`` -> ``handle`` (makes results durable) -> commit.
 
-    An exception from ``handle`` is logged with the batch's coordinates and re-raised: the
-    worker stops rather than skip data; the uncommitted batch is read again on restart.
+    A Kafka error from ``handle`` or the commit (the broker is away, the producer broke) runs
+    them again on the same batch until the broker takes it (:func:`retrying`; ``handle`` must
+    be idempotent downstream, and ``publisher`` is renewed when its producer broke). Any other
+    exception from ``handle`` is logged with the batch's coordinates and re-raised: the worker
+    stops rather than skip data; the uncommitted batch is read again on restart.
     """
     while not stop.is_set():
         batch: Batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         if not batch:
+            if health is not None:
+                health.progress()
             continue
-        try:
+
+        async def handled(batch: Batch = batch) -> None:
             await handle(batch)
+            try:
+                await consumer.commit()
+            except (CommitFailedError, IllegalStateError) as error:
+                # a rebalance took the partitions: their next owner reads the batch again
+                log.warning("commit refused after a rebalance", extra={"error": str(error)})
+
+        try:
+            await retrying(
+                handled,
+                what="batch",
+                health=health,
+                stop=stop,
+                publisher=publisher,
+                bootstrap=_bootstrap_of(consumer),
+            )
         except Exception:
-            coordinates = {
-                f"{tp.topic}[{tp.partition}]": [records[0].offset, records[-1].offset]
-                for tp, records in batch.items()
-            }
-            log.exception("batch failed; stopping without commit", extra={"batch": coordinates})
+            log.exception("batch failed; stopping without commit", extra=batch_coordinates(batch))
             raise
-        await consumer.commit()
+
+
+def batch_coordinates(batch: Batch) -> dict[str, Any]:
+    """``extra=`` for a log line about ``batch``: each partition's first and last offset."""
+    return {
+        "batch": {
+            f"{tp.topic}[{tp.partition}]": [records[0].offset, records[-1].offset]
+            for tp, records in batch.items()
+        }
+    }
+
+
+def _bootstrap_of(client: Any) -> str:
+    servers = getattr(getattr(client, "_client", None), "_bootstrap_servers", None)
+    return servers if isinstance(servers, str) else "Kafka"

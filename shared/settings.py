@@ -42,6 +42,12 @@ class XietongSettings(BaseSettings):
     kafka_fetch_timeout_ms: int = Field(
         200, ge=1, description="How long getmany waits for records."
     )
+    kafka_unready_after_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A service whose loops made no progress with Kafka, or whose broker did not "
+        "answer, for this long says so on /readyz (503).",
+    )
 
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint; None means AWS itself.")
     s3_region: str = "us-east-1"

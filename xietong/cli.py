@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import logging
 import sys
 import uuid
 from collections import Counter
@@ -38,13 +39,14 @@ from typing import Any, TypeVar
 
 import click
 import orjson
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from schemas.control import Tenant
 from schemas.events import latest_version
 from schemas.topics import EVENTS_RAW, dlq
 from shared.control import ControlRegistry, ControlWriter, issue_api_key
-from shared.kafka import BatchPublisher, create_producer, ensure_topics, started
+from shared.kafka import BatchPublisher, create_producer, ensure_topics, kafka_problem, started
 from shared.settings import XietongSettings, load_settings
 from xietong.models import models
 from xietong.share import share, subscribe
@@ -101,7 +103,23 @@ def moment(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else "-"
 
 
-@click.group()
+class KafkaAwareGroup(click.Group):
+    """The top-level group: a Kafka failure ends any command with one line saying what is wrong
+    and what to run (``Error: Kafka at 127.0.0.1:9092 is not reachable — is it running? ...``,
+    exit status 1), never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # aiokafka's own warnings would reach stderr through logging's last resort: the one
+        # line below says it all
+        logging.getLogger("aiokafka").addHandler(logging.NullHandler())
+        try:
+            return super().invoke(ctx)
+        except (KafkaError, TimeoutError, ConnectionError) as error:
+            bootstrap = ctx.obj.settings().kafka_bootstrap_servers if ctx.obj else "Kafka"
+            raise click.ClickException(kafka_problem(error, bootstrap)) from None
+
+
+@click.group(cls=KafkaAwareGroup)
 @click.option(
     "--kafka",
     "bootstrap",

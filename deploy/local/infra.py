@@ -293,7 +293,7 @@ def _kafka_properties(port: int, controller_port: int, data_dir: Path, partition
             "share.coordinator.state.topic.replication.factor=1",
             "share.coordinator.state.topic.min.isr=1",
             "group.initial.rebalance.delay.ms=0",
-            "auto.create.topics.enable=true",
+            "auto.create.topics.enable=false",  # only ensure_topics makes topics (shaped)
             "log.retention.hours=168",
             "message.max.bytes=16777216",
             "",

@@ -43,6 +43,11 @@ committed offset without publishing, which rebuilds its state, then goes on. Any
 re-published after a restart has the same deterministic ``insight_id`` (a keyed hash, under the
 network secret, of type, tenant, metric and window; of the fit for clusters) and the same
 content, benchmark noise included: consumers de-duplicate by id.
+
+When the broker goes away both loops wait for it and carry on by themselves: a publish or a
+commit that fails with a Kafka error is tried again on the same output (the ids make that
+safe; a producer whose idempotence state broke is replaced), and readiness says so while a loop
+makes no progress with the broker (:class:`shared.kafka.KafkaHealth`).
 """
 
 from __future__ import annotations
@@ -91,11 +96,13 @@ from shared.deadletter import dead_letter_record, record_dead_letter
 from shared.kafka import (
     Batch,
     BatchPublisher,
+    KafkaHealth,
     OutRecord,
     connection_config,
     create_consumer,
-    create_producer,
     ensure_topics,
+    publishing,
+    retrying,
     started,
     stop_on_signals,
 )
@@ -493,8 +500,9 @@ class _RestoreWindows(ConsumerRebalanceListener):  # type: ignore[misc]
         if not assigned:
             return
         self.worker.partitions = max(self.worker.partitions, *(tp.partition + 1 for tp in assigned))
-        committed = await self.admin.list_consumer_group_offsets(
-            self.group, partitions=list(assigned)
+        committed = await retrying(
+            lambda: self.admin.list_consumer_group_offsets(self.group, partitions=list(assigned)),
+            what="reading the firm windows' commit points",
         )
         for tp in assigned:
             found = committed.get(tp)
@@ -513,7 +521,22 @@ async def run_firm_windows(
     source: str,
     publisher: BatchPublisher,
     origin: Origin,
+    health: KafkaHealth | None = None,
 ) -> None:
+    def publish(out: dict[str, Sequence[OutRecord]], what: str) -> Any:
+        return retrying(
+            lambda: publisher.publish_many(out),
+            what=what,
+            health=health,
+            stop=stop,
+            publisher=publisher,
+        )
+
+    async def commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, Any]) -> None:
+        await retrying(
+            lambda: _commit(consumer, offsets), what="firm window commit", health=health, stop=stop
+        )
+
     store = RestatementStore(Path(settings.state_dir) / "analytics-restatements")
     worker = FirmWindows(settings, source, origin, store=store)
     admin = AIOKafkaAdminClient(**connection_config(settings))
@@ -538,22 +561,24 @@ async def run_firm_windows(
                     now=datetime.now(UTC),
                 )
                 if any(idle.values()):
-                    await publisher.publish_many(dict(idle.items()))
+                    await publish(dict(idle.items()), "quiet firms' windows")
                     worker.confirm()
                     if not batch:  # quiet firms' windows closed: the commit moves on
-                        await _commit(consumer, worker.commit_points(consumer.assignment()))
+                        await commit(consumer, worker.commit_points(consumer.assignment()))
                 if not batch:
+                    if health is not None:
+                        health.progress()
                     continue
                 try:
                     out = worker.process(batch, datetime.now(UTC))
-                    await publisher.publish_many(dict(out.items()))
+                    await publish(dict(out.items()), "firm window batch")
                     worker.confirm()
                 except Exception:
                     log.exception(
                         "firm window batch failed; stopping without commit", extra=_where(batch)
                     )
                     raise
-                await _commit(consumer, worker.commit_points(consumer.assignment()))
+                await commit(consumer, worker.commit_points(consumer.assignment()))
     finally:
         await admin.close()
         store.close()
@@ -658,8 +683,9 @@ class _ReplayNetwork(ConsumerRebalanceListener):  # type: ignore[misc]
         if not assigned:
             return
         self.network.fresh()
-        committed = await self.admin.list_consumer_group_offsets(
-            self.group, partitions=list(assigned)
+        committed = await retrying(
+            lambda: self.admin.list_consumer_group_offsets(self.group, partitions=list(assigned)),
+            what="reading the network's commit point",
         )
         settings = self.network.settings
         for tp in sorted(assigned):
@@ -685,6 +711,7 @@ async def run_network(
     publisher: BatchPublisher,
     registry: ControlRegistry,
     origin: Origin,
+    health: KafkaHealth | None = None,
 ) -> None:
     network = Network(settings, origin, registry)
     admin = AIOKafkaAdminClient(**connection_config(settings))
@@ -702,12 +729,21 @@ async def run_network(
                     max_records=settings.kafka_fetch_max_records,
                 )
                 if not batch:
+                    if health is not None:
+                        health.progress()
                     continue
                 values = [r.value for _, records in sorted(batch.items()) for r in records]
                 try:
                     # KMeans may take a moment: keep the event loop (and the firm loop) moving.
                     insights = await asyncio.to_thread(network.process, values, emit=True)
-                    await publisher.publish_many(dict(insight_records(insights).items()))
+                    out = dict(insight_records(insights).items())
+                    await retrying(
+                        lambda out=out: publisher.publish_many(out),  # type: ignore[misc]
+                        what="network batch",
+                        health=health,
+                        stop=stop,
+                        publisher=publisher,
+                    )
                 except Exception:
                     log.exception(
                         "network batch failed; stopping without commit", extra=_where(batch)
@@ -716,7 +752,7 @@ async def run_network(
                 for insight in insights:
                     INSIGHTS.labels(insight.type).inc()
                 with contextlib.suppress(CommitFailedError, IllegalStateError):
-                    await consumer.commit()
+                    await retrying(consumer.commit, what="network commit", health=health, stop=stop)
     finally:
         await admin.close()
 
@@ -730,37 +766,46 @@ async def run_analytics(
     *,
     source: str = EVENTS_CLEAN,
     ready: asyncio.Event | None = None,
+    health: KafkaHealth | None = None,
 ) -> None:
     """Run both loops until ``stop`` is set (each finishes its batch and commits), or until one
-    of them fails (then the other is cancelled and the error propagates)."""
-    await ensure_topics(settings, [source, dlq(source), *INSIGHT_TOPICS.values()])
-    await ensure_topics(settings, [settings.analytics_firm_windows_topic], partitions=1)
+    of them fails (then the other is cancelled and the error propagates). A broker not there
+    yet is waited for; ``health`` (optional) hears from both loops."""
+
+    async def create_topics() -> None:
+        await ensure_topics(settings, [source, dlq(source), *INSIGHT_TOPICS.values()])
+        await ensure_topics(settings, [settings.analytics_firm_windows_topic], partitions=1)
+
+    await retrying(create_topics, what="creating the analytics topics", health=health, stop=stop)
     origin = Origin((source,), service_version(), settings.network_key())
     async with (
         ControlRegistry(settings) as registry,
-        started(create_producer(settings)) as producer,
+        publishing(settings) as publisher,
     ):
-        publisher = BatchPublisher(producer)
         if ready is not None:
             ready.set()
         async with asyncio.TaskGroup() as group:
-            group.create_task(run_firm_windows(settings, stop, source, publisher, origin))
-            group.create_task(run_network(settings, stop, publisher, registry, origin))
+            group.create_task(run_firm_windows(settings, stop, source, publisher, origin, health))
+            group.create_task(run_network(settings, stop, publisher, registry, origin, health))
 
 
 async def serve(settings: AnalyticsSettings) -> None:
     """The process: health and metrics over HTTP, both loops, SIGTERM drains and commits."""
     stop, ready = asyncio.Event(), asyncio.Event()
     stop_on_signals(stop)
+    health = KafkaHealth.of(settings)
 
     async def readiness() -> str | None:
-        return None if ready.is_set() else "starting"
+        return health.problem() if ready.is_set() else "starting"
 
     runner = await serve_health(
         SERVICE, settings.http_host, settings.analytics_http_port, readiness
     )
     try:
-        await run_analytics(settings, stop, source=settings.analytics_source_topic, ready=ready)
+        async with health.watching(settings):
+            await run_analytics(
+                settings, stop, source=settings.analytics_source_topic, ready=ready, health=health
+            )
     finally:
         await runner.cleanup()
 

@@ -54,13 +54,21 @@ Dead letters are at-least-once: a record refused just before a crash may be dead
 A worker that lost its partition and has not noticed yet (a long pause) can still publish a batch
 its successor publishes too; without Kafka transactions nothing fences it, so analytics counts an
 event id it already holds once (:mod:`services.analytics.windows`).
-An unexpected error (a failed publish, a failed restore, a failed write to the store) is logged
-with the batch's coordinates and stops the worker without committing, rather than skip data.
+When the broker goes away the hop waits for it, then carries on by itself: a batch whose
+publish fails (a Kafka error: the broker lost the producer's sequence state, a metadata request
+timed out) is *rewound* — every output in flight settled, a broken producer replaced, the
+batch's partitions restored from the clean topic as on assignment (so what was acknowledged of
+it is known), the consumer put back at the batch's first offsets — and cleaned again, its
+acknowledged part now dropped as duplicates. A restore or a commit that fails with a Kafka error
+is tried again. Readiness (:class:`shared.kafka.KafkaHealth`) says so while the loop makes no
+progress with the broker. Any other error (a failed write to the store, a bug) is logged with
+the batch's coordinates and stops the worker without committing, rather than skip data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -81,11 +89,17 @@ from shared.codec import decode
 from shared.kafka import (
     NO_HEADERS,
     BatchPublisher,
+    KafkaHealth,
     OutRecord,
+    batch_coordinates,
     create_consumer,
     create_producer,
     ensure_topics,
+    is_broken_producer_error,
+    retrying,
+    stop_quietly,
 )
+from shared.rates import RatesReader
 from shared.settings import XietongSettings
 
 log = logging.getLogger(__name__)
@@ -126,11 +140,15 @@ class HopStatus:
     restored: int = 0
     rerouted: int = 0
     batches: int = 0
+    rewound: int = 0
+    health: KafkaHealth | None = None
 
     def problem(self) -> str | None:
         """None when ready, else why not (for ``/readyz``)."""
         if not self.started:
             return "starting"
+        if self.health is not None and (trouble := self.health.problem()) is not None:
+            return trouble
         if self.restoring:
             return f"restoring partitions {sorted(self.restoring)}"
         return None
@@ -186,11 +204,12 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
         restorer: AIOKafkaConsumer,
         status: HopStatus,
         partitions: int,
+        renew_with: Any = None,
     ) -> None:
         self.settings = settings
         self.source, self.target, self.dead_topic = source, target, dlq(source)
-        self.consumer, self.producer, self.restorer = consumer, producer, restorer
-        self.publisher = BatchPublisher(producer)
+        self.consumer, self.restorer = consumer, restorer
+        self.publisher = BatchPublisher(producer, renew_with=renew_with)
         self.state = CleanState(
             CleanRules.from_settings(settings),
             Path(settings.state_dir) / SERVICE / target,
@@ -221,7 +240,11 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
         numbers = [tp.partition for tp in mine]
         self.status.restoring.update(numbers)
         try:
-            await self.restore(numbers)
+            await retrying(
+                lambda: self.restore(numbers),
+                what="restoring the clean state",
+                health=self.status.health,
+            )
         except asyncio.CancelledError:  # the consumer is stopping
             raise
         except BaseException as error:  # aiokafka only logs listener errors: stop the loop
@@ -326,9 +349,15 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ the loop
 
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        """The producer of the moment (a broken one is replaced: :meth:`rewind`)."""
+        return self.publisher.producer
+
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
         self.status.started = True
+        health = self.status.health
         while not stop.is_set():
             batch = await self.consumer.getmany(
                 timeout_ms=settings.kafka_fetch_timeout_ms,
@@ -337,10 +366,53 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
             if self.failure is not None:
                 raise RuntimeError("the clean state could not be restored") from self.failure
             if batch:
-                await self.handle(batch)
+                await self.handle(batch, stop)
+            elif health is not None:
+                health.progress()
 
-    async def handle(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        """Clean one batch, publish everything, await all acks, then commit."""
+    async def rewind(
+        self,
+        ready: dict[TopicPartition, list[Any]],
+        error: BaseException,
+        in_flight: Sequence[asyncio.Future[Any]],
+        stop: asyncio.Event | None,
+    ) -> None:
+        """After a failed publish: put everything back as it was before the batch, so that
+        reading it again cleans exactly what was not acknowledged (see the module docstring)."""
+        if self.status.health is not None:
+            self.status.health.failing(error)
+        log.warning(
+            "clean batch not acknowledged; rewinding it to clean again",
+            extra={"error": repr(error), **batch_coordinates(ready)},
+        )
+        if in_flight:  # let what is in flight land (or fail) before the restore reads it back
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.kafka_unready_after_seconds):
+                    await asyncio.gather(*in_flight, return_exceptions=True)
+        if is_broken_producer_error(error) or self.publisher.broken() is not None:
+            await retrying(
+                self.publisher.renew,
+                what="replacing the clean producer",
+                health=self.status.health,
+                stop=stop,
+            )
+        mine = [tp for tp in ready if tp in self.consumer.assignment()]
+        numbers = [tp.partition for tp in mine]
+        await retrying(
+            lambda: self.restore(numbers),
+            what="restoring the clean state",
+            health=self.status.health,
+            stop=stop,
+        )
+        for tp in mine:
+            self.consumer.seek(tp, ready[tp][0].offset)
+        self.status.rewound += 1
+
+    async def handle(
+        self, batch: dict[TopicPartition, list[Any]], stop: asyncio.Event | None = None
+    ) -> None:
+        """Clean one batch, publish everything, await all acks, then commit (or, when Kafka
+        fails it, :meth:`rewind` it to be cleaned again)."""
         started = time.perf_counter()
         ready: dict[TopicPartition, list[Any]] = {}
         for tp, records in batch.items():
@@ -351,24 +423,30 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
         if not ready:
             return
         try:
+            await self.state.rates_caught_up(ready)  # rates as of the records' timestamps
             now_ms = int(time.time() * 1000)
             result = clean_batch(chain.from_iterable(ready.values()), self.state, now_ms)
             self._idle.clear()
             try:
                 sent: dict[int, list[tuple[asyncio.Future[Any], int]]] = {}
-                for partition, records in result.clean.items():
-                    sent[partition] = await send_to_partition(
-                        self.producer, self.target, partition, records, now_ms
-                    )
-                futures = [future for batches in sent.values() for future, _ in batches]
-                for partition, records in result.rerouted.items():
-                    rerouted = await send_to_partition(
-                        self.producer, self.source, partition, records
-                    )
-                    futures += [future for future, _ in rerouted]
-                if result.dead:
-                    futures += await self.publisher.enqueue(self.dead_topic, result.dead)
-                await asyncio.gather(*futures)
+                futures: list[asyncio.Future[Any]] = []
+                try:
+                    for partition, records in result.clean.items():
+                        sent[partition] = await send_to_partition(
+                            self.producer, self.target, partition, records, now_ms
+                        )
+                        futures += [future for future, _ in sent[partition]]
+                    for partition, records in result.rerouted.items():
+                        rerouted = await send_to_partition(
+                            self.producer, self.source, partition, records
+                        )
+                        futures += [future for future, _ in rerouted]
+                    if result.dead:
+                        futures += await self.publisher.enqueue(self.dead_topic, result.dead)
+                    await asyncio.gather(*futures)
+                except (KafkaError, TimeoutError) as error:
+                    await self.rewind(ready, error, futures, stop)
+                    return
                 # the ids just acknowledged to disk, and the checkpoint if nobody else wrote
                 for tp in ready:
                     acked = [
@@ -390,9 +468,13 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
                 "clean batch failed; stopping without commit", extra={"batch": coordinates}
             )
             raise
+        offsets = {tp: records[-1].offset + 1 for tp, records in ready.items()}
         try:
-            await self.consumer.commit(
-                {tp: records[-1].offset + 1 for tp, records in ready.items()}
+            await retrying(
+                lambda: self.consumer.commit(offsets),
+                what="committing the clean batch",
+                health=self.status.health,
+                stop=stop,
             )
         except (CommitFailedError, IllegalStateError) as error:
             log.warning(
@@ -454,10 +536,29 @@ async def run_clean(
     if not isinstance(settings, CleanSettings):
         settings = load_clean_settings(**settings.model_dump())
     status = status if status is not None else HopStatus()
-    partitions = await prepare_topics(settings, source, target)
+    health = status.health = status.health or KafkaHealth.of(settings)
+    async with health.watching(settings):
+        return await _run_hop(settings, stop, source, target, group_id, status)
+
+
+async def _run_hop(
+    settings: CleanSettings,
+    stop: asyncio.Event,
+    source: str,
+    target: str,
+    group_id: str | None,
+    status: HopStatus,
+) -> HopStatus:
+    partitions = await retrying(  # a broker not there yet is waited for
+        lambda: prepare_topics(settings, source, target),
+        what="creating the clean topics",
+        health=status.health,
+        stop=stop,
+    )
     producer = create_producer(settings)
     consumer = create_consumer(settings, group_id or settings.clean_group_id)
     restorer = create_consumer(settings, None, enable_auto_commit=False)
+    hop: CleanHop | None = None
     await producer.start()
     try:
         await restorer.start()
@@ -471,11 +572,14 @@ async def run_clean(
                 restorer=restorer,
                 status=status,
                 partitions=partitions,
+                renew_with=lambda: create_producer(settings),
             )
             consumer.subscribe([source], listener=hop)
             await consumer.start()
             try:
-                await hop.run(stop)
+                async with RatesReader(settings, settings.clean_rates_topic) as rates:
+                    hop.state.follow_rates(rates)  # prices converted with the dated rates
+                    await hop.run(stop)
             finally:
                 try:
                     await consumer.stop()
@@ -484,8 +588,11 @@ async def run_clean(
         finally:
             await restorer.stop()
     finally:
+        current = hop.producer if hop is not None else producer
+        if current is not producer:
+            await stop_quietly(producer)  # replaced: already stopped
         try:
-            await producer.stop()
+            await current.stop()
         except KafkaError:
             log.exception("producer did not stop cleanly")
     return status

@@ -30,15 +30,15 @@ and ``/openapi.json`` (OpenAPI 3.1) — these three need no key. The Prometheus 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiokafka import AIOKafkaProducer
 
 from schemas.topics import EVENTS_RAW, dlq
 from services.ingest.handlers import (
     EVENT_TIME_KEY,
+    KAFKA_HEALTH_KEY,
     MAX_BODY_KEY,
     METRICS_KEY,
     PUBLISH_TIMEOUT_KEY,
@@ -54,7 +54,7 @@ from services.ingest.settings import IngestSettings
 from shared.codec import json_response
 from shared.control import ControlRegistry
 from shared.httpauth import REGISTRY_KEY, require_api_key
-from shared.kafka import create_producer, ensure_topics, started
+from shared.kafka import KafkaHealth, create_producer, ensure_topics, stop_quietly
 from shared.observability import ReadinessCheck, add_health_routes
 
 SERVICE = "ingest"
@@ -67,22 +67,32 @@ async def kafka_clients(app: web.Application) -> AsyncIterator[None]:
     """Own the producer and the control registry for the life of the app."""
     settings = app[SETTINGS_KEY]
     await ensure_topics(settings, [EVENTS_RAW, dlq(EVENTS_RAW)])
+
     # No linger: the publisher already groups concurrent requests into one batch per partition
     # (group commit), so waiting for more records would only add latency to every request.
-    producers = [create_producer(settings, linger_ms=0) for _ in range(settings.ingest_producers)]
-    async with contextlib.AsyncExitStack() as stack:
+    def new_producer() -> AIOKafkaProducer:
+        return create_producer(settings, linger_ms=0)
+
+    producers = [new_producer() for _ in range(settings.ingest_producers)]
+    publisher = CoalescingPublisher(
+        producers[0],
+        lanes=producers[1:],
+        round_requests=app[METRICS_KEY].round_requests,
+        renew_with=new_producer,
+    )
+    try:
         for producer in producers:
-            await stack.enter_async_context(started(producer))
-        publisher = CoalescingPublisher(
-            producers[0], lanes=producers[1:], round_requests=app[METRICS_KEY].round_requests
-        )
-        async with ControlRegistry(settings) as registry:
+            await producer.start()
+        async with ControlRegistry(settings) as registry, app[KAFKA_HEALTH_KEY].watching(settings):
             app[PUBLISHER_KEY] = publisher
             app[REGISTRY_KEY] = registry
             try:
                 yield
             finally:
                 await publisher.drain(settings.ingest_publish_timeout_seconds)
+    finally:
+        for lane in publisher.lanes:  # the producers they hold now (some may be renewed ones)
+            await stop_quietly(lane.producer, settings.ingest_publish_timeout_seconds)
 
 
 def create_app(settings: IngestSettings) -> web.Application:
@@ -94,6 +104,7 @@ def create_app(settings: IngestSettings) -> web.Application:
     app[MAX_BODY_KEY] = settings.ingest_max_body_bytes
     app[PUBLISH_TIMEOUT_KEY] = settings.ingest_publish_timeout_seconds
     app[EVENT_TIME_KEY] = settings.event_time_bounds()
+    health = app[KAFKA_HEALTH_KEY] = KafkaHealth.of(settings, loops=False)
     app.cleanup_ctx.append(kafka_clients)
 
     async def ready() -> str | None:
@@ -102,12 +113,8 @@ def create_app(settings: IngestSettings) -> web.Application:
         problem = app[REGISTRY_KEY].problem()
         if problem is not None:
             return problem  # it refuses every key meanwhile (fail closed)
-        try:
-            async with asyncio.timeout(5):
-                await app[PUBLISHER_KEY].producer.client.fetch_all_metadata()
-        except Exception as error:  # any failure to reach the broker means "not ready"
-            return f"Kafka unreachable: {error!r}"
-        return None
+        # the broker answers its probes (every second) and no producer is broken
+        return health.unreachable() or health.problem() or app[PUBLISHER_KEY].problem()
 
     async def openapi(_: web.Request) -> web.Response:
         """The OpenAPI 3.1 document of this gateway."""

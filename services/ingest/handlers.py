@@ -53,7 +53,13 @@ from services.ingest.intake import (
 )
 from shared.codec import DecodeError, decode, encode, json_response
 from shared.httpauth import authenticated_tenant
-from shared.kafka import BatchPublisher, OutRecord, Text
+from shared.kafka import (
+    BatchPublisher,
+    KafkaHealth,
+    OutRecord,
+    Text,
+    is_broken_producer_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +107,20 @@ class RequestError(Exception):
     """A whole-request error with its HTTP status; ``close`` ends the connection after the
     answer (the rest of a body that could not be read cannot be told from the next request)."""
 
-    def __init__(self, status: int, message: str, *, close: bool = False, **details: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        close: bool = False,
+        retry_after: int | None = None,
+        **details: Any,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.close = close
+        self.retry_after = retry_after
         self.details = details
 
 
@@ -190,7 +205,9 @@ class CoalescingPublisher(BatchPublisher):
     on its own producer (a producer has one request in flight per partition). The records of one
     request always travel in one round, so they stay in order; requests answered one after the
     other stay in order too. A failed round fails every request in it (each answers 503 and its
-    client retries; event ids make that safe).
+    client retries; event ids make that safe). A lane whose producer broke (its idempotence
+    state lost: :func:`shared.kafka.is_broken_producer_error`) gets a new producer from
+    ``renew_with`` before it takes another round; until then :meth:`problem` says so.
     """
 
     def __init__(
@@ -199,10 +216,14 @@ class CoalescingPublisher(BatchPublisher):
         *,
         lanes: Sequence[Any] = (),
         round_requests: Histogram | None = None,
+        renew_with: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__(producer)
         self._round_requests = round_requests
-        self._idle: list[BatchPublisher] = [BatchPublisher(p) for p in (producer, *lanes)]
+        self.lanes: list[BatchPublisher] = [
+            BatchPublisher(p, renew_with=renew_with) for p in (producer, *lanes)
+        ]
+        self._idle: list[BatchPublisher] = list(self.lanes)
         self._pending: dict[str, list[OutRecord]] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._rounds: set[asyncio.Task[None]] = set()
@@ -247,6 +268,11 @@ class CoalescingPublisher(BatchPublisher):
                     waiter.set_exception(error)
             if isinstance(error, asyncio.CancelledError):
                 raise
+            if is_broken_producer_error(error) or lane.broken() is not None:
+                try:  # a new producer id before the lane takes another round
+                    await lane.renew()
+                except (KafkaError, OSError, TimeoutError) as renewal:
+                    log.warning("producer not replaced yet", extra={"error": repr(renewal)})
         else:
             for waiter in waiters:
                 if not waiter.done():
@@ -254,6 +280,10 @@ class CoalescingPublisher(BatchPublisher):
         finally:
             self._idle.append(lane)
             self._start_rounds()
+
+    def problem(self) -> str | None:
+        """Why the gateway cannot publish, as far as its producers know; None if it can."""
+        return next((p for lane in self.lanes if (p := lane.problem()) is not None), None)
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the rounds in flight (before the producers stop)."""
@@ -272,6 +302,9 @@ PUBLISHER_KEY = web.AppKey("publisher", BatchPublisher)
 METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 PUBLISH_TIMEOUT_KEY = web.AppKey("publish_timeout", float)
+KAFKA_HEALTH_KEY = web.AppKey("kafka_health", KafkaHealth)
+RETRY_AFTER_SECONDS = 5
+"""``Retry-After`` of a 503 for Kafka: a broker restart or a producer replacement takes seconds."""
 EVENT_TIME_KEY = web.AppKey("event_time_bounds", EventTimeBounds)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -453,18 +486,25 @@ async def post_events(request: web.Request) -> web.Response:
     del body, parsed  # the records are all that is needed from here on
 
     metrics = request.app[METRICS_KEY]
+    publisher = request.app[PUBLISHER_KEY]
+    unreachable = request.app[KAFKA_HEALTH_KEY].unreachable()
+    if unreachable is not None:  # answer now rather than hold the client for the timeout
+        raise RequestError(
+            503,
+            f"{unreachable}; nothing was published: retry the same request later",
+            retry_after=RETRY_AFTER_SECONDS,
+        )
     started = time.perf_counter()
     try:
         async with asyncio.timeout(request.app[PUBLISH_TIMEOUT_KEY]):
-            await publish_intake(
-                request.app[PUBLISHER_KEY], intake, tenant.tenant, source_ref=f"http:{request_id}"
-            )
+            await publish_intake(publisher, intake, tenant.tenant, source_ref=f"http:{request_id}")
     except (KafkaError, TimeoutError) as error:
         log.error("publish failed", extra={"request_id": request_id, "error": repr(error)})
         raise RequestError(
             503,
             "Kafka did not acknowledge the records in time; retry the same request (records "
             "that did get through carry the same event ids and are dropped as duplicates)",
+            retry_after=RETRY_AFTER_SECONDS,
         ) from None
     metrics.publish_seconds.observe(time.perf_counter() - started)
 
@@ -513,10 +553,13 @@ async def answer_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except RequestError as error:
+        headers = {"X-Request-Id": request_id or ""}
+        if error.retry_after is not None:
+            headers["Retry-After"] = str(error.retry_after)
         response = json_response(
             {"error": error.message, **error.details, "request_id": request_id},
             status=error.status,
-            headers={"X-Request-Id": request_id or ""},
+            headers=headers,
         )
         if error.close:
             response.force_close()

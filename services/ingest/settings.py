@@ -27,9 +27,12 @@ class IngestSettings(XietongSettings):
         description="Largest request body, counted while it is read (after decompression): 413.",
     )
     ingest_publish_timeout_seconds: float = Field(
-        60.0,
+        10.0,
         gt=0,
-        description="How long a request waits for Kafka's acknowledgements before answering 503.",
+        description="How long a request waits for Kafka's acknowledgements before answering 503 "
+        "with Retry-After (an idempotent producer never gives a batch up by itself: without this "
+        "bound a request would wait out a broker outage). A broker known to be away is answered "
+        "503 at once.",
     )
     ingest_producers: int = Field(
         1,
