@@ -8,6 +8,7 @@ unauthenticated endpoints of the platform.
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -72,6 +73,22 @@ async def serve_health(service: str, host: str, port: int, ready: ReadinessCheck
 
 BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 """Why a port cannot be listened on: the operator's to fix, not a bug to show a traceback for."""
+
+
+def require_listenable(service: str, host: str, port: int, setting: str) -> None:
+    """Exit with one line if ``host:port`` cannot be listened on — checked before a service
+    starts anything that would have to be unwound (its Kafka clients) when the bind fails."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno not in BIND_ERRORS:
+                raise
+            raise SystemExit(
+                f"{service}: cannot listen on {host}:{port}: {error.strerror} (another process "
+                f"holds it?); choose another port with {setting}"
+            ) from None
 
 
 def cannot_listen(service: str, error: OSError, setting: str) -> SystemExit:

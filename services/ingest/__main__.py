@@ -14,12 +14,18 @@ from aiohttp import web
 from services.ingest.app import SERVICE, create_app, operator_port
 from services.ingest.settings import load_ingest_settings
 from shared.logs import configure_logging
-from shared.observability import BIND_ERRORS, cannot_listen
+from shared.observability import BIND_ERRORS, cannot_listen, require_listenable
 
 
 def main() -> None:
     settings = load_ingest_settings()
     configure_logging(SERVICE, settings.log_level, settings.log_format)
+    require_listenable(
+        SERVICE, settings.http_host, settings.ingest_http_port, "XIETONG_INGEST_HTTP_PORT"
+    )
+    require_listenable(
+        SERVICE, settings.http_host, settings.ingest_metrics_port, "XIETONG_INGEST_METRICS_PORT"
+    )
     app = create_app(settings)
     app.cleanup_ctx.append(operator_port)
     try:
