@@ -6,7 +6,7 @@ Two ways to receive insights, both yielding typed models (:data:`schemas.insight
   Events) of the gateway with the tenant's API key. The gateway decides what the key may read,
   per insight, when it is sent; a revoked agreement stops the flow on the open stream.
 - :class:`Subscriber` — **the operator / trusted-consumer path.** A Kafka consumer group on the
-  insight topics that filters with the same rule (:func:`shared.control.may_read`) against a
+  insight topics that filters with the same rule (:func:`shared.control.reading_grants`) against a
   :class:`~shared.control.ControlRegistry` it keeps up to date. The filter runs in the
   subscriber's own process, so it protects only against mistakes, not against a hostile
   client: whoever can read the insight topics directly can read everything. In production the
@@ -43,8 +43,9 @@ from schemas.insights import (
 )
 from schemas.topics import INSIGHT_TOPICS
 from shared.codec import DecodeError, decode, encode
-from shared.control import ControlRegistry, may_read, now
+from shared.control import ControlRegistry, now, reading_grants
 from shared.kafka import create_consumer, ensure_topics
+from shared.pseudonyms import as_read
 from shared.settings import XietongSettings
 
 log = logging.getLogger(__name__)
@@ -441,6 +442,8 @@ class Subscriber:
         self._consumer: AIOKafkaConsumer | None = None
         self._pending: dict[TopicPartition, int] = {}
         self._handed_out = True
+        secret = settings.network_secret
+        self._network_key = secret.get_secret_value().encode() if secret else None
 
     @property
     def registry(self) -> ControlRegistry:
@@ -524,15 +527,17 @@ class Subscriber:
                         },
                     )
                     continue
-                if may_read(
+                allowing = reading_grants(
                     self.tenant,
                     owner=insight.tenant,
                     visibility=insight.visibility,
                     insight_type=insight.type,
                     grants=grants,
                     at=at,
-                ):
-                    found.append(insight)
+                )
+                if allowing is not None:
+                    # a grantee sees the pseudonyms of its agreement, as through the gateway
+                    found.append(as_read(insight, allowing, self._network_key))
             self._pending[tp] = records[-1].offset + 1
         return found
 

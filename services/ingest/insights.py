@@ -66,6 +66,7 @@ from shared.control import ControlRegistry, ControlWriter, new_id, now, reading_
 from shared.deadletter import field_errors
 from shared.httpauth import REGISTRY_KEY, api_key_of, authenticated_tenant
 from shared.kafka import create_consumer, ensure_topics
+from shared.pseudonyms import as_read
 from shared.sdk import InsightFilter
 from shared.settings import XietongSettings
 
@@ -135,6 +136,12 @@ def reading_grants_of(
 
 def readable(reader: str, insight: Insight, grants: Iterable[Grant], at: datetime) -> bool:
     return reading_grants_of(reader, insight, grants, at) is not None
+
+
+def body_as_read(item: CachedInsight, allowing: list[Grant] | None, key: bytes | None) -> bytes:
+    """The body a reader gets: pseudonyms re-keyed under its agreement (:func:`as_read`)."""
+    shown = as_read(item.insight, allowing, key)
+    return item.body if shown is item.insight else encode(shown)
 
 
 def grant_status(grant: Grant, at: datetime) -> str:
@@ -450,6 +457,8 @@ class InsightRoutes:
     _cache: InsightCache | None = None
     _writer: ControlWriter | None = None
     streams: set[Subscription] = field(default_factory=set)
+    network_key: bytes | None = None
+    """Keys the pseudonyms a grantee reads (:mod:`shared.pseudonyms`); None without a secret."""
 
     @property
     def cache(self) -> InsightCache:
@@ -484,6 +493,8 @@ def setup_insight_routes(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         settings = app[REGISTRY_KEY].settings
+        secret = settings.network_secret
+        state.network_key = secret.get_secret_value().encode() if secret else None
         cache = InsightCache(
             settings, per_series=state.per_series, recent_per_partition=state.recent_per_partition
         )
@@ -558,8 +569,13 @@ async def list_insights(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
     at = now()
     grants = registry.grants_to(reader, at)
-    found = request.app[INSIGHTS_KEY].cache.readable_by(reader, grants, at, wanted, limit)
-    body = b'{"count":%d,"insights":[' % len(found) + b",".join(c.body for c in found) + b"]}"
+    state = request.app[INSIGHTS_KEY]
+    found = state.cache.readable_by(reader, grants, at, wanted, limit)
+    bodies = [
+        body_as_read(c, reading_grants_of(reader, c.insight, grants, at), state.network_key)
+        for c in found
+    ]
+    body = b'{"count":%d,"insights":[' % len(found) + b",".join(bodies) + b"]}"
     return web.Response(body=body, content_type="application/json")
 
 
@@ -661,8 +677,9 @@ async def stream_insights(request: web.Request) -> web.StreamResponse:
                     if allowing is not None:
                         for grant in allowing:
                             used.setdefault(grant.grant_id, grant)
+                        body = body_as_read(item, allowing, state.network_key)
                         frames.append(
-                            sse_event(item.insight.type, item.body, str(item.insight.insight_id))
+                            sse_event(item.insight.type, body, str(item.insight.insight_id))
                         )
             if not frames and loop.time() - last_write >= state.heartbeat:
                 frames.append(b": heartbeat\n\n")
