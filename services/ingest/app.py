@@ -23,9 +23,12 @@ event ids** (its de-duplication survives restarts). The gateway itself keeps no 
 replica can take any request.
 
 Routes: ``POST /v1/events``; ``GET /healthz``, ``/readyz`` (broker answers a metadata request)
-and ``/openapi.json`` (OpenAPI 3.1) — these three need no key. The Prometheus ``/metrics`` (with
-``/healthz`` and ``/readyz`` again) are served on a separate operator port
-(``XIETONG_INGEST_METRICS_PORT``, default 8090, :func:`operator_port`), never to partners.
+and ``/openapi.json`` (OpenAPI 3.1) — these three need no key; the web console's static files
+under ``/console/`` (:mod:`services.ingest.console`) need none either, and the operator view's
+``/v1/operator/*`` (:mod:`services.ingest.operator`) needs the operator token, not a tenant
+key. The Prometheus ``/metrics`` (with ``/healthz`` and ``/readyz`` again) are served on a
+separate operator port (``XIETONG_INGEST_METRICS_PORT``, default 8090, :func:`operator_port`),
+never to partners.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
 from schemas.topics import EVENTS_RAW, dlq
+from services.ingest.console import PREFIX as CONSOLE_PREFIX
+from services.ingest.console import setup_console
 from services.ingest.handlers import (
     EVENT_TIME_KEY,
     KAFKA_HEALTH_KEY,
@@ -50,6 +55,8 @@ from services.ingest.handlers import (
     post_events,
 )
 from services.ingest.openapi import build_openapi
+from services.ingest.operator import PREFIX as OPERATOR_PREFIX
+from services.ingest.operator import require_operator_token, setup_operator
 from services.ingest.settings import IngestSettings
 from shared.codec import json_response
 from shared.control import ControlRegistry
@@ -98,7 +105,16 @@ async def kafka_clients(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: IngestSettings) -> web.Application:
     """The gateway app; Kafka clients start with it (``cleanup_ctx``) and stop with it."""
     metrics = GatewayMetrics.create()
-    app = web.Application(middlewares=[count_requests, answer_errors, require_api_key()])
+    token = settings.operator_token.get_secret_value() if settings.operator_token else None
+    app = web.Application(
+        middlewares=[
+            count_requests,
+            answer_errors,
+            # /v1/operator/* is the operator token's (checked first), /console/ is static files
+            require_operator_token(token),
+            require_api_key(public_prefixes=(CONSOLE_PREFIX, OPERATOR_PREFIX)),
+        ]
+    )
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = metrics
     app[MAX_BODY_KEY] = settings.ingest_max_body_bytes
@@ -128,7 +144,9 @@ def create_app(settings: IngestSettings) -> web.Application:
         # The insight routes' own startup needs the registry: it is appended after ours.
         from services.ingest.insights import setup_insight_routes
 
-        setup_insight_routes(app)
+        setup_insight_routes(app, per_series=settings.ingest_insights_per_series)
+        setup_console(app, settings)
+    setup_operator(app, settings.operator_scrape)
     return app
 
 

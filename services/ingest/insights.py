@@ -518,6 +518,7 @@ def setup_insight_routes(
     app.router.add_get("/v1/insights", list_insights)
     app.router.add_get("/v1/insights/stream", stream_insights)
     app.router.add_post("/v1/shares", create_share)
+    app.router.add_post("/v1/shares/preview", preview_share)
     app.router.add_get("/v1/shares", list_shares)
     app.router.add_get("/v1/shares/audit", share_audit)
     app.router.add_delete("/v1/shares/{grant_id}", revoke_share)
@@ -781,6 +782,57 @@ async def create_share(request: web.Request) -> web.Response:
     return json_response(grant_view(grant, at), status=201)
 
 
+async def preview_share(request: web.Request) -> web.Response:
+    """What ``grantee`` would read of the caller's insights under the proposed grant — computed
+    by the same rule and cache as ``GET /v1/insights``; nothing is granted or written."""
+    owner = authenticated_tenant(request).tenant
+    registry = request.app[REGISTRY_KEY]
+    state = request.app[INSIGHTS_KEY]
+    limit = _limit_of(request)
+    try:
+        body = ShareRequest.model_validate(decode(await request.read()))
+    except DecodeError:
+        raise _error(web.HTTPBadRequest, "body must be JSON") from None
+    except ValidationError as error:
+        raise _error(
+            web.HTTPUnprocessableEntity,
+            "invalid share",
+            errors=[e.model_dump() for e in field_errors(error)],
+        ) from None
+    unknown = sorted(set(body.insight_types) - INSIGHT_MODELS.keys())
+    if unknown:
+        raise _error(web.HTTPUnprocessableEntity, f"unknown insight type(s) {unknown}")
+    if body.grantee == owner:
+        raise _error(web.HTTPUnprocessableEntity, "a tenant always reads its own insights")
+    at = now()
+    proposed = Grant(
+        grant_id=new_id(),
+        owner=owner,
+        grantee=body.grantee,
+        insight_types=sorted(set(body.insight_types)),
+        purpose=body.purpose,
+        created_at=at,
+        expires_at=body.expires_at,
+    )
+    # The agreements in force for the grantee plus the proposed one: what the list route would
+    # use once it is granted. Computed alike whether the grantee exists or not (the answer must
+    # not tell which tenant ids the network has). Pseudonyms (text entities) are keyed by the
+    # grant id, which only the real grant gets: here they are keyed by a provisional one.
+    grants = [*registry.grants_to(body.grantee, at)]
+    if proposed.active_at(at):
+        grants.append(proposed)
+    wanted = InsightFilter(owner=owner)
+    found = state.cache.readable_by(body.grantee, grants, at, wanted, limit)
+    bodies = [
+        body_as_read(c, reading_grants_of(body.grantee, c.insight, grants, at), state.network_key)
+        for c in found
+    ]
+    return web.Response(
+        body=b'{"count":%d,"insights":[' % len(found) + b",".join(bodies) + b"]}",
+        content_type="application/json",
+    )
+
+
 async def list_shares(request: web.Request) -> web.Response:
     """Agreements granted by the caller and granted to the caller, each with its status."""
     tenant = authenticated_tenant(request).tenant
@@ -965,6 +1017,51 @@ def document_routes() -> None:
             },
             "responses": {
                 "201": {"description": "The grant", **grant_answer},
+                "400": error,
+                "401": error,
+                "422": error,
+            },
+        },
+    )
+    describe(
+        "POST",
+        "/v1/shares/preview",
+        {
+            "summary": "What the grantee would read of the caller's insights under a proposed "
+            "grant (nothing is granted).",
+            "description": "The same rule and cache as GET /v1/insights?owner=<caller> for the "
+            "grantee; a grantee no tenant holds reads nothing.",
+            "parameters": [
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_LIMIT,
+                        "default": DEFAULT_LIMIT,
+                    },
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ShareRequest.model_json_schema()}},
+            },
+            "responses": {
+                "200": {
+                    "description": "Insights the grantee would read, newest first",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "count": {"type": "integer"},
+                                    "insights": {"type": "array", "items": {"type": "object"}},
+                                },
+                            }
+                        }
+                    },
+                },
                 "400": error,
                 "401": error,
                 "422": error,

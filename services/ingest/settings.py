@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from shared.settings import XietongSettings
 
@@ -43,6 +43,31 @@ class IngestSettings(XietongSettings):
     )
     ingest_with_insights: bool = Field(
         True, description="Also serve the insight and sharing routes (services.ingest.insights)."
+    )
+    ingest_insights_per_series: int = Field(
+        50,
+        ge=1,
+        le=5000,
+        description="Latest insights the gateway keeps per series (owner, type, metric) for "
+        "GET /v1/insights and the console (a year of daily windows: 366).",
+    )
+    operator_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the operator view (/v1/operator/*, the console's operator "
+        "page); unset: those routes answer 404. `make up` and the demo generate one into the run "
+        "folder's local.env.",
+    )
+    operator_scrape: dict[str, str] = Field(
+        default_factory=lambda: {
+            "ingest": "http://127.0.0.1:8090",
+            "clean": "http://127.0.0.1:8081",
+            "analytics": "http://127.0.0.1:8082",
+            "ml": "http://127.0.0.1:8083",
+            "nlp": "http://127.0.0.1:8084",
+            "storage": "http://127.0.0.1:8085",
+        },
+        description="Service -> base URL of its health and Prometheus port, read by the operator "
+        "view (JSON object).",
     )
 
 
