@@ -11,7 +11,7 @@ export S3_PRIVATE_PORT ?= 8433
 export GATEWAY_PORT ?= 8080
 export HEALTH_PORT_BASE ?= 8081
 
-.PHONY: help setup kafka-jars kafka-up kafka-down s3-up s3-down up down status demo test test-unit lint format schemas bench lock clean
+.PHONY: help setup kafka-jars kafka-up kafka-down s3-up s3-down up down status demo test test-unit lint format schemas bench lock clean browser console console-update console-bench
 
 help:
 	@echo "make demo    — start Kafka, SeaweedFS, every service and simulated partner firms (Ctrl-C stops what it started)"
@@ -20,6 +20,7 @@ help:
 	@echo "make up/down — start/stop the local Kafka broker and SeaweedFS (public and private store); data stays"
 	@echo "make clean   — stop everything and wipe all local data (.run/) and the venv, listing what goes"
 	@echo "make bench   — measure our paths against raw baselines (ratios)"
+	@echo "make console-bench — the web console: first paint with a year of data, memory under a live stream"
 
 setup: $(SETUP)
 
@@ -68,8 +69,39 @@ demo: setup kafka-jars
 	$(PY) -m deploy.local.demo --up --gateway-port $(GATEWAY_PORT) --health-port-base $(HEALTH_PORT_BASE)
 
 # The whole suite: the session fixtures start a fresh Kafka and SeaweedFS on free ports and stop them.
-test: setup kafka-jars
+test: setup kafka-jars browser console
 	$(PY) -m pytest
+
+# The console's browser tests drive Debian's chromium through its chromedriver (never a browser
+# that downloads itself); installed here when missing (CI runs as root on a fresh Debian machine).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; else \
+	  echo "installing Debian's chromium and chromium-driver (for tests/console)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+# The console's chart library is committed (console/static/vendor, console/VENDORED.md): checked
+# against npm's package when npm is here, else against its recorded digests.
+console:
+	@if command -v npm >/dev/null; then \
+	  (cd console && npm ci --no-audit --no-fund --loglevel=error) && \
+	  cmp console/node_modules/uplot/dist/uPlot.iife.min.js console/static/vendor/uPlot.iife.min.js && \
+	  cmp console/node_modules/uplot/dist/uPlot.min.css console/static/vendor/uPlot.min.css && \
+	  cmp console/node_modules/uplot/LICENSE console/static/vendor/uPlot.LICENSE; \
+	else (cd console/static/vendor && sha256sum --quiet -c ../../vendor.sha256); fi
+	@echo "console: uPlot $$(sed -n 's/.*"uplot": "\(.*\)".*/\1/p' console/package.json) (MIT) vendored and checked"
+
+# After changing uplot's version in console/package.json: re-lock, copy, record the digests.
+console-update:
+	cd console && npm install --no-audit --no-fund && \
+	  cp node_modules/uplot/dist/uPlot.iife.min.js node_modules/uplot/dist/uPlot.min.css static/vendor/ && \
+	  cp node_modules/uplot/LICENSE static/vendor/uPlot.LICENSE && \
+	  (cd static/vendor && sha256sum uPlot.iife.min.js uPlot.min.css uPlot.LICENSE) > vendor.sha256
+
+# First paint with a year of daily windows for 10 metrics, and memory under a live stream of
+# 50 insights/s (CONSOLE_SOAK_SECONDS, 600 by default), in Debian's headless chromium.
+console-bench: setup kafka-jars browser console
+	$(PY) -m tests.console.measure
 
 test-unit: setup
 	$(PY) -m pytest -m "not integration"

@@ -49,6 +49,7 @@ from shared.control import ControlRegistry, ControlWriter, issue_api_key
 from shared.kafka import BatchPublisher, create_producer, ensure_topics, kafka_problem, started
 from shared.settings import XietongSettings, load_settings
 from xietong.models import models
+from xietong.nlp import nlp
 from xietong.share import share, subscribe
 from xietong.storage import catalog, replay
 
@@ -600,3 +601,5 @@ main.add_command(catalog)
 main.add_command(replay)
 # The model registry (the ml and nlp services' models) on the control topics and S3.
 main.add_command(models)
+# Training the nlp service's text classifiers from a labelled file or labelled events.
+main.add_command(nlp)

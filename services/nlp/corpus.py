@@ -35,6 +35,8 @@ class Labelled:
     label: str
     language: str
     occurred_at: datetime
+    tenant: str = ""
+    """The firm the example came from (labelled events), empty for files and generated sets."""
 
 
 _BANK: dict[tuple[str, str], dict[str, list[str]]] = {

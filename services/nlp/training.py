@@ -1,24 +1,34 @@
-"""Training and registering the nlp classifiers (what ``xietong nlp-train`` and start-up run).
+"""Training and registering the nlp classifiers (what ``xietong nlp train`` and start-up run).
 
 Examples come from a labelled file (CSV or TSV with ``text`` and ``label`` columns, optional
 ``language``, ``occurred_at``, ``tenant``), from the shipped and generated sets
 (:func:`services.nlp.corpus.bootstrap_set`), or from ``text_document`` events that carry a
-``label`` (:func:`examples_from_events`). Every text is redacted and tokenised exactly as the
-service does before anything is learnt from it, under a key of the model (not of any owner), so
-the model and its card hold no personal data. The card (:func:`services.nlp.classify.card_fields`)
-goes to the shared model registry (:mod:`shared.models`) with the artifact.
+``label`` (:func:`examples_from_events`, only of firms that granted ``network`` the type
+``model_training``, as for the ml service's models). Every text is redacted and tokenised
+exactly as the service does before anything is learnt from it, under a key of the model (not of
+any owner), so the model and its card hold no personal data. The card
+(:func:`services.nlp.classify.card_fields`) goes to the shared model registry
+(:mod:`shared.models`) with the artifact.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from schemas.models import ModelCard
-from services.nlp.classify import Example, TextClassifier, card_fields, model_name, normalise, train
+from services.nlp.classify import (
+    KIND_TASK,
+    Example,
+    TextClassifier,
+    card_fields,
+    model_name,
+    normalise,
+    train,
+)
 from services.nlp.corpus import Labelled, bootstrap_set
 from services.nlp.redact import redact
 from services.nlp.tokens import load_jieba, tokenize
@@ -37,7 +47,15 @@ def to_examples(labelled: Iterable[Labelled], key: bytes) -> list[Example]:
     for item in labelled:
         redacted = redact(item.text, key)
         tokens = tokenize(redacted.bare, item.language, key)
-        out.append(Example(tokens.terms, item.label, item.occurred_at, normalise(redacted.bare)))
+        out.append(
+            Example(
+                tokens.terms,
+                item.label,
+                item.occurred_at,
+                normalise(redacted.bare),
+                item.tenant,
+            )
+        )
     return out
 
 
@@ -54,21 +72,25 @@ def read_labelled_file(path: Path, language: str | None = None) -> list[Labelled
                 raise ValueError(f"row {i + 2}: language {lang!r} is not en or zh")
             when = row.get("occurred_at")
             at = datetime.fromisoformat(when) if when else datetime.fromtimestamp(i * 3600, UTC)
-            out.append(Labelled(row["text"], row["label"].strip(), lang, at))
+            tenant = (row.get("tenant") or "").strip()
+            out.append(Labelled(row["text"], row["label"].strip(), lang, at, tenant))
     return out
 
 
 def examples_from_events(
-    events: Iterable[dict[str, Any]], task_kinds: Sequence[str]
+    events: Iterable[dict[str, Any]], task: str, firms: Container[str]
 ) -> list[Labelled]:
-    """Labelled texts of decoded ``text_document`` events of the given kinds."""
+    """Labelled texts of decoded ``text_document`` events of the kinds ``task`` classifies,
+    from ``firms`` only (those that let the network train on their events)."""
+    kinds = {kind for kind, of in KIND_TASK.items() if of == task}
     out = []
     for event in events:
         payload = event.get("payload") or {}
         if (
             event.get("type") == "text_document"
             and payload.get("label")
-            and payload.get("kind") in task_kinds
+            and payload.get("kind") in kinds
+            and event.get("tenant") in firms
         ):
             out.append(
                 Labelled(
@@ -76,6 +98,7 @@ def examples_from_events(
                     str(payload["label"]),
                     str(payload["language"]),
                     datetime.fromisoformat(str(event["occurred_at"])),
+                    str(event["tenant"]),
                 )
             )
     return out
