@@ -313,12 +313,13 @@
   async function loadStatistics() {
     const me = state.me.tenant;
     const first = await listInsights({ type: "statistics", owner: me });
-    const metrics = [...new Set(first.map((i) => i.metric))].sort();
+    const metrics = [...new Set([...state.me.statistics_metrics, ...first.map((i) => i.metric)])].sort();
     // A capped answer may hold only the newest of each metric: then each metric on its own.
-    const own = first.length < 1000 ? [first] : await Promise.all(
-      metrics.map((metric) => listInsights({ type: "statistics", owner: me, metric })));
-    const bench = await Promise.all(
-      metrics.map((metric) => listInsights({ type: "benchmark", owner: "network", metric })));
+    const [own, bench] = await Promise.all([
+      first.length < 1000 ? [first] : Promise.all(
+        metrics.map((metric) => listInsights({ type: "statistics", owner: me, metric }))),
+      Promise.all(metrics.map((metric) => listInsights({ type: "benchmark", owner: "network", metric }))),
+    ]);
     for (const insight of own.flat()) takeStatistics(insight);
     for (const insight of bench.flat()) takeBenchmark(insight);
     if (!metrics.length) $("stats").replaceChildren(el("p", { class: "hint" }, "No statistics of ours yet."));
@@ -585,6 +586,7 @@
 
   async function signIn(event) {
     event.preventDefault();
+    document.body.dataset.signinAt = String(performance.now());
     signinError("");
     secret = $("key").value.trim();
     state.role = document.querySelector("input[name=role]:checked").value;

@@ -36,8 +36,9 @@ from pathlib import Path
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from schemas.insights import DeadLetter
+from schemas.insights import DeadLetter, Statistics
 from schemas.topics import EVENTS_RAW, dlq
+from services.ingest.insights import INSIGHTS_KEY
 from shared.codec import DecodeError, decode, json_response
 from shared.httpauth import authenticated_tenant
 from shared.kafka import create_consumer, ensure_topics
@@ -240,10 +241,27 @@ TALLY_KEY = web.AppKey("console.tally", PublishingTally)
 
 
 async def who_am_i(request: web.Request) -> web.Response:
-    """The tenant the key belongs to, as the console shows it."""
+    """The tenant the key belongs to, as the console shows it, and the metrics of its own
+    statistics the gateway holds (one list route answer is capped: the page asks per metric)."""
     tenant = authenticated_tenant(request)
+    cache = request.app[INSIGHTS_KEY].cache
+    own = cache.latest(
+        lambda insight: insight.type == "statistics", cache.per_series * 1000, [tenant.tenant]
+    )
+    metrics = sorted(
+        {
+            c.insight.metric
+            for c in own
+            if isinstance(c.insight, Statistics) and c.insight.tenant == tenant.tenant
+        }
+    )
     return json_response(
-        tenant.model_dump(mode="json", include={"tenant", "name", "kind", "industry", "region"})
+        {
+            **tenant.model_dump(
+                mode="json", include={"tenant", "name", "kind", "industry", "region"}
+            ),
+            "statistics_metrics": metrics,
+        }
     )
 
 

@@ -156,6 +156,7 @@ def new_driver(width: int = 1400, height: int = 1000) -> WebDriver:
         "--disable-gpu",
         f"--window-size={width},{height}",
         "--enable-precise-memory-info",
+        "--js-flags=--expose-gc",  # the memory measurement collects garbage before each sample
     ):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -218,6 +219,11 @@ async def _register(settings: XietongSettings) -> Firms:
 
 @pytest.fixture
 def firms(platform: Platform) -> Firms:
+    return register(platform)
+
+
+def register(platform: Platform) -> Firms:
+    """New firms whose keys the running gateway already honours."""
     found = asyncio.run(_register(platform.settings))
     # the gateway's own registry reads the keys a moment later
     deadline = time.monotonic() + 30
