@@ -92,6 +92,12 @@ def start_services(
     logs = run_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     processes = {}
+    scrape = {
+        n: f"http://127.0.0.1:{service_port(n, gateway_port, health_port_base)}"
+        for n in names
+        if n != "ingest"
+    }
+    scrape["ingest"] = f"http://127.0.0.1:{health_port_base + INGEST_METRICS_OFFSET}"
     for name in names:
         port = service_port(name, gateway_port, health_port_base)
         env = {
@@ -106,6 +112,8 @@ def start_services(
             "XIETONG_STORAGE_DEFAULT_RESIDENCY": "any",
             "XIETONG_STORAGE_SEGMENT_MAX_SECONDS": "10",
             "XIETONG_STORAGE_LATE_MAX_SECONDS": "60",
+            # the console's operator view reads every service's readiness and Prometheus page
+            "XIETONG_OPERATOR_SCRAPE": json.dumps(scrape),
         }
         log = (logs / f"{name}.log").open("ab")
         processes[name] = subprocess.Popen(
@@ -322,7 +330,11 @@ def describe_insight(value: dict[str, Any]) -> str:
 
 
 async def watch(
-    settings: XietongSettings, stop: asyncio.Event, stats: Counter[str], services: list[str]
+    settings: XietongSettings,
+    stop: asyncio.Event,
+    stats: Counter[str],
+    services: list[str],
+    console: str = "",
 ) -> None:
     """Tail every topic from now on and redraw a summary every two seconds."""
     topics = [spec.name for spec in TOPICS if spec.name not in COMPACTED_TOPICS]
@@ -352,6 +364,7 @@ async def watch(
                 lines = [
                     f"Xietong demo — services: {', '.join(services) or 'none'} — "
                     f"{elapsed:,.0f} s — Ctrl-C stops",
+                    *([console] if console else []),
                     f"published: accepted {stats['accepted']:,}  refused {stats['refused']:,}",
                     "",
                     f"{'topic':<28}{'records':>10}{'per s':>10}",
@@ -388,6 +401,7 @@ async def run(args: argparse.Namespace) -> None:
     services = existing_services()
     processes = start_services(services, args.gateway_port, args.health_port_base)
     stats: Counter[str] = Counter()
+    console = ""
     try:
         gateway = None
         if "ingest" in services:
@@ -396,6 +410,11 @@ async def run(args: argparse.Namespace) -> None:
                 raise SystemExit(
                     f"the gateway did not start; see {run_dir() / 'logs' / 'ingest.log'}"
                 )
+            console = (
+                f"web console: {gateway}/console/ (partner keys in {run_dir() / 'demo-keys.json'},"
+                f" operator token in {run_dir() / 'operator-token'})"
+            )
+            print(console, flush=True)
         # clean and analytics first restore their state (from the clean topic when the run
         # folder's stores are new or stale): what is published before that only waits
         for name in READY_FIRST:
@@ -407,7 +426,7 @@ async def run(args: argparse.Namespace) -> None:
             loop.call_later(args.duration, stop.set)
         await asyncio.gather(
             publish_loop(settings, firms, keys, gateway, args.rate, stop, stats),
-            watch(settings, stop, stats, services),
+            watch(settings, stop, stats, services, console),
         )
     finally:
         stop_services(processes)

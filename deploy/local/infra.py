@@ -581,6 +581,7 @@ WIPED = {
     "demo-keys.json": "the demo firms' API keys",
     "demo-clock.json": "where the demo firms' event time stands",
     "network-secret": "the network secret (insight ids and benchmark noise are keyed by it)",
+    "operator-token": "the operator token of the web console's operator view",
     "local.env": "the environment for services run by hand",
 }
 
@@ -749,6 +750,12 @@ def write_env_file(run: Path | None = None) -> Path:
         secret_file.touch(mode=0o600)
         secret_file.write_text(secrets.token_urlsafe(32))
     lines.append(f"XIETONG_NETWORK_SECRET={secret_file.read_text().strip()}")
+    # The web console's operator view (/v1/operator/*): a token of its own, never a tenant key.
+    token_file = run / "operator-token"
+    if not token_file.exists():
+        token_file.touch(mode=0o600)
+        token_file.write_text(secrets.token_urlsafe(32))
+    lines.append(f"XIETONG_OPERATOR_TOKEN={token_file.read_text().strip()}")
     env_file = run / "local.env"
     env_file.write_text("".join(f"export {line}\n" for line in lines))
     env_file.chmod(0o600)
