@@ -326,6 +326,15 @@ def describe_insight(value: dict[str, Any]) -> str:
             else f"value={value.get('value') or 0:,.1f}"
         )
         return f"{value['tenant']:<14} {value['model_name']} v{value['model_version']} {shown}"
+    if kind == "text_insight":
+        shown = f"{value.get('task')}={value.get('label')}" if value.get("label") else "terms"
+        redacted = f" redacted {len(value['entities'])}" if value.get("entities") else ""
+        terms = " ".join(value.get("key_terms", [])[:3])
+        return f"{value['tenant']:<14} {value['language']} {shown} [{terms}]{redacted}"
+    if kind == "text_summary":
+        mix = " ".join(f"{c}:{n}" for m in value["class_mix"].values() for c, n in m.items())
+        terms = " ".join(t["term"] for t in value["top_terms"][:3])
+        return f"{value['tenant']:<14} {value['documents']} texts [{terms}] {mix}"
     return f"{value.get('tenant', '?'):<14} {kind}"
 
 

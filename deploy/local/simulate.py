@@ -31,16 +31,40 @@ FEEDBACK = {
     "en": [
         ("Delivery was fast and the quality is excellent.", "customer_feedback"),
         ("The last shipment arrived late and two boxes were damaged.", "customer_feedback"),
+        ("Great service, please call me on {phone} about the next order.", "customer_feedback"),
+        ("Poor packaging again, the parts were scratched. Contact {phone}.", "customer_feedback"),
         ("Supplier confirms a price increase of 5% from next month.", "supplier_note"),
+        ("Shipment will be two weeks late because of the port closure.", "supplier_note"),
+        ("Several units failed inspection, rework needed; call {phone}.", "supplier_note"),
         ("Steel prices rose sharply this week on strong demand.", "news"),
     ],
     "zh": [
         ("交货很快，质量很好。", "customer_feedback"),
         ("上一批货晚到了三天，有两箱损坏。", "customer_feedback"),
+        ("质量太差，请联系我，电话{phone}。", "customer_feedback"),
+        ("非常满意，订单号 PO20261234567 已收到。", "customer_feedback"),
         ("供应商通知下月起价格上涨百分之五。", "supplier_note"),
+        ("集装箱被海关扣留，交货延误，联系人手机{phone}。", "supplier_note"),
+        ("这批货的不良率偏高，经办人身份证号{id}。", "supplier_note"),
         ("本周钢材价格因需求旺盛大幅上涨。", "news"),
     ],
 }
+"""Texts the firms write; ``{phone}`` and ``{id}`` become a mobile number and a resident id
+(personal data the nlp service must redact; the order number must stay)."""
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+
+
+def personal_data(text: str, rng: random.Random) -> str:
+    """``text`` with its placeholders filled: a mainland mobile, a valid resident id."""
+    if "{phone}" in text:
+        digits = "1" + rng.choice("3589") + "".join(rng.choices("0123456789", k=9))
+        text = text.replace("{phone}", digits)
+    if "{id}" in text:
+        born = f"{rng.randint(1960, 2000)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+        body = f"110105{born}{rng.randint(0, 999):03d}"
+        check = "10X98765432"[sum(int(c) * w for c, w in zip(body, _ID_WEIGHTS, strict=True)) % 11]
+        text = text.replace("{id}", body + check)
+    return text
 
 
 @dataclass(frozen=True)
@@ -243,7 +267,7 @@ def firm_events(
                 {
                     "kind": kind,
                     "language": language,
-                    "text": text,
+                    "text": personal_data(text, rng),
                 },
                 f"TXT-{seq}",
             )
