@@ -459,6 +459,10 @@ def test_operator_view_shows_the_network(
     assert firms.a in tenants and firms.bank in tenants
     services = driver.find_element(By.CSS_SELECTOR, "#op-services tr[data-service=ingest]").text
     assert "ready" in services and "not ready" not in services
+    wait(
+        driver,
+        lambda d: int(js(d, "return document.getElementById('operator').dataset.snapshots")) >= 6,
+    )
     screenshot(driver, "operator")
 
 
