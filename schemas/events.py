@@ -17,12 +17,27 @@ make an optional field required. A breaking change is a new event type.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model, model_validator
+import msgspec
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{1,62}$"
@@ -36,10 +51,150 @@ TenantId = Annotated[
 CurrencyCode = Annotated[
     str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 currency code, e.g. CNY, EUR, USD.")
 ]
-Quantity = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+
+
+def _number_as_float(value: Any) -> Any:
+    """A JSON number read exactly (:func:`decode_exact` gives a ``Decimal``) is still a number
+    for a float field; anything else goes on to the strict check unchanged."""
+    return float(value) if type(value) is Decimal else value
+
+
+Quantity = Annotated[
+    float, Field(ge=0, allow_inf_nan=False, strict=True), BeforeValidator(_number_as_float)
+]
 # Numbers are strict (``strict=True``) as the JSON Schema says "number" / "integer": "10" and
 # true are refused, not read as 10 and 1 (pydantic's lax mode would). An integer may be sent
 # for a number; CSV cells and mapped ERP columns are converted to the declared type first.
+
+# --------------------------------------------------------------------------- money
+
+MONEY_INTEGER_DIGITS = 20
+MONEY_DECIMAL_PLACES = 18
+MONEY_PATTERN = (
+    rf"^(0|[1-9][0-9]{{0,{MONEY_INTEGER_DIGITS - 1}}})(\.[0-9]{{1,{MONEY_DECIMAL_PLACES}}})?$"
+)
+"""A decimal string: digits, an optional fraction; no sign, exponent, blank or separator."""
+_MONEY_TEXT = re.compile(MONEY_PATTERN[1:-1].encode())  # fullmatch: no anchors needed
+_MONEY_LIMIT = Decimal(10) ** MONEY_INTEGER_DIGITS
+MONEY_CONTEXT = Context(prec=200, Emax=999_999, Emin=-999_999, traps=[InvalidOperation, Inexact])
+"""Arithmetic on money: wide enough that every product and unit conversion of bounded amounts
+is exact, and ``Inexact`` trapped so that one that is not raises instead of rounding."""
+
+
+def money_error(value: Decimal) -> str | None:
+    """Why ``value`` is no amount of money the contracts accept, or None."""
+    if not value.is_finite():
+        return "must be a finite number"
+    if value < 0:
+        return "must be greater than or equal to 0"
+    if value >= _MONEY_LIMIT:
+        return f"must be less than 1e{MONEY_INTEGER_DIGITS}"
+    _, digits, exponent = value.as_tuple()
+    extra = -int(exponent) - MONEY_DECIMAL_PLACES  # places past the limit, zero or not
+    if extra > 0 and value and (extra > len(digits) or any(digits[-extra:])):
+        return f"has more than {MONEY_DECIMAL_PLACES} decimal places"
+    return None
+
+
+def money_from_json(text: bytes) -> Decimal | None:
+    """A money value from its JSON text: a number (read exactly) or a decimal string; None for
+    ``null``. ``ValueError`` for anything else (the fast mirrors call this)."""
+    if text == b"null":
+        return None
+    if text[:1] == b'"':
+        if _MONEY_TEXT.fullmatch(text, 1, len(text) - 1) is None or text[-1:] != b'"':
+            raise ValueError("not a decimal string")
+        value = Decimal(text[1:-1].decode())
+    elif text and text[:1] in b"-0123456789":
+        value = Decimal(text.decode())
+    else:
+        raise ValueError("not a number or a decimal string")
+    problem = money_error(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _money(value: Any) -> Decimal:
+    if isinstance(value, bool):
+        raise PydanticCustomError("decimal_type", "Input should be a number or a decimal string")
+    if isinstance(value, str):
+        if _MONEY_TEXT.fullmatch(value.encode()) is None:
+            raise PydanticCustomError(
+                "decimal_parsing",
+                'Input should be a number or a decimal string such as "12.50" (digits, an '
+                "optional fraction of at most {places} digits; no sign, exponent or blanks)",
+                {"places": MONEY_DECIMAL_PLACES},
+            )
+        value = Decimal(value)
+    elif isinstance(value, int):
+        value = Decimal(value)
+    elif isinstance(value, float):
+        # Only Python callers hold a float here (every decoder of ours reads numbers exactly):
+        # its shortest representation is the number they wrote.
+        value = Decimal(repr(value))
+    elif not isinstance(value, Decimal):
+        raise PydanticCustomError("decimal_type", "Input should be a number or a decimal string")
+    money: Decimal = value
+    problem = money_error(money)
+    if problem is not None:
+        raise PydanticCustomError("decimal_bounds", "Input " + problem)
+    return money
+
+
+def decimal_text(value: Decimal) -> str:
+    """Exact canonical text of a decimal: no exponent, no trailing zeros, ``0`` for zero."""
+    if not value:
+        return "0"
+    return format(value.normalize(MONEY_CONTEXT), "f")
+
+
+MONEY_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "number", "minimum": 0, "exclusiveMaximum": float(_MONEY_LIMIT)},
+        {"type": "string", "pattern": MONEY_PATTERN},
+    ],
+    "x-decimal": {
+        "integer_digits": MONEY_INTEGER_DIGITS,
+        "decimal_places": MONEY_DECIMAL_PLACES,
+        "read": "exactly from the JSON text of the number, never through a binary float",
+    },
+}
+Money = Annotated[
+    Decimal,
+    PlainValidator(_money),
+    PlainSerializer(decimal_text, return_type=str, when_used="json"),
+    WithJsonSchema(MONEY_SCHEMA, mode="validation"),
+]
+"""An amount of money: a JSON number, read exactly from its text, or a decimal string
+(``"12.50"``); at least 0, under 1e20, at most 18 decimal places. Never a binary float."""
+
+DecimalText = Annotated[
+    str,
+    Field(
+        pattern=r"^-?(0|[1-9][0-9]*)(\.[0-9]*[1-9])?$",
+        description="An exact decimal as text (no exponent, no trailing zeros).",
+    ),
+]
+
+_EXACT = msgspec.json.Decoder(float_hook=Decimal)
+
+
+def decode_exact(data: bytes | bytearray | memoryview | str) -> Any:
+    """Decode JSON with every non-integer number as an exact ``Decimal`` (the contracts read
+    money from it exactly, and quantities as floats); ``ValueError`` on bad input."""
+    return _EXACT.decode(data)
+
+
+def is_money(info: FieldInfo) -> bool:
+    """Is a contract field (optional or not) :data:`Money`? (Money is the only decimal.)"""
+    annotation = info.annotation
+    return annotation is Decimal or any(arg is Money for arg in getattr(annotation, "__args__", ()))
+
+
+def money_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """The money fields of a contract model."""
+    return tuple(name for name, info in model.model_fields.items() if is_money(info))
 
 
 def missing(
@@ -74,12 +229,9 @@ class SalesOrderLine(Contract):
         description="Unit of `quantity` (pcs, kg, t, m, l ...).",
         json_schema_extra=missing("default", "pcs"),
     )
-    unit_price: float | None = Field(
+    unit_price: Money | None = Field(
         None,
-        ge=0,
-        allow_inf_nan=False,
-        strict=True,
-        description="Price per `unit` in `currency`.",
+        description="Price per `unit` in `currency`: a number or a decimal string, read exactly.",
         json_schema_extra=missing("carry_forward"),
     )
     currency: CurrencyCode | None = Field(
@@ -110,8 +262,8 @@ class InventoryLevel(Contract):
         description="Level at which the firm reorders.",
         json_schema_extra=missing("carry_forward"),
     )
-    unit_cost: float | None = Field(
-        None, ge=0, allow_inf_nan=False, strict=True, description="Cost per unit in `currency`."
+    unit_cost: Money | None = Field(
+        None, description="Cost per unit in `currency`: a number or a decimal string, read exactly."
     )
     currency: CurrencyCode | None = Field(
         None, description="Currency of `unit_cost`.", json_schema_extra=missing("default", "CNY")
@@ -129,12 +281,9 @@ class PurchaseOrder(Contract):
     unit: str | None = Field(
         None, description="Unit of `quantity`.", json_schema_extra=missing("default", "pcs")
     )
-    unit_price: float | None = Field(
+    unit_price: Money | None = Field(
         None,
-        ge=0,
-        allow_inf_nan=False,
-        strict=True,
-        description="Agreed price per unit.",
+        description="Agreed price per unit: a number or a decimal string, read exactly.",
         json_schema_extra=missing("refuse"),
     )
     currency: CurrencyCode | None = Field(
@@ -206,8 +355,8 @@ class MarketPrice(Contract):
         min_length=1, description="What is priced (steel-hrc, copper, pp-resin ...)."
     )
     market: str = Field(min_length=1, description="Where: an exchange, a region or a platform.")
-    price: float = Field(
-        ge=0, allow_inf_nan=False, strict=True, description="Price per `unit` in `currency`."
+    price: Money = Field(
+        description="Price per `unit` in `currency`: a number or a decimal string, read exactly."
     )
     currency: CurrencyCode = Field(description="Currency of `price`.")
     unit: str = Field(min_length=1, description="Unit the price is quoted per (t, kg ...).")
@@ -416,15 +565,40 @@ class QualityFlags(Contract):
     )
 
 
+class Conversion(Contract):
+    """One money field converted to yuan, and the dated rate it was converted with."""
+
+    field: str = Field(description="The payload field converted (e.g. unit_price).")
+    from_currency: CurrencyCode = Field(description="The currency it was stated in.")
+    original: DecimalText = Field(description="Its value as stated, in `from_currency`.")
+    rate: DecimalText = Field(description="Yuan per unit of `from_currency` used.")
+    rate_date: date = Field(
+        description="Date of the rate: the latest on or before the event's date (UTC)."
+    )
+    rate_source: str = Field(description="Who published the rate (reference.fx-rates.v1).")
+
+
 class CleanEvent(EventEnvelope):
     """An event after cleaning: canonical units and currency, fills applied, quality flagged.
 
-    ``payload`` keeps the event type's fields with canonical values; ``metrics`` holds the
-    numeric measures derived from it (e.g. ``sales.amount_cny``) that analytics works on.
+    ``payload`` keeps the event type's fields with canonical values (money as exact decimal
+    strings, in CNY); ``amounts`` the money measures computed from them exactly; ``metrics``
+    the numeric measures (e.g. ``sales.amount_cny``, the float of its exact amount) that
+    analytics works on; ``conversions`` the rate each converted field was converted with.
     """
 
-    payload: dict[str, Any] = Field(description="The payload with canonical values.")
+    payload: dict[str, Any] = Field(
+        description="The payload with canonical values; money as exact decimal strings in CNY."
+    )
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Numeric measures derived from the payload."
+    )
+    amounts: dict[str, DecimalText] = Field(
+        default_factory=dict,
+        description="Money measures computed exactly (Decimal, no rounding) from the payload, "
+        "as decimal strings; the metric of the same name is its float.",
+    )
+    conversions: list[Conversion] = Field(
+        default_factory=list, description="Currency conversions made, with the dated rate used."
     )
     quality: QualityFlags = Field(default_factory=QualityFlags, description="What cleaning did.")

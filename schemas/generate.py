@@ -20,6 +20,7 @@ from schemas.events import EVENT_MODELS, CleanEvent
 from schemas.insights import INSIGHT_MODELS, DeadLetter
 from schemas.internal import FirmWindowSummary, PartitionWatermark
 from schemas.models import ModelAlias, ModelCard
+from schemas.reference import FxRate
 from schemas.topics import TOPICS
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +43,7 @@ def schema_files() -> dict[str, type[BaseModel]]:
     files["json/internal/partition_watermark.v1.json"] = PartitionWatermark
     files["json/models/model_card.v1.json"] = ModelCard
     files["json/models/model_alias.v1.json"] = ModelAlias
+    files["json/reference/fx_rate.v1.json"] = FxRate
     return files
 
 

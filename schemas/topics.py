@@ -27,6 +27,7 @@ from schemas.insights import (
 )
 from schemas.internal import FirmWindowSummary, PartitionWatermark
 from schemas.models import ModelAlias, ModelCard
+from schemas.reference import FxRate
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ CONTROL_GRANTS = "control.grants.v1"
 CONTROL_MODELS = "control.models.v1"
 CONTROL_MODEL_ALIASES = "control.model-aliases.v1"
 ANALYTICS_FIRM_WINDOWS = "analytics.firm-windows.v1"
+REFERENCE_FX_RATES = "reference.fx-rates.v1"
 
 INSIGHT_TOPICS: dict[str, str] = {
     "statistics": INSIGHTS_STATISTICS,
@@ -241,6 +243,19 @@ TOPICS: tuple[TopicSpec, ...] = (
         (ModelAlias,),
         producers=("ml", "nlp", "cli"),
         consumers=("ml", "nlp", "cli"),
+        compacted=True,
+    ),
+    TopicSpec(
+        REFERENCE_FX_RATES,
+        "Dated exchange rates to yuan (compacted), readable by every partner (GET /v1/rates). "
+        "clean converts a price with the rate of the latest date on or before the event's date "
+        "(UTC) among the rates published before the event reached events.raw.v1 (its Kafka "
+        "timestamp), and records it on the clean event; a key published again corrects that "
+        "date's rate for events that arrive afterwards.",
+        "'<CURRENCY>/<YYYY-MM-DD>', e.g. EUR/2026-11-30",
+        (FxRate,),
+        producers=("cli",),
+        consumers=("clean", "ingest"),
         compacted=True,
     ),
     TopicSpec(

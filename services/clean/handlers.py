@@ -21,14 +21,28 @@ the dead letters. For each record, in order:
    ``carry_forward`` takes the tenant's last canonical value for the same entity (e.g. the SKU
    and unit) after conversion, if it is no older in event time than the dedupe horizon; with no
    such value the field stays empty (and metrics that need it are left out);
-4. **convert** prices to CNY (rate table from the settings; an unknown currency -> dead letter),
-   units to canonical ones (kg, l, m, pcs; per-unit prices follow the unit) and ``occurred_at``
-   to UTC;
+4. **convert** prices to CNY with the dated rates of ``reference.fx-rates.v1``
+   (:class:`shared.rates.FxRates`: the rate of the latest date on or before the event's date in
+   UTC, among the rates published before the raw record's Kafka timestamp; none -> dead letter
+   ``no EUR rate on or before 2026-11-30``, which can be re-driven — published again, the same
+   ``event_id`` — once the rate exists), recording each rate used on the clean event
+   (``conversions``); units to canonical ones (kg, l, m, pcs; per-unit prices follow the unit)
+   and ``occurred_at`` to UTC;
 5. derive the **metrics** analytics works on and flag **outliers** by a robust (modified) z-score
    ``0.6745 * (x - median) / MAD`` over the tenant's last ``window`` values of the metric, once at
    least ``min_history`` values exist. When more than half of the window equals its median (MAD
    is 0) the mean absolute deviation is used instead, ``(x - median) / (1.253314 * MeanAD)``; when
    every value of the window is the same, any different value is an outlier.
+
+**Money is exact.** A record is read by the msgspec mirrors of its contract
+(:func:`schemas.fast.fast_any_event`, money as ``Decimal`` from the JSON text) or, when a mirror
+refuses it, by the contract itself from :func:`schemas.events.decode_exact`; never through a
+float. Prices, rates and amounts are ``Decimal`` and computed in
+:data:`schemas.events.MONEY_CONTEXT`, which is wide enough for every product of bounded values
+and traps ``Inexact``: **no rounding anywhere**. A quantity is a float in the contract; an amount
+uses its shortest decimal form (``repr``: the number as sent, up to 15 significant digits) times
+the unit factor, exactly. The clean event carries money as exact decimal strings (payload in
+CNY, ``amounts``); the float ``metrics`` (statistics are floats) are the floats of those amounts.
 
 Corrections (``source.operation`` update or delete, referencing ``corrects``) are cleaned the
 same way and passed through, but they restate an earlier fact rather than add an observation, so
@@ -57,29 +71,35 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 from uuid import UUID
 
+import msgspec
 from pydantic import ValidationError
 
 from schemas.events import (
     DEFAULT_EVENT_TIME,
+    MONEY_CONTEXT,
     PAYLOADS,
-    EventEnvelope,
     EventTimeBounds,
     UnknownEventType,
+    decimal_text,
+    decode_exact,
     event_time_error,
     kafka_received_at,
     model_for,
 )
+from schemas.fast import EVENT_TYPE_OF, fast_any_event
 from schemas.insights import FieldError
 from services.clean.settings import CleanSettings
 from services.clean.store import CarryKey, PartitionStore, WindowKey
-from shared.codec import DecodeError, decode, encode
+from shared.codec import encode
 from shared.deadletter import ConsumedRecord, dead_letter_record, field_errors, record_dead_letter
 from shared.kafka import OutRecord, partition_of
+from shared.rates import FxRates, RatesReader
 
 SERVICE = "clean"
 CORRECTIONS = frozenset({"update", "delete"})
@@ -90,9 +110,9 @@ _ZERO = timedelta(0)
 
 @dataclass(frozen=True)
 class CleanRules:
-    """The knobs of cleaning, taken from :class:`CleanSettings`."""
+    """The knobs of cleaning, taken from :class:`CleanSettings` (rates are live state:
+    :attr:`CleanState.rates`)."""
 
-    rates: Mapping[str, float]
     horizon_seconds: float = 7 * 86400.0
     window: int = 200
     min_history: int = 20
@@ -103,7 +123,6 @@ class CleanRules:
     @classmethod
     def from_settings(cls, settings: CleanSettings) -> CleanRules:
         return cls(
-            rates=dict(settings.clean_currency_rates),
             horizon_seconds=settings.clean_dedupe_horizon_days * 86400.0,
             memory_mb=settings.clean_dedupe_memory_mb,
             window=settings.clean_outlier_window,
@@ -141,9 +160,23 @@ def canonical_unit(unit: str) -> tuple[str, float] | None:
     return UNITS.get(unit.strip().lower())
 
 
-def to_cny(amount: float, currency: str, rates: Mapping[str, float]) -> float:
-    """Convert ``amount`` of ``currency`` to yuan; KeyError when no rate is known."""
-    return amount * rates[currency]
+_EXACT_FACTORS: dict[float, Decimal] = {
+    factor: Decimal(repr(factor)) for _, factor in UNITS.values()
+}
+"""Each unit factor as the decimal it is written as (0.001, not the float nearest to it)."""
+
+
+def exact_quantity(value: float | int) -> Decimal:
+    """A quantity (a float in the contract) as the decimal it was sent as: its shortest
+    representation, exact for up to 15 significant digits."""
+    return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+
+
+def as_money(value: Any) -> Decimal:
+    """A money value held in state (a decimal string; a float in stores of older versions)."""
+    if isinstance(value, Decimal):
+        return value
+    return Decimal(value) if isinstance(value, str) else exact_quantity(value)
 
 
 Metrics = dict[str, float]
@@ -154,24 +187,15 @@ def _ratio(part: float, whole: float) -> float | None:
 
 
 def _sales_metrics(p: Mapping[str, Any]) -> Metrics:
-    m = {"sales.quantity": float(p["quantity"])}
-    if p["unit_price"] is not None:
-        m["sales.amount_cny"] = p["quantity"] * p["unit_price"]
-    return m
+    return {"sales.quantity": float(p["quantity"])}
 
 
 def _inventory_metrics(p: Mapping[str, Any]) -> Metrics:
-    m = {"inventory.on_hand": float(p["on_hand"])}
-    if p["unit_cost"] is not None:
-        m["inventory.value_cny"] = p["on_hand"] * p["unit_cost"]
-    return m
+    return {"inventory.on_hand": float(p["on_hand"])}
 
 
 def _purchase_metrics(p: Mapping[str, Any]) -> Metrics:
-    m = {"purchasing.quantity": float(p["quantity"])}
-    if p["unit_price"] is not None:
-        m["purchasing.amount_cny"] = p["quantity"] * p["unit_price"]
-    return m
+    return {"purchasing.quantity": float(p["quantity"])}
 
 
 def _delivery_metrics(p: Mapping[str, Any]) -> Metrics:
@@ -204,10 +228,6 @@ def _workforce_metrics(p: Mapping[str, Any]) -> Metrics:
     return m
 
 
-def _market_metrics(p: Mapping[str, Any]) -> Metrics:
-    return {"market.price_cny": float(p["price"])}
-
-
 def _no_metrics(p: Mapping[str, Any]) -> Metrics:
     return {}
 
@@ -224,20 +244,32 @@ class TypeShape:
     prices: tuple[str, ...] = ()
     """Fields priced in ``currency`` per ``unit``: to CNY, divided by the unit's factor."""
     metrics: Callable[[Mapping[str, Any]], Metrics] = _no_metrics
+    amounts: tuple[tuple[str, str | None, str], ...] = ()
+    """Money metrics, computed exactly: (metric, quantity field or None, price field); the
+    amount is quantity x price in CNY (or the price itself)."""
 
 
 SHAPES: dict[str, TypeShape] = {
     "sales_order_line": TypeShape(
-        ("product_sku", "unit"), ("quantity",), ("unit_price",), _sales_metrics
+        ("product_sku", "unit"),
+        ("quantity",),
+        ("unit_price",),
+        _sales_metrics,
+        (("sales.amount_cny", "quantity", "unit_price"),),
     ),
     "inventory_level": TypeShape(
         ("site_id", "product_sku", "unit"),
         ("on_hand", "reserved", "reorder_point"),
         ("unit_cost",),
         _inventory_metrics,
+        (("inventory.value_cny", "on_hand", "unit_cost"),),
     ),
     "purchase_order": TypeShape(
-        ("supplier_id", "product_sku", "unit"), ("quantity",), ("unit_price",), _purchase_metrics
+        ("supplier_id", "product_sku", "unit"),
+        ("quantity",),
+        ("unit_price",),
+        _purchase_metrics,
+        (("purchasing.amount_cny", "quantity", "unit_price"),),
     ),
     "supplier_delivery": TypeShape(
         ("supplier_id", "product_sku", "unit"),
@@ -252,7 +284,9 @@ SHAPES: dict[str, TypeShape] = {
         _production_metrics,
     ),
     "workforce": TypeShape(("site_id",), (), (), _workforce_metrics),
-    "market_price": TypeShape(("commodity", "market"), (), ("price",), _market_metrics),
+    "market_price": TypeShape(
+        ("commodity", "market"), (), ("price",), _no_metrics, (("market.price_cny", None, "price"),)
+    ),
     "text_document": TypeShape(()),
 }
 _GENERIC = TypeShape(())
@@ -449,14 +483,51 @@ class CleanState:
 
     Partition ``p``'s store lives in ``directory/p`` and outlives the process; ``partitions``
     is the source topic's partition count, which decides each tenant's home partition.
+    ``rates`` is the table of dated rates (the app's :class:`shared.rates.RatesReader` keeps it
+    current; the hop waits until it has read past a batch's records before cleaning it).
     """
 
-    def __init__(self, rules: CleanRules, directory: Path | str, *, partitions: int) -> None:
+    def __init__(
+        self,
+        rules: CleanRules,
+        directory: Path | str,
+        *,
+        partitions: int,
+        rates: FxRates | None = None,
+    ) -> None:
         self.rules = rules
+        self.rates = rates if rates is not None else FxRates()
+        self.rates_reader: RatesReader | None = None
         self.directory = Path(directory)
         self.source_partitions = partitions
         self.partitions: dict[int, PartitionState] = {}
         self._homes: dict[str, tuple[bytes, int]] = {}
+
+    def follow_rates(self, reader: RatesReader) -> None:
+        """Convert with ``reader``'s table, waiting for it in :meth:`rates_caught_up`."""
+        self.rates_reader, self.rates = reader, reader.table
+
+    async def rates_caught_up(self, batches: Mapping[Any, Sequence[RawRecord]]) -> None:
+        """Wait until the rates table holds every rate published before the newest record
+        that may need one (a record naming a currency other than CNY; the check is on the raw
+        bytes, erring towards waiting), so that which rate an event gets depends on the rates
+        topic and the event's Kafka timestamp only, never on when this hop read either."""
+        reader = self.rates_reader
+        if reader is None:
+            return
+        newest = 0
+        for records in batches.values():
+            for record in records:
+                value = record.value
+                if (
+                    value is not None
+                    and record.timestamp > newest
+                    and b'"currency"' in value
+                    and b'"currency":"CNY"' not in value
+                ):
+                    newest = record.timestamp
+        if newest > self.rates.synced_ms:
+            await reader.caught_up(newest)
 
     def home(self, tenant: str) -> tuple[bytes, int]:
         """(key, partition) a record of ``tenant`` belongs to: the contract's murmur2 of the key."""
@@ -572,18 +643,63 @@ class _Refused(NamedTuple):
     reason: str
 
 
-def _validated(record: RawRecord, rules: CleanRules) -> EventEnvelope | _Refused:
-    """Decode and validate, exactly as :func:`schemas.events.validate_event`."""
+class _Event(NamedTuple):
+    """A valid event as the batch needs it, from a mirror or from its contract."""
+
+    event_id: UUID
+    tenant: str
+    type: str
+    schema_version: int
+    occurred_at: datetime
+    source: dict[str, Any]
+    corrects: UUID | None
+    payload: dict[str, Any]
+    """Money as ``Decimal``, read exactly."""
+
+
+_asdict = msgspec.structs.asdict
+
+
+def _read(value: bytes) -> _Event:
+    """The record's event: the msgspec mirror when it certainly meets its contract (the usual
+    case, ~3 us), else the contract (``ValidationError`` etc. say why), numbers read exactly."""
+    fast = fast_any_event(value)
+    if fast is not None:
+        return _Event(
+            fast.event_id,
+            fast.tenant,
+            EVENT_TYPE_OF[type(fast)],
+            fast.schema_version,
+            fast.occurred_at,
+            _asdict(fast.source),
+            fast.corrects,
+            _asdict(fast.payload),
+        )
+    data = decode_exact(value)
+    if not isinstance(data, dict):
+        raise TypeError("an event must be a JSON object")
+    event = model_for(data.get("type"), data.get("schema_version")).model_validate(data)
+    return _Event(
+        event.event_id,
+        event.tenant,
+        event.type,
+        event.schema_version,
+        event.occurred_at,
+        dict(event.source.__dict__),
+        event.corrects,
+        dict(event.payload.__dict__),
+    )
+
+
+def _validated(record: RawRecord, rules: CleanRules) -> _Event | _Refused:
+    """Decode and validate, as :func:`schemas.events.validate_event` (see :func:`_read`)."""
     if record.value is None:
         return _Refused(_dead_letter(record, "empty record (tombstone)"), "undecodable")
     try:
-        data = decode(record.value)
-        if not isinstance(data, dict):
-            raise TypeError("an event must be a JSON object")
-        event = model_for(data.get("type"), data.get("schema_version")).model_validate(data)
+        event = _read(record.value)
     except ValidationError as error:
         return _Refused(_dead_letter(record, "invalid event", field_errors(error)), "invalid")
-    except (DecodeError, TypeError, UnknownEventType) as error:
+    except (ValueError, TypeError, UnknownEventType) as error:  # msgspec's DecodeError too
         reason = "undecodable" if not isinstance(error, UnknownEventType) else "invalid"
         return _Refused(_dead_letter(record, str(error)), reason)
     # ... and its event time bounded as at ingest, against when Kafka received the record
@@ -613,7 +729,7 @@ def clean_batch(
     from, and what the horizon is measured back from.
     """
     rules = state.rules
-    rates, window_size = rules.rates, rules.window
+    rates, window_size = state.rates, rules.window
     min_history, threshold = rules.min_history, rules.threshold
     horizon = rules.horizon_seconds
     if now_ms is None:
@@ -623,7 +739,7 @@ def clean_batch(
     clean, dead, reasons, rerouted = result.clean, result.dead, result.dead_reasons, result.rerouted
 
     # 1. validate; a record that is not on its tenant's partition under its tenant's key goes there
-    checked: list[tuple[RawRecord, EventEnvelope | _Refused]] = []
+    checked: list[tuple[RawRecord, _Event | _Refused]] = []
     ids: dict[int, list[bytes]] = {}
     home = state.home
     for record in records:
@@ -660,9 +776,11 @@ def clean_batch(
 
         tenant, type_name = event.tenant, event.type
         shape = SHAPES.get(type_name, _GENERIC)
-        payload: dict[str, Any] = dict(event.payload.__dict__)
+        payload = event.payload
         filled: list[str] = []
         converted: list[str] = []
+        conversions: list[dict[str, str]] = []
+        exact: dict[str, Decimal] = {}  # canonical quantities as decimals, for the amounts
 
         # 3a. defaults (stated in canonical units and CNY) and refusals
         early, carried = _fill_plan(type_name, event.schema_version)
@@ -684,22 +802,37 @@ def clean_batch(
             reasons["refused_missing"] += 1
             continue
 
-        # 4. conversions: currency to CNY, unit to its canonical form
+        # 4. conversions: currency to CNY (the dated rate), unit to its canonical form; money
+        # in Decimal arithmetic that traps anything inexact (see the module docstring)
         if shape.prices:
             currency = payload.get("currency")
             if currency is not None and currency != "CNY":
-                rate = rates.get(currency)
-                if rate is None:
-                    no_rate = FieldError(field="payload.currency", reason="no exchange rate to CNY")
-                    dead.append(
-                        _dead_letter(record, f"unknown currency {currency}", [no_rate], tenant)
-                    )
-                    reasons["unknown_currency"] += 1
+                day = event.occurred_at.astimezone(UTC).date()
+                stamp = record.timestamp
+                as_of = stamp if stamp is not None and 0 < stamp <= rates.synced_ms else None
+                used = rates.rate_for(currency, day, as_of or rates.synced_ms)
+                if used is None:
+                    why = f"no {currency} rate on or before {day.isoformat()}"
+                    no_rate = FieldError(field="payload.currency", reason=why)
+                    dead.append(_dead_letter(record, why, [no_rate], tenant))
+                    reasons["no_rate"] += 1
                     continue
+                rate_text = decimal_text(used.rate)
                 for name in shape.prices:
-                    if payload[name] is not None:
-                        payload[name] *= rate
+                    value = payload[name]
+                    if value is not None:
+                        payload[name] = MONEY_CONTEXT.multiply(value, used.rate)
                         converted.append(name)
+                        conversions.append(
+                            {
+                                "field": name,
+                                "from_currency": currency,
+                                "original": decimal_text(value),
+                                "rate": rate_text,
+                                "rate_date": used.date.isoformat(),
+                                "rate_source": used.source,
+                            }
+                        )
                 payload["currency"] = "CNY"
                 converted.append("currency")
         unit = payload.get("unit")
@@ -711,35 +844,57 @@ def clean_batch(
                     payload["unit"] = name
                     converted.append("unit")
                 if factor != 1.0:
+                    exact_factor = _EXACT_FACTORS[factor]
                     for name in shape.quantities:  # defaults are stated in canonical units
                         if payload[name] is not None and name not in filled:
-                            payload[name] *= factor
+                            scaled = MONEY_CONTEXT.multiply(
+                                exact_quantity(payload[name]), exact_factor
+                            )
+                            exact[name] = scaled
+                            payload[name] = float(scaled)
                             converted.append(name)
                     for name in shape.prices:
                         if payload[name] is not None:
-                            payload[name] /= factor
+                            payload[name] = MONEY_CONTEXT.divide(payload[name], exact_factor)
                             if name not in converted:
                                 converted.append(name)
 
         # 3b. carry forward, in canonical values, per tenant and entity, within the horizon
-        correction = event.source.operation in CORRECTIONS
+        correction = event.source["operation"] in CORRECTIONS
         at = event.occurred_at.timestamp()
         if carried:
             entity = tuple(payload[name] for name in shape.entity)
             carry = partition.carry
             for name in carried:
                 key = (tenant, type_name, entity, name)
+                money = name in shape.prices
                 if payload[name] is None:
                     previous = carry.get(key)
                     if previous is not None and at - previous[1] <= horizon:
-                        payload[name] = previous[0]
+                        payload[name] = as_money(previous[0]) if money else previous[0]
                         filled.append(name)
-                elif not correction:
-                    carry[key] = (payload[name], at)
+                elif not correction:  # money as the exact text the clean event carries
+                    kept = decimal_text(payload[name]) if money else payload[name]
+                    carry[key] = (kept, at)
                     partition.changed_carry.add(key)
 
-        # 5. metrics and outlier flags
+        # 5. metrics (money ones from exact amounts) and outlier flags
         metrics = shape.metrics(payload)
+        amounts: dict[str, str] = {}
+        for metric, quantity_field, price_field in shape.amounts:
+            price = payload[price_field]
+            if price is None:
+                continue
+            if quantity_field is not None:
+                quantity = exact.get(quantity_field)
+                if quantity is None:
+                    quantity = exact_quantity(payload[quantity_field])
+                price = MONEY_CONTEXT.multiply(quantity, price)
+            amounts[metric] = decimal_text(price)
+            metrics[metric] = float(price)
+        for name in shape.prices:  # the clean event carries money as exact decimal strings
+            if payload.get(name) is not None:
+                payload[name] = decimal_text(payload[name])
         outliers: list[str] = []
         for metric, value in list(metrics.items()):
             if not math.isfinite(value):
@@ -765,10 +920,12 @@ def clean_batch(
                 "type": type_name,
                 "schema_version": event.schema_version,
                 "occurred_at": occurred_at,
-                "source": event.source.__dict__,
+                "source": event.source,
                 "corrects": event.corrects,
                 "payload": payload,
                 "metrics": metrics,
+                "amounts": amounts,
+                "conversions": conversions,
                 "quality": {"filled": filled, "converted": converted, "outliers": outliers},
             }
         )

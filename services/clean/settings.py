@@ -4,19 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from schemas.topics import EVENTS_CLEAN, EVENTS_RAW
+from schemas.topics import EVENTS_CLEAN, EVENTS_RAW, REFERENCE_FX_RATES
 from shared.settings import XietongSettings
-
-DEFAULT_RATES_CNY: dict[str, float] = {
-    "CNY": 1.0,
-    "USD": 7.10,
-    "EUR": 7.70,
-    "JPY": 0.047,
-    "KRW": 0.0051,
-    "GBP": 9.00,
-    "HKD": 0.91,
-}
-"""Yuan per unit of each currency; an operator replaces them with the day's reference rates."""
 
 
 class CleanSettings(XietongSettings):
@@ -26,10 +15,10 @@ class CleanSettings(XietongSettings):
     clean_group_id: str = Field("clean", min_length=1, description="Consumer group of the hop.")
     clean_source_topic: str = Field(EVENTS_RAW, description="Raw events in.")
     clean_target_topic: str = Field(EVENTS_CLEAN, description="Clean events out.")
-    clean_currency_rates: dict[str, float] = Field(
-        default_factory=lambda: dict(DEFAULT_RATES_CNY),
-        description="CNY per unit of currency (JSON in the environment). A currency without a "
-        "rate cannot be converted and its record goes to the dead-letter topic.",
+    clean_rates_topic: str = Field(
+        REFERENCE_FX_RATES,
+        description="Dated exchange rates to CNY (xietong rates set|load). A price in a currency "
+        "with no rate on or before the event's date goes to the dead-letter topic.",
     )
     clean_dedupe_horizon_days: float = Field(
         7.0,

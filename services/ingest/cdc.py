@@ -53,7 +53,7 @@ from typing import Any
 import orjson
 from aiokafka import ConsumerRecord
 
-from schemas.events import DEFAULT_EVENT_TIME, EventTimeBounds
+from schemas.events import DEFAULT_EVENT_TIME, EventTimeBounds, decode_exact
 from schemas.insights import FieldError
 from schemas.topics import EVENTS_RAW, dlq
 from services.ingest.intake import Incoming, Intake, Refused, publish_intake, validate_records
@@ -234,8 +234,8 @@ def map_change(
     if not value:
         return None
     try:
-        change, schema = unwrap(decode(value))
-    except DecodeError as error:
+        change, schema = unwrap(decode_exact(value))  # a decimal in "double" mode: exactly
+    except ValueError as error:
         raise Rejected(f"not JSON: {error}") from None
     if change is None:
         return None

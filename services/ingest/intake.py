@@ -38,13 +38,13 @@ from schemas.events import (
     EventEnvelope,
     EventTimeBounds,
     UnknownEventType,
+    decode_exact,
     event_time_error,
     model_for,
 )
 from schemas.fast import fast_event
 from schemas.insights import FieldError
 from schemas.topics import EVENTS_RAW, dlq
-from shared.codec import DecodeError, decode
 from shared.deadletter import dead_letter, dead_letter_record, field_errors
 from shared.kafka import BatchPublisher, OutRecord, Text
 
@@ -181,8 +181,8 @@ def validate_json_lines(
             misses += 1
         original = bytes(line)  # a refusal keeps it; the body it may be a view into goes
         try:
-            data = decode(original)
-        except DecodeError as error:
+            data = decode_exact(original)  # money exactly as sent, never through a float
+        except ValueError as error:
             reason = f"invalid JSON: {error}"
             result.refused.append(
                 Refused(index, [FieldError(field="", reason=reason)], original, reason)

@@ -425,7 +425,7 @@ def as_declared(value: Any, kind: type, field: str) -> Any:
         return _to_bool(value, field) if isinstance(value, str) else value
     if kind is float and isinstance(value, (str, bool)):  # a boolean fails: it is no number
         return float(_number(value, field))
-    if kind is int and isinstance(value, (str, float, bool)):
+    if kind is int and isinstance(value, (str, float, bool, Decimal)):
         number = _number(value, field)
         if number != number.to_integral_value():
             raise MappingFailure(field, f"{value!r} is not a whole number")
@@ -481,8 +481,8 @@ def convert_value(spec: FieldMapping, row: dict[str, Any], field: str, zone: Zon
             value = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=zone)
         case None:
             pass
-    if isinstance(value, Decimal):
-        value = float(value)
+    # A Decimal stays one: money fields keep every digit (the raw record carries it as a
+    # decimal string), a number field takes it as a float (the contract converts it).
     return value
 
 

@@ -70,6 +70,11 @@ def _day(value: Any) -> float | None:
 
 
 def _number(value: Any) -> float:
+    if isinstance(value, str):  # money on the clean event: an exact decimal string
+        try:
+            return float(value)
+        except ValueError:
+            return math.nan
     if isinstance(value, bool) or not isinstance(value, int | float):
         return math.nan
     return float(value)

@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaError
 
 from schemas.events import CleanEvent
 from schemas.insights import DeadLetter
+from schemas.reference import FxRate
 from schemas.topics import dlq
 from services.clean.app import HopStatus, run_clean
 from services.clean.handlers import REROUTED_HEADER
@@ -31,6 +32,7 @@ from shared.kafka import (
     partition_of,
     started,
 )
+from shared.rates import demo_rates, publish_rates
 from shared.settings import XietongSettings
 from tests.factories import sales_event
 
@@ -40,8 +42,19 @@ TENANTS = ("acme", "bolt-works", "zhongshan_steel", "delta")
 
 
 @pytest.fixture
-def clean_settings(settings: XietongSettings) -> CleanSettings:
-    return load_clean_settings(**{**settings.model_dump(), "kafka_fetch_max_records": 100})
+async def clean_settings(
+    settings: XietongSettings, unique_name: Callable[[str], str]
+) -> CleanSettings:
+    """The hop's settings, with a rates topic of the test's own holding the demo's rates."""
+    rates_topic = unique_name("rates")
+    await publish_rates(settings, demo_rates(), rates_topic)
+    return load_clean_settings(
+        **{
+            **settings.model_dump(),
+            "kafka_fetch_max_records": 100,
+            "clean_rates_topic": rates_topic,
+        }
+    )
 
 
 @pytest.fixture
@@ -152,10 +165,12 @@ async def test_events_come_out_clean_with_canonical_values_and_metrics(
     first = got[dollars_per_tonne["event_id"]]
     assert first.payload["unit"] == "kg" and first.payload["quantity"] == 2000
     assert first.payload["currency"] == "CNY"
-    assert first.payload["unit_price"] == pytest.approx(500 * 7.10 / 1000)
-    assert first.metrics == pytest.approx(
-        {"sales.quantity": 2000, "sales.amount_cny": 2 * 500 * 7.10}
-    )
+    assert first.payload["unit_price"] == "3.55"  # 500 USD/t x 7.10 / 1000, exactly
+    assert first.amounts == {"sales.amount_cny": "7100"}
+    assert first.metrics == {"sales.quantity": 2000, "sales.amount_cny": 7100}
+    assert [(c.field, c.rate, c.rate_source) for c in first.conversions] == [
+        ("unit_price", "7.1", "demo seed (not a reference rate)")
+    ]
     assert set(first.quality.converted) == {"unit", "quantity", "unit_price", "currency"}
     assert first.quality.filled == ["region"]  # the factory leaves region out
 
@@ -169,9 +184,9 @@ async def test_events_come_out_clean_with_canonical_values_and_metrics(
     )
 
     carried_out = got[carried["event_id"]]  # the tenant's last price of the SKU, in CNY per kg
-    assert carried_out.payload["unit_price"] == pytest.approx(500 * 7.10 / 1000)
+    assert carried_out.payload["unit_price"] == "3.55"
     assert "unit_price" in carried_out.quality.filled
-    assert carried_out.metrics["sales.amount_cny"] == pytest.approx(500 * 7.10 / 1000)
+    assert carried_out.amounts["sales.amount_cny"] == "3.55"
 
     utc = got[shanghai["event_id"]]
     assert utc.occurred_at.isoformat() == "2026-11-01T08:00:00+00:00"
@@ -490,7 +505,7 @@ async def test_bad_records_go_to_the_dead_letter_topic_and_the_hop_goes_on(
     assert all(letter.source_topic == raw and letter.service == "clean" for letter in letters)
     assert by_offset[1].original == "{not json"
     assert any(error.field == "payload.quantity" for error in by_offset[2].errors)
-    assert by_offset[3].reason == "unknown currency XAU"
+    assert by_offset[3].reason == "no XAU rate on or before 2026-11-01"
     assert decode(by_offset[3].original)["event_id"] == unknown_currency["event_id"]
     assert [error.field for error in by_offset[4].errors] == ["payload.unit_price"]
     assert Counter(letter.tenant for letter in letters) == Counter({"acme": 4})
@@ -566,5 +581,64 @@ async def test_carry_forward_and_outlier_history_survive_a_restart(
     assert status.restored == (len(history) if disk == "new" else 0)
     got = by_id(await read_all(clean_settings, clean, len(history) + 1))
     after = got[unpriced_spike["event_id"]]
-    assert after.payload["unit_price"] == 6.0 and "unit_price" in after.quality.filled
+    assert after.payload["unit_price"] == "6" and "unit_price" in after.quality.filled
     assert after.quality.outliers == ["sales.quantity", "sales.amount_cny"]
+
+
+async def test_money_stays_exact_and_each_event_gets_the_rate_of_its_date(
+    clean_settings: CleanSettings, topics: tuple[str, str], unique_name: Callable[[str], str]
+) -> None:
+    """Against the broker: dated EUR rates published on the rates topic, one of them while the
+    hop runs; a 20-digit price read exactly; no rate on or before the date -> dead letter."""
+    raw, clean = topics
+    rates_topic = unique_name("rates")  # no demo rates: EUR has only the two below
+    clean_settings = clean_settings.model_copy(update={"clean_rates_topic": rates_topic})
+    await ensure_topics(clean_settings, [raw])
+    eur = [
+        FxRate(currency="EUR", date=day, cny_per_unit=rate, source="PBOC central parity")  # type: ignore[arg-type]
+        for day, rate in (("2026-11-29", "7.6512"), ("2026-11-30", "7.7012"))
+    ]
+    await publish_rates(clean_settings, eur[:1], rates_topic)
+
+    def euro_sale(seq: int, day: str, price: Any = 0.1) -> dict[str, Any]:
+        sale = sales_event("acme", seq=seq, quantity=3, unit_price=price, currency="GBP")
+        sale["payload"]["currency"] = "EUR"
+        sale["occurred_at"] = f"{day}T10:00:00+00:00"
+        return sale
+
+    on_29 = euro_sale(1, "2026-11-29")
+    exact = sales_event("acme", seq=2, quantity=2, unit_price=1.0)
+    long_price = encode(exact).replace(
+        b'"unit_price":1.0', b'"unit_price":12345678901234567890.123456789'
+    )
+    hop = Hop(clean_settings, raw, clean, f"clean-{uuid.uuid4().hex[:8]}")
+    try:
+        await publish(clean_settings, raw, [on_29, long_price])
+        await hop.until(lambda s: s.records_out == 2)
+        await publish_rates(clean_settings, eur[1:], rates_topic)  # while the hop runs
+        on_30 = euro_sale(3, "2026-11-30")
+        too_early = euro_sale(4, "2026-11-28")
+        await publish(clean_settings, raw, [on_30, too_early])
+        await hop.until(lambda s: s.records_out == 3 and s.dead_letters == 1)
+    finally:
+        await hop.stop()
+
+    got = by_id(await read_all(clean_settings, clean, 3))
+    first, second = got[on_29["event_id"]], got[on_30["event_id"]]
+    assert [(c.rate, c.rate_date.isoformat()) for c in first.conversions] == [
+        ("7.6512", "2026-11-29")
+    ]
+    assert [(c.rate, c.rate_date.isoformat()) for c in second.conversions] == [
+        ("7.7012", "2026-11-30")
+    ]
+    assert first.amounts["sales.amount_cny"] == "2.29536"  # 3 x 0.1 x 7.6512, no rounding
+    assert second.amounts["sales.amount_cny"] == "2.31036"
+    long = got[exact["event_id"]]
+    assert long.payload["unit_price"] == "12345678901234567890.123456789"
+    assert long.amounts["sales.amount_cny"] == "24691357802469135780.246913578"
+
+    (letter,) = [
+        DeadLetter.model_validate_json(r.value) for r in await read_all(clean_settings, dlq(raw), 1)
+    ]
+    assert letter.reason == "no EUR rate on or before 2026-11-28"
+    assert decode(letter.original)["event_id"] == too_early["event_id"]

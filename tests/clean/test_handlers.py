@@ -15,6 +15,7 @@ from aiokafka import ConsumerRecord
 
 from schemas.events import CleanEvent
 from schemas.insights import DeadLetter
+from schemas.reference import FxRate
 from services.clean.handlers import (
     REROUTED_HEADER,
     CleanedBatch,
@@ -26,12 +27,31 @@ from services.clean.handlers import (
     fill_rules,
     robust_z,
 )
-from services.clean.settings import DEFAULT_RATES_CNY
 from shared.codec import decode, encode
 from shared.kafka import partition_of
+from shared.rates import FxRates, demo_rates
 from tests.factories import sales_event
 
-RULES = CleanRules(rates=DEFAULT_RATES_CNY)
+RULES = CleanRules()
+
+
+def rates_table(rates: dict[str, str] | None = None, day: str = "2000-01-01") -> FxRates:
+    """A rates table holding ``rates`` (default: the demo's) for ``day``, all read."""
+    table = FxRates()
+    chosen = (
+        demo_rates()
+        if rates is None
+        else [
+            FxRate(currency=c, date=day, cny_per_unit=r, source="test")  # type: ignore[arg-type]
+            for c, r in rates.items()
+        ]
+    )
+    for rate in chosen:
+        table.add(rate, 0)
+    table.synced_ms = 2**62
+    return table
+
+
 NOW = 1_793_613_600_000  # 2026-11-02T10:00Z in ms: when a test's batches are cleaned
 
 
@@ -40,8 +60,17 @@ def new_state(tmp_path: Path) -> Iterator[Callable[..., CleanState]]:
     """``new_state(rules, partitions=1)``: a clean state with its stores in a fresh folder."""
     made: list[CleanState] = []
 
-    def make(rules: CleanRules = RULES, partitions: int = 1) -> CleanState:
-        made.append(CleanState(rules, tmp_path / f"state-{len(made)}", partitions=partitions))
+    def make(
+        rules: CleanRules = RULES, partitions: int = 1, rates: FxRates | None = None
+    ) -> CleanState:
+        made.append(
+            CleanState(
+                rules,
+                tmp_path / f"state-{len(made)}",
+                partitions=partitions,
+                rates=rates if rates is not None else rates_table(),
+            )
+        )
         return made[-1]
 
     yield make
@@ -127,26 +156,26 @@ def test_carry_forward_takes_the_last_value_of_the_same_tenant_entity_and_unit(
 
     assert by_id[other_tenant["event_id"]].payload["unit_price"] is None  # nothing to carry
     assert "sales.amount_cny" not in by_id[other_tenant["event_id"]].metrics
-    assert by_id[carried["event_id"]].payload["unit_price"] == 4.0
+    assert by_id[carried["event_id"]].payload["unit_price"] == "4"
     assert by_id[carried["event_id"]].quality.filled == ["region", "unit_price"]
     assert by_id[carried["event_id"]].metrics["sales.amount_cny"] == 12.0
 
     # the state survives the batch: the next batch carries the same value
     later = sales_event("acme", seq=6, unit_price=None, quantity=2)
     (again,) = cleaned(clean_batch(records(later, start=5), state))
-    assert again.payload["unit_price"] == 4.0
+    assert again.payload["unit_price"] == "4"
 
 
 def test_a_value_older_than_the_horizon_is_not_carried_forward(
     new_state: Callable[..., CleanState],
 ) -> None:
-    state = new_state(CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=86400))
+    state = new_state(CleanRules(horizon_seconds=86400))
     start = datetime(2026, 11, 1, tzinfo=UTC)
     priced = sales_event(seq=1, unit_price=4.0, occurred_at=start)
     next_day = sales_event(seq=2, unit_price=None, occurred_at=start + timedelta(hours=20))
     a_week_later = sales_event(seq=3, unit_price=None, occurred_at=start + timedelta(days=7))
     _, fresh, stale = cleaned(clean_batch(records(priced, next_day, a_week_later), state))
-    assert fresh.payload["unit_price"] == 4.0
+    assert fresh.payload["unit_price"] == "4"
     assert stale.payload["unit_price"] is None and "unit_price" not in stale.quality.filled
 
 
@@ -157,7 +186,7 @@ def test_carried_values_are_canonical_whatever_the_currency_of_the_record(
     in_dollars = sales_event(seq=1, unit_price=2.0, currency="USD")
     missing_in_euros = sales_event(seq=2, unit_price=None, currency="EUR")
     _, out = cleaned(clean_batch(records(in_dollars, missing_in_euros), state))
-    assert out.payload["unit_price"] == pytest.approx(2.0 * DEFAULT_RATES_CNY["USD"])
+    assert out.payload["unit_price"] == "14.2"
     assert out.payload["currency"] == "CNY"
 
 
@@ -206,14 +235,15 @@ def test_units_have_a_canonical_form(written: str, canonical: str, factor: float
 def test_quantities_and_per_unit_prices_follow_the_unit_and_prices_become_yuan(
     new_state: Callable[..., CleanState],
 ) -> None:
-    rates = {"CNY": 1.0, "EUR": 8.0}
     sale = sales_event(seq=1, quantity=250, unit="g", unit_price=0.02, currency="EUR")
-    (out,) = cleaned(clean_batch(records(sale), new_state(CleanRules(rates=rates))))
-    assert out.payload["quantity"] == pytest.approx(0.25)
+    state = new_state(rates=rates_table({"EUR": "8.0"}))
+    (out,) = cleaned(clean_batch(records(sale), state))
+    assert out.payload["quantity"] == 0.25
     assert out.payload["unit"] == "kg"
-    assert out.payload["unit_price"] == pytest.approx(0.02 * 8.0 * 1000)
+    assert out.payload["unit_price"] == "160"  # 0.02 EUR/g x 8 x 1000: exact
     assert out.payload["currency"] == "CNY"
-    assert out.metrics["sales.amount_cny"] == pytest.approx(250 * 0.02 * 8.0)
+    assert out.amounts["sales.amount_cny"] == "40"
+    assert out.metrics["sales.amount_cny"] == 40.0
     assert sorted(out.quality.converted) == ["currency", "quantity", "unit", "unit_price"]
 
 
@@ -240,7 +270,7 @@ def test_an_unknown_unit_is_kept_and_nothing_is_converted(
 def test_an_unknown_currency_is_a_dead_letter(new_state: Callable[..., CleanState]) -> None:
     result = clean_batch(records(sales_event(seq=1, currency="XAU")), new_state(RULES))
     (letter,) = letters(result)
-    assert letter.reason == "unknown currency XAU"
+    assert letter.reason == "no XAU rate on or before 2026-11-01"
     assert [error.field for error in letter.errors] == ["payload.currency"]
 
 
@@ -400,7 +430,7 @@ def test_a_refused_record_sent_again_fixed_is_not_a_duplicate(
 ) -> None:
     state = new_state(RULES)
     bad = sales_event(seq=1, currency="XAU")
-    assert clean_batch(records(bad), state).dead_reasons == {"unknown_currency": 1}
+    assert clean_batch(records(bad), state).dead_reasons == {"no_rate": 1}
     fixed = {**bad, "payload": {**bad["payload"], "currency": "USD"}}
     assert clean_batch(records(fixed, start=1), state).clean_count == 1
 
@@ -411,7 +441,7 @@ DAY_MS = 86_400_000
 def test_an_id_is_remembered_for_the_horizon_after_it_was_cleaned_whatever_its_event_time(
     new_state: Callable[..., CleanState],
 ) -> None:
-    state = new_state(CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=7 * 86400))
+    state = new_state(CleanRules(horizon_seconds=7 * 86400))
     long_ago = sales_event(seq=1, occurred_at=datetime(2021, 3, 1, tzinfo=UTC))
     assert clean_batch(records(long_ago), state, NOW).clean_count == 1
     assert clean_batch(records(long_ago, start=1), state, NOW + 6 * DAY_MS).duplicates == 1
@@ -423,7 +453,7 @@ def test_one_tenants_event_dated_years_ahead_forgets_no_ids_of_another(
 ) -> None:
     """Partners writing to the raw topic themselves set occurred_at as they like: a 2036 date
     used to move the partition's watermark and forget every tenant's ids at once."""
-    state = new_state(CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=3600))
+    state = new_state(CleanRules(horizon_seconds=3600))
     acme = sales_event("acme", seq=1)
     clean_batch(records(acme), state, NOW)
     from_the_future = sales_event("bolt", seq=2, occurred_at=datetime(2036, 1, 1, tzinfo=UTC))
@@ -438,7 +468,7 @@ def test_an_id_cleaned_a_day_ago_is_a_duplicate_after_many_later_ids_in_bounded_
     """40 000 ids (about 2 MB on disk) through a store given 1 MB: each batch's ids go to disk
     when it is flushed, and the store's write buffers and cache stay near that budget (RocksDB's
     cache may overshoot it a little) however many ids there are."""
-    rules = CleanRules(rates=DEFAULT_RATES_CNY, memory_mb=1)
+    rules = CleanRules(memory_mb=1)
     state = new_state(rules)
     first = sales_event(seq=0)
     clean_batch(records(first), state, NOW)
@@ -603,7 +633,7 @@ def test_corrections_pass_through_but_feed_no_rolling_state(
     assert list(windows[("acme", "sales.quantity")].arrival) == [10.0]
     later = sales_event(seq=2, unit_price=None)
     (carried,) = cleaned(clean_batch(records(later, start=2), state))
-    assert carried.payload["unit_price"] == 5.0  # the correction's price did not become the last
+    assert carried.payload["unit_price"] == "5"  # the correction's price did not become the last
 
 
 # --------------------------------------------------------------------------- dead letters
@@ -675,7 +705,7 @@ def test_state_rebuilt_from_the_clean_output_cleans_the_next_batch_identically(
 def test_a_rebuilt_state_ages_carried_values_as_the_live_one_does(
     new_state: Callable[..., CleanState],
 ) -> None:
-    rules = CleanRules(rates=DEFAULT_RATES_CNY, horizon_seconds=86400)
+    rules = CleanRules(horizon_seconds=86400)
     start = datetime(2026, 11, 1, tzinfo=UTC)
     priced = sales_event(seq=1, unit_price=4.0, occurred_at=start)
     filled = sales_event(seq=2, unit_price=None, occurred_at=start + timedelta(hours=20))
@@ -729,3 +759,107 @@ def test_a_state_reopened_from_its_checkpoint_cleans_the_next_batch_as_the_live_
         reopened.close()
     finally:
         live.close()
+
+
+# --------------------------------------------------------------------------- money stays exact
+
+
+def test_a_price_of_0_1_times_3_is_exactly_0_3_yuan(new_state: Callable[..., CleanState]) -> None:
+    """0.1 x 3 in floats is 0.30000000000000004; the clean event says 0.3."""
+    sale = sales_event(seq=1, quantity=3, unit_price=0.1)
+    (out,) = cleaned(clean_batch(records(sale), new_state()))
+    assert out.payload["unit_price"] == "0.1"
+    assert out.amounts["sales.amount_cny"] == "0.3"
+    assert out.metrics["sales.amount_cny"] == 0.3
+
+
+def test_a_long_decimal_is_read_and_kept_exactly(new_state: Callable[..., CleanState]) -> None:
+    sale = sales_event(seq=1, quantity=2, unit_price=1.0)
+    text = encode(sale).replace(b'"unit_price":1.0', b'"unit_price":12345678901234567890.123456789')
+    as_string = encode(sales_event(seq=2, quantity=2, unit_price="0.10"))
+    first, second = cleaned(clean_batch(records(text, as_string), new_state()))
+    assert first.payload["unit_price"] == "12345678901234567890.123456789"
+    assert first.amounts["sales.amount_cny"] == "24691357802469135780.246913578"
+    assert second.payload["unit_price"] == "0.1" and second.amounts["sales.amount_cny"] == "0.2"
+
+
+def test_the_contract_path_reads_money_exactly_too(new_state: Callable[..., CleanState]) -> None:
+    """A record the mirrors leave to the contract (a string with a leading blank) is read
+    exactly as well."""
+    sale = sales_event(seq=1, quantity=1, unit_price=1.0, region=" east")
+    text = encode(sale).replace(b'"unit_price":1.0', b'"unit_price":1234567890123456789.12345')
+    (out,) = cleaned(clean_batch(records(text), new_state()))
+    assert out.payload["region"] == "east"  # the contract stripped it: it took that path
+    assert out.payload["unit_price"] == "1234567890123456789.12345"
+
+
+def test_an_event_uses_the_rate_of_its_date_and_records_it(
+    new_state: Callable[..., CleanState],
+) -> None:
+    table = rates_table({"EUR": "7.6", "USD": "7.1"}, day="2026-11-28")
+    table.add(FxRate(currency="EUR", date="2026-11-29", cny_per_unit="7.6512", source="PBOC"), 0)  # type: ignore[arg-type]
+    table.add(FxRate(currency="EUR", date="2026-11-30", cny_per_unit="7.7012", source="PBOC"), 0)  # type: ignore[arg-type]
+    on_29 = sales_event(seq=1, quantity=3, unit_price=0.1, currency="EUR")
+    on_29["occurred_at"] = "2026-11-29T23:30:00-01:00"  # 2026-11-30 in UTC
+    on_29_utc = sales_event(seq=2, quantity=3, unit_price=0.1, currency="EUR")
+    on_29_utc["occurred_at"] = "2026-11-29T23:30:00+00:00"
+    on_30 = sales_event(seq=3, quantity=3, unit_price=0.1, currency="EUR")
+    on_30["occurred_at"] = "2026-11-30T08:00:00+08:00"  # 2026-11-30 00:00 UTC
+    later = sales_event(seq=4, quantity=3, unit_price=0.1, currency="EUR")
+    later["occurred_at"] = "2026-12-24T08:00:00+00:00"  # no newer rate: the latest before
+    a, b, c, d = cleaned(
+        clean_batch(records(on_29, on_29_utc, on_30, later), new_state(rates=table))
+    )
+    assert [e.conversions[0].rate_date.isoformat() for e in (a, b, c, d)] == [
+        "2026-11-30",
+        "2026-11-29",
+        "2026-11-30",
+        "2026-11-30",
+    ]
+    assert b.conversions[0].model_dump(mode="json") == {
+        "field": "unit_price",
+        "from_currency": "EUR",
+        "original": "0.1",
+        "rate": "7.6512",
+        "rate_date": "2026-11-29",
+        "rate_source": "PBOC",
+    }
+    assert b.payload["unit_price"] == "0.76512" and b.amounts["sales.amount_cny"] == "2.29536"
+    assert c.payload["unit_price"] == "0.77012" and c.amounts["sales.amount_cny"] == "2.31036"
+
+
+def test_no_rate_on_or_before_the_date_is_a_dead_letter(
+    new_state: Callable[..., CleanState],
+) -> None:
+    table = rates_table({"EUR": "7.7012"}, day="2026-11-30")
+    early = sales_event(seq=1, currency="EUR")
+    early["occurred_at"] = "2026-11-29T10:00:00+00:00"
+    result = clean_batch(records(early), new_state(rates=table))
+    (letter,) = letters(result)
+    assert letter.reason == "no EUR rate on or before 2026-11-29"
+    assert [(e.field, e.reason) for e in letter.errors] == [
+        ("payload.currency", "no EUR rate on or before 2026-11-29")
+    ]
+    assert result.dead_reasons == {"no_rate": 1} and result.clean_count == 0
+
+
+def test_a_rate_published_after_the_record_does_not_apply_to_it(
+    new_state: Callable[..., CleanState],
+) -> None:
+    """Rates count as of the raw record's Kafka timestamp: cleaning the same record later, with
+    a rate published meanwhile for its date, converts it the same way."""
+    base = int(datetime(2026, 11, 30, 12, tzinfo=UTC).timestamp() * 1000)
+    table = rates_table({"EUR": "7.6"}, day="2026-11-28")
+    late = FxRate(currency="EUR", date="2026-11-30", cny_per_unit="7.7012", source="late")  # type: ignore[arg-type]
+    table.add(late, base + 5_000)  # published between the two records
+    sale = sales_event(seq=1, quantity=1, unit_price=1, currency="EUR")
+    sale["occurred_at"] = "2026-11-30T10:00:00+00:00"
+    (before,) = [dataclasses.replace(r, timestamp=base + 4_000) for r in records(sale)]
+    (after,) = [dataclasses.replace(r, timestamp=base + 6_000) for r in records(sale, start=1)]
+    after = dataclasses.replace(after, value=encode({**sale, "event_id": str(uuid.uuid4())}))
+    first, second = cleaned(clean_batch([before, after], new_state(rates=table)))
+    assert (
+        first.conversions[0].rate == "7.6"
+        and first.conversions[0].rate_date.isoformat() == "2026-11-28"
+    )
+    assert second.conversions[0].rate == "7.7012"

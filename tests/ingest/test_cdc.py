@@ -220,7 +220,7 @@ def test_a_postgres_insert_with_schema_decodes_decimal_date_and_units() -> None:
         "product_sku": "STEEL-COIL",
         "quantity": 12.5,
         "unit": "kg",
-        "unit_price": 19.99,
+        "unit_price": Decimal("19.99"),
         "currency": "CNY",
         "region": "华东",
     }
@@ -559,7 +559,7 @@ async def test_postgres_changes_come_out_on_the_raw_topic_as_events_and_correcti
     assert snapshot["source"]["record_id"] == "SO-2/1"
     assert snapshot["corrects"] == str(row_id(tenant, "public.sales_lines", "SO-2/1"))
     assert create["corrects"] == row != create["event_id"]
-    assert create["payload"]["quantity"] == 12.5 and create["payload"]["unit_price"] == 19.99
+    assert create["payload"]["quantity"] == 12.5 and create["payload"]["unit_price"] == "19.99"
     assert create["payload"]["currency"] == "CNY" and create["payload"]["unit"] == "kg"
     assert datetime.fromisoformat(create["occurred_at"]) == datetime(2026, 11, 3, tzinfo=SHANGHAI)
     assert len(updates) == 2 and updates[0] == updates[1]  # same change twice: same event id
@@ -610,9 +610,38 @@ async def test_mysql_changes_without_schema_come_out_with_decoded_values(
         "record_id": "PO-7/1",
         "operation": "create",
     }
-    assert create["payload"]["quantity"] == 25.0 and create["payload"]["unit_price"] == 612.5
+    assert create["payload"]["quantity"] == 25.0 and create["payload"]["unit_price"] == "612.5"
     assert create["payload"]["unit"] == "t" and create["payload"]["promised_date"] == "2026-12-01"
     assert update["corrects"] == create["corrects"] != create["event_id"]
     assert update["payload"]["quantity"] == 30.0
     wall_clock = datetime(1970, 1, 1) + timedelta(milliseconds=1_762_164_000_000)
     assert datetime.fromisoformat(create["occurred_at"]) == wall_clock.replace(tzinfo=SHANGHAI)
+
+
+def test_a_20_digit_decimal_stays_exact_through_cdc_raw_and_clean(tmp_path: Path) -> None:
+    """Debezium -> the raw record the connector publishes -> the clean event: every digit kept
+    (the old path turned the Decimal into a float: 12345678901234567000.0)."""
+    from aiokafka import ConsumerRecord
+
+    from services.clean.handlers import CleanRules, CleanState, clean_batch
+    from services.ingest.intake import Incoming, validate_records
+
+    change = pg_change("c", lsn=9, after=pg_row("SO-9", qty="2.000", price_cents=7))
+    huge = change.replace(b'"price_cents":7,', b'"price_cents":1234567890123456789012,')
+    event = map_change(pg_mapping(), huge, pg_key("SO-9"))
+    assert event is not None
+    assert event["payload"]["unit_price"] == Decimal("12345678901234567890.12")
+    received = datetime(2026, 11, 3, 12, tzinfo=UTC)
+    intake = validate_records([Incoming(0, b"", event)], "acme", received_at=received)
+    (raw,) = intake.accepted
+    assert decode(raw)["payload"]["unit_price"] == "12345678901234567890.12"
+
+    record = ConsumerRecord(EVENTS_RAW, 0, 0, 0, 0, b"acme", bytes(raw), None, 0, 0, [])
+    state = CleanState(CleanRules(), tmp_path, partitions=1)
+    try:
+        (out,) = clean_batch([record], state).clean[0]
+    finally:
+        state.close()
+    clean = decode(out.value)
+    assert clean["payload"]["unit_price"] == "12345678901234567890.12"
+    assert clean["amounts"]["sales.amount_cny"] == "24691357802469135780.24"

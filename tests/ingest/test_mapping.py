@@ -120,7 +120,7 @@ def test_a_record_maps_onto_the_payload_with_conversions() -> None:
         "product_sku": "BOLT-M8",
         "quantity": 12.5,  # no conversion asked: read as the number the contract declares
         "unit": "kg",
-        "unit_price": 19.99,
+        "unit_price": Decimal("19.99"),  # money stays a Decimal: every digit kept
         "currency": "CNY",
         "region": "north",
     }
