@@ -50,6 +50,7 @@ from schemas.topics import COMPACTED_TOPICS, EVENTS_RAW, TOPICS
 from shared.codec import decode, encode
 from shared.control import ControlRegistry, ControlWriter, issue_api_key
 from shared.kafka import BatchPublisher, create_consumer, create_producer, ensure_topics, started
+from shared.rates import demo_rates, publish_rates
 from shared.settings import XietongSettings, load_settings
 
 # Health/metrics port of each worker service, as an offset from --health-port-base (8081).
@@ -157,6 +158,7 @@ async def register_firms(settings: XietongSettings, firms: list[Firm]) -> dict[s
                 plaintext, record = issue_api_key(firm.tenant, label="demo")
                 await writer.put_key(record)
                 known[firm.tenant] = plaintext
+    await publish_rates(settings, demo_rates())  # the initial rates clean converts with
     keys_file.write_text(json.dumps(known, indent=2))
     keys_file.chmod(0o600)
     return known
