@@ -91,9 +91,9 @@ class ModelServer:
 
     async def refresh(self) -> None:
         """Load what an alias points at now, if it is not what is served (cheap when nothing
-        moved: one integer compared)."""
-        if self.registry.version == self._seen:
-            return
+        moved: one integer compared). While the registry view is stale nothing new is loaded."""
+        if self.registry.version == self._seen or self.registry.problem() is not None:
+            return  # nothing moved, or the view cannot be vouched for: keep what serves
         self._seen = self.registry.version
         for name in self.scorer.models:
             for alias in ALIASES:
