@@ -84,8 +84,8 @@ async def held_offsets(stores: dict[str, Store], topic: str) -> Counter[tuple[in
 
 async def until(check: Callable[[], object], timeout: float = 60) -> None:
     async with asyncio.timeout(timeout):
-        while not await check():  # type: ignore[misc]
-            await asyncio.sleep(0.2)  # noqa: ASYNC110 - polling the object store
+        while not await check():  # type: ignore[misc]  # noqa: ASYNC110 - polling S3
+            await asyncio.sleep(0.2)
 
 
 async def produce(settings: StorageSettings, topic: str, items: list[OutRecord]) -> None:
