@@ -283,7 +283,7 @@ def producer_failure(producer: Any) -> BaseException | None:
     """The error its sender task died of (then every send fails at once), else None."""
     sender = getattr(producer, "_sender", None)
     task = getattr(sender, "sender_task", None)
-    if not isinstance(task, asyncio.Task) or not task.done() or task.cancelled():
+    if not isinstance(task, asyncio.Future) or not task.done() or task.cancelled():
         return None
     return task.exception()
 
