@@ -11,8 +11,8 @@ CPU time of this process), so the drift of a shared machine falls on all sides a
 - ``nlp.single`` — the same service work against the plain pipeline one document at a time
   (target >= 3).
 - ``nlp.redact`` — MB/s of :func:`services.nlp.redact.redact` on the same mixed en/zh texts
-  (about one in ten with a phone number, a resident id, an e-mail or a name), one core
-  (target >= 10).
+  (about one in ten with a phone number, a resident id, an e-mail or a name), one core, over
+  the 10 MB/s the issue asks for (target >= 1.0).
 
 Through the broker (same documents pre-filled in a fresh topic, drained from the first fetch to
 the append time of the last per-document insight):
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
     from bench.results import Row
 
 CHUNK = 500
+REDACT_TARGET_MB = 10.0
+"""Redaction per core the issue asks for (MB/s): the denominator of ``nlp.redact``."""
 KEY = b"k" * 32
 
 
@@ -251,7 +253,7 @@ async def nlp_rows(settings: XietongSettings, options: Options, say: Progress) -
     from bench.results import Row, Side, paired
     from bench.workload import create_topics, prefill, unique_topic
 
-    n = max(CHUNK, min(options.events // 5, 6000))
+    n = min(options.events, 6000)  # text is ~15 x slower per event than the hops' events
     rows = {
         "nlp.docs": Row(
             "nlp.docs",
@@ -266,7 +268,10 @@ async def nlp_rows(settings: XietongSettings, options: Options, say: Progress) -
             events=n,
         ),
         "nlp.redact": Row(
-            "nlp.redact", "redaction on mixed en/zh text, one core (MB/s)", target=">= 10", events=n
+            "nlp.redact",
+            "redaction on mixed en/zh text, one core / the 10 MB/s asked for (MB/s)",
+            target=">= 1.0",
+            events=n,
         ),
         "nlp.kafka": Row(
             "nlp.kafka",
@@ -285,8 +290,11 @@ async def nlp_rows(settings: XietongSettings, options: Options, say: Progress) -
         paired(rows["nlp.docs"], ours, Side("plain, batches", "docs/s", found["batched"][keep]))
         paired(rows["nlp.single"], ours, Side("plain, one by one", "docs/s", found["single"][keep]))
         redact_mb = found["redact"][keep]
-        rows["nlp.redact"].numerator = Side("redact", "MB/s", redact_mb)
-        rows["nlp.redact"].ratio_samples = list(redact_mb)
+        paired(
+            rows["nlp.redact"],
+            Side("redact", "MB/s", redact_mb),
+            Side("target", "MB/s", [REDACT_TARGET_MB] * len(redact_mb)),
+        )
         say(
             f"nlp in-process: {rows['nlp.docs'].ratio:.2f} of batched, "
             f"{statistics.median(redact_mb):.1f} MB/s"
