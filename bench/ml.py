@@ -84,7 +84,8 @@ def scoring_rows(options: Any, say: Any) -> list[Row]:
     scorer = Scorer(source="events.clean.v1")
     estimator = served.model.estimator
     position = served.names.index("product_code")
-    total = max(batch, min(options.events, 20_000))
+    total = min(options.events, 20_000)
+    batch = min(batch, total)
     subjects = [rows.subjects[i % len(rows.subjects)] for i in range(total)]
     batches = [subjects[i : i + batch] for i in range(0, total, batch)]
     from services.ml.features import encode_products
@@ -121,15 +122,22 @@ def scoring_rows(options: Any, say: Any) -> list[Row]:
                 "ML1",
                 "ml scoring vs plain predict_proba",
                 target=">= 0.5",
-                events=total,
-                note=f"batches of {batch} (ml_batch_max_records), 100 trees, n_jobs=1, "
+                events=options.events,
+                note=f"{total} rows in batches of {batch} (ml_batch_max_records), 100 trees, "
+                "n_jobs=1, "
                 "11 features; ours includes the input check and the encoded Prediction records",
             ),
             Side("Scorer.score_subjects + encode", "rows/s", ours),
             Side("estimator.predict_proba(X)", "rows/s", plain),
         ),
         paired(
-            Row("ML1.onerow", "ml scoring vs one row at a time", target=">= 20", events=total),
+            Row(
+                "ML1.onerow",
+                "ml scoring vs one row at a time",
+                target=">= 20",
+                events=options.events,
+                note=f"one row at a time: {len(one_row)} rows",
+            ),
             Side("Scorer.score_subjects + encode", "rows/s", ours),
             Side("predict_proba one row", "rows/s", single),
         ),
@@ -175,7 +183,7 @@ def training_row(options: Any, say: Any) -> Row:
             "ML2",
             "ml training vs plain fit",
             target="<= 1.2",
-            events=len(rows.labels),
+            events=options.events,
             note=f"{len(rows.labels)} rows; building them from "
             f"{6 * per_firm} events took {building * 1000:.0f} ms, writing the artifact "
             f"{statistics.median(dumps) * 1000:.0f} ms (neither in the ratio)",
@@ -267,7 +275,7 @@ async def latency_row(settings: XietongSettings, options: Any, say: Any) -> Row:
         "ML3",
         "ml p99 order append -> prediction append",
         target="<= 1.0",
-        events=len(latencies),
+        events=options.events,
         note=f"{len(latencies)} orders at 1/s; p50 {np.percentile(latencies, 50):.0f} ms, "
         f"p99 {p99:.0f} ms; bound = ml_batch_wait_ms {ml.ml_batch_wait_ms} + 50 ms",
     )
