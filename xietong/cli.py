@@ -50,6 +50,7 @@ from shared.kafka import BatchPublisher, create_producer, ensure_topics, kafka_p
 from shared.settings import XietongSettings, load_settings
 from xietong.models import models
 from xietong.nlp import nlp
+from xietong.rates import rates
 from xietong.share import share, subscribe
 from xietong.storage import catalog, replay
 
@@ -601,5 +602,7 @@ main.add_command(catalog)
 main.add_command(replay)
 # The model registry (the ml and nlp services' models) on the control topics and S3.
 main.add_command(models)
+# Dated exchange rates (reference.fx-rates.v1), which the clean service converts with.
+main.add_command(rates)
 # Training the nlp service's text classifiers from a labelled file or labelled events.
 main.add_command(nlp)

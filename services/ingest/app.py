@@ -57,6 +57,7 @@ from services.ingest.handlers import (
 from services.ingest.openapi import build_openapi
 from services.ingest.operator import PREFIX as OPERATOR_PREFIX
 from services.ingest.operator import require_operator_token, setup_operator
+from services.ingest.rates import setup_rates_routes
 from services.ingest.settings import IngestSettings
 from shared.codec import json_response
 from shared.control import ControlRegistry
@@ -140,6 +141,7 @@ def create_app(settings: IngestSettings) -> web.Application:
     add_health_routes(app, SERVICE, ready, metrics=False)  # for the load balancers
     app.router.add_post("/v1/events", post_events)
     app.router.add_get("/openapi.json", openapi)
+    setup_rates_routes(app, settings)  # GET /v1/rates: the dated exchange rates
     if settings.ingest_with_insights:
         # The insight routes' own startup needs the registry: it is appended after ours.
         from services.ingest.insights import setup_insight_routes
