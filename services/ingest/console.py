@@ -280,10 +280,67 @@ async def publishing_health(request: web.Request) -> web.Response:
     return json_response(tally.report(tenant, minutes))
 
 
+def document_routes() -> None:
+    """Describe the console's routes in the gateway's OpenAPI document."""
+    from services.ingest.openapi import describe
+
+    page = {
+        "summary": "The web console (static files: no data before sign-in).",
+        "security": [],
+        "responses": {
+            "200": {"description": "A file of the console", "content": {"text/html": {}}},
+            "302": {"description": "To /console/"},
+            "404": {"description": "No such file", "content": {"text/plain": {}}},
+        },
+    }
+    describe("GET", PREFIX, page)
+    describe("GET", f"{PREFIX}/", page)
+    describe(
+        "GET",
+        f"{PREFIX}/{{name}}",
+        {
+            **page,
+            "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+        },
+    )
+    json_object = {"application/json": {"schema": {"type": "object"}}}
+    describe(
+        "GET",
+        "/v1/console/me",
+        {
+            "summary": "The caller's tenant (id, name, kind, industry, region) and the metrics "
+            "of its statistics the gateway holds.",
+            "responses": {"200": {"description": "The tenant", "content": json_object}},
+        },
+    )
+    describe(
+        "GET",
+        "/v1/console/publishing",
+        {
+            "summary": "The caller's records accepted and refused per minute, and its refusals "
+            "by field and reason.",
+            "parameters": [
+                {
+                    "name": "minutes",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": KEPT_MINUTES},
+                }
+            ],
+            "responses": {
+                "200": {"description": "Publishing health", "content": json_object},
+                "400": {"description": "minutes out of range", "content": json_object},
+            },
+        },
+    )
+
+
 def setup_console(
     app: web.Application, settings: XietongSettings, folder: Path = STATIC_DIR
 ) -> None:
     """Serve the console's files (public) and add its two authenticated routes."""
+    document_routes()
     files = static_files(folder)
     tally = app[TALLY_KEY] = PublishingTally(settings)
 

@@ -805,6 +805,8 @@ async def preview_share(request: web.Request) -> web.Response:
     if body.grantee == owner:
         raise _error(web.HTTPUnprocessableEntity, "a tenant always reads its own insights")
     at = now()
+    if body.expires_at is not None and body.expires_at <= at:
+        raise _error(web.HTTPUnprocessableEntity, "expires_at is in the past")
     proposed = Grant(
         grant_id=new_id(),
         owner=owner,

@@ -44,7 +44,8 @@ def require_operator_token(token: str | None) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith(PREFIX):
+        # What the router refuses anyway (no such route: 404, another method: 405) it answers.
+        if not request.path.startswith(PREFIX) or request.match_info.http_exception is not None:
             return await handler(request)
         if token is None:
             return json_response(
@@ -203,5 +204,24 @@ def setup_operator(app: web.Application, scrape_targets: dict[str, str]) -> None
             }
         )
 
+    from services.ingest.openapi import describe
+
+    answer = {"application/json": {"schema": {"type": "object"}}}
+    describe(
+        "GET",
+        f"{PREFIX}overview",
+        {
+            "summary": "Operators only: topics, consumer lag, services, tenants and keys.",
+            "description": "Needs `Authorization: Bearer <operator token>` "
+            "(XIETONG_OPERATOR_TOKEN), never a tenant key.",
+            "security": [],  # not the tenant key scheme of this document
+            "responses": {
+                "200": {"description": "A snapshot", "content": answer},
+                "401": {"description": "Wrong or missing operator token", "content": answer},
+                "404": {"description": "The operator view is not enabled", "content": answer},
+                "503": {"description": "The broker cannot be read", "content": answer},
+            },
+        },
+    )
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get(f"{PREFIX}overview", overview)
