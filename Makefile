@@ -5,11 +5,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 KAFKA_JARS := .cache/kafka/libs/.fetched
-export KAFKA_PORT ?= 9092
-export S3_PORT ?= 8333
-export S3_PRIVATE_PORT ?= 8433
-export GATEWAY_PORT ?= 8080
-export HEALTH_PORT_BASE ?= 8081
+# Ports, URLs and folders are XIETONG_* variables (README, "Settings"). The short names are
+# aliases of them: `make demo GATEWAY_PORT=8180` is `XIETONG_INGEST_HTTP_PORT=8180 make demo`.
+ifdef GATEWAY_PORT
+export XIETONG_INGEST_HTTP_PORT := $(GATEWAY_PORT)
+endif
+ifdef KAFKA_PORT
+export XIETONG_LOCAL_KAFKA_PORT := $(KAFKA_PORT)
+endif
+ifdef S3_PORT
+export XIETONG_LOCAL_S3_PORT := $(S3_PORT)
+endif
+ifdef S3_PRIVATE_PORT
+export XIETONG_LOCAL_S3_PRIVATE_PORT := $(S3_PRIVATE_PORT)
+endif
 
 .PHONY: help setup kafka-jars kafka-up kafka-down s3-up s3-down up down status demo test test-unit lint format schemas bench lock clean browser console console-update console-bench
 
@@ -66,7 +75,7 @@ status: setup
 
 # Starts Kafka and SeaweedFS unless they run, and stops on exit (Ctrl-C) what it started.
 demo: setup kafka-jars
-	$(PY) -m deploy.local.demo --up --gateway-port $(GATEWAY_PORT) --health-port-base $(HEALTH_PORT_BASE)
+	$(PY) -m deploy.local.demo --up
 
 # The whole suite: the session fixtures start a fresh Kafka and SeaweedFS on free ports and stop them.
 test: setup kafka-jars browser console
@@ -115,8 +124,10 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The contracts' files, and the README's settings table and CSV columns (tests fail on drift).
 schemas: setup
 	$(PY) -m schemas.generate
+	$(PY) -m deploy.settings_doc
 
 bench: setup kafka-jars
 	$(PY) -m bench

@@ -24,15 +24,21 @@ class XietongSettings(BaseSettings):
     kafka_bootstrap_servers: str = Field(
         "127.0.0.1:9092", description="Comma-separated host:port list of the Kafka brokers."
     )
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How clients talk to the brokers: PLAINTEXT, SSL, SASL_*."
+    )
     kafka_sasl_mechanism: str | None = Field(
         None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
     )
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_cafile: str | None = None
+    kafka_sasl_username: str | None = Field(None, description="SASL user of every client.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    kafka_ssl_cafile: str | None = Field(
+        None, description="CA bundle (PEM file) that signed the brokers' certificates."
+    )
     kafka_partitions: int = Field(6, ge=1, description="Partitions of topics the platform creates.")
-    kafka_replication_factor: int = Field(1, ge=1)
+    kafka_replication_factor: int = Field(
+        1, ge=1, description="Replicas of each topic the platform creates (3 in production)."
+    )
     kafka_linger_ms: int = Field(5, ge=0, description="Producer linger: how long a batch may wait.")
     kafka_max_batch_bytes: int = Field(
         256 * 1024,
@@ -50,9 +56,11 @@ class XietongSettings(BaseSettings):
     )
 
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint; None means AWS itself.")
-    s3_region: str = "us-east-1"
-    s3_access_key_id: SecretStr | None = None
-    s3_secret_access_key: SecretStr | None = None
+    s3_region: str = Field("us-east-1", description="Region the S3 requests are signed for.")
+    s3_access_key_id: SecretStr | None = Field(
+        None, description="S3 access key id (public store and model registry)."
+    )
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret access key.")
 
     models_bucket: str = Field(
         "xietong-models",
@@ -60,8 +68,10 @@ class XietongSettings(BaseSettings):
         description="Object-store bucket of the model registry's artifacts (shared.models).",
     )
 
-    log_level: str = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one object per line (for collectors); text: for people."
+    )
     http_host: str = Field("127.0.0.1", description="Where health, metrics and APIs listen.")
     state_dir: str = Field(
         ".run/state", description="Local state (RocksDB tables, file-drop memory)."
@@ -117,3 +127,41 @@ class XietongSettings(BaseSettings):
 def load_settings(**overrides: object) -> XietongSettings:
     """Read the environment now; keyword arguments win over it (handy in tests)."""
     return XietongSettings(**overrides)  # type: ignore[arg-type]
+
+
+class LocalSettings(BaseSettings):
+    """The local platform of ``make up`` / ``make demo`` (``deploy.local.infra``): where it keeps
+    its data and which ports its Kafka broker and SeaweedFS servers take. The services do not read
+    these: ``make up`` writes where the broker and the stores listen to ``.run/local.env``
+    (``XIETONG_KAFKA_BOOTSTRAP_SERVERS``, ``XIETONG_S3_ENDPOINT_URL`` ...)."""
+
+    # deploy.local.infra reads these names with the standard library (it runs before the venv
+    # exists); tests/deploy/test_settings_doc.py checks it reads exactly these.
+    model_config = SettingsConfigDict(env_prefix="XIETONG_", frozen=True, extra="ignore")
+
+    run_dir: str = Field(
+        ".run", description="The local platform's folder: broker log, stores, state, logs, keys."
+    )
+    local_kafka_port: int = Field(
+        9092, ge=1, le=65535, description="Port of the local broker (alias: KAFKA_PORT)."
+    )
+    local_kafka_controller_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Its KRaft controller port; unset: the broker port + 1 (alias: "
+        "KAFKA_CONTROLLER_PORT).",
+    )
+    local_s3_port: int = Field(
+        8333,
+        ge=1,
+        le=65535,
+        description="S3 port of the local public store; SeaweedFS also opens the seven below "
+        "it and their +10000 gRPC twins (alias: S3_PORT).",
+    )
+    local_s3_private_port: int = Field(
+        8433,
+        ge=1,
+        le=65535,
+        description="S3 port of the local private store (alias: S3_PRIVATE_PORT).",
+    )

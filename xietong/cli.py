@@ -9,8 +9,9 @@ Operator commands talk to Kafka directly (the control topics, through
 - ``xietong keys revoke KEY_ID``
 - ``xietong keys list [TENANT]`` — never a secret
 
-Publishing: ``xietong publish FILE [--type T] [--version N]`` sends a CSV, NDJSON or JSON-array
-file to the gateway (``--url``, key from ``--api-key`` or ``XIETONG_API_KEY``) or, with
+Publishing: ``xietong publish FILE [--type T] [--schema-version N]`` sends a CSV, NDJSON or
+JSON-array file to the gateway (``--url`` or ``XIETONG_GATEWAY_URL``, key from ``--api-key`` or
+``XIETONG_API_KEY``) or, with
 ``--direct --tenant T``, straight to Kafka through the same validation as the gateway
 (:mod:`services.ingest.intake`). The file goes in batches of ``--batch-size`` records with a
 progress bar; the summary lists accepted and refused records with each refusal's reason. The
@@ -19,7 +20,11 @@ stopped the upload (what was acknowledged before stays published: re-running the
 safe, event ids repeat and the clean service drops the repeats).
 
 Commands are grouped under :func:`main` with ``@main.group()`` / ``@main.command()``, so more
-(``share``, ``subscribe``, ``models``) can be added beside them.
+(``share``, ``subscribe``, ``models``) can be added beside them. One option name means one thing
+in every command: ``--kafka HOST:PORT`` is the bootstrap address (of the group), ``--url`` the
+gateway, ``--tenant`` a tenant acted for, ``--as-tenant`` the tenant whose view is read,
+``--version`` (of the group) the program's version and ``--schema-version`` a payload version.
+Settings from the environment are :class:`xietong.settings.CliSettings`.
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ from schemas.events import latest_version
 from schemas.topics import EVENTS_RAW, dlq
 from shared.control import ControlRegistry, ControlWriter, issue_api_key
 from shared.kafka import BatchPublisher, create_producer, ensure_topics, kafka_problem, started
-from shared.settings import XietongSettings, load_settings
+from shared.settings import XietongSettings
 from xietong.models import models
 from xietong.nlp import nlp
 from xietong.rates import rates
+from xietong.settings import gateway_url, load_cli_settings
 from xietong.share import share, subscribe
 from xietong.storage import catalog, replay
 
@@ -67,7 +73,7 @@ class CliContext:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> XietongSettings:
-        return load_settings(**self.overrides)
+        return load_cli_settings(**self.overrides)
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -122,6 +128,7 @@ class KafkaAwareGroup(click.Group):
 
 
 @click.group(cls=KafkaAwareGroup)
+@click.version_option(package_name="xietong", prog_name="xietong", message="%(prog)s %(version)s")
 @click.option(
     "--kafka",
     "bootstrap",
@@ -499,7 +506,13 @@ async def _publish_direct(
 @click.option(
     "--type", "type_name", help="Event type (required for CSV; fills records without one)."
 )
-@click.option("--version", type=int, default=None, help="Payload version (default: the latest).")
+@click.option(
+    "--schema-version",
+    "version",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Payload version, the records' schema_version (default: the latest).",
+)
 @click.option(
     "--format",
     "fmt",
@@ -509,10 +522,9 @@ async def _publish_direct(
 )
 @click.option(
     "--url",
-    envvar="XIETONG_GATEWAY_URL",
-    default="http://127.0.0.1:8080",
-    show_default=True,
-    help="The gateway.",
+    default=None,
+    help="The gateway (default: XIETONG_GATEWAY_URL, else the local gateway on "
+    "XIETONG_INGEST_HTTP_PORT, 8080).",
 )
 @click.option(
     "--api-key", envvar="XIETONG_API_KEY", default=None, help="Tenant key (or XIETONG_API_KEY)."
@@ -538,7 +550,7 @@ def publish(
     type_name: str | None,
     version: int | None,
     fmt: str | None,
-    url: str,
+    url: str | None,
     api_key: str | None,
     direct: bool,
     tenant: str | None,
@@ -580,7 +592,8 @@ def publish(
             params = (
                 {"type": type_name, "version": str(version)} if fmt == "csv" and type_name else {}
             )
-            outcome = run(_publish_http(chunks, fmt, url, api_key, params, bar, retries))
+            where = gateway_url(url)
+            outcome = run(_publish_http(chunks, fmt, where, api_key, params, bar, retries))
 
     click.echo(f"{total} records: {outcome.accepted} accepted, {outcome.refused} refused")
     if outcome.refusals:

@@ -1,9 +1,10 @@
 """``xietong share`` and ``xietong subscribe``: sharing agreements and live insights, from a shell.
 
 Both talk to the gateway with the tenant's API key (``--api-key`` or ``XIETONG_API_KEY``; the
-gateway is ``--url`` or ``XIETONG_URL``). ``subscribe --kafka TENANT`` is the operator's way to
-read the insight topics directly, filtered by the same sharing rule (Kafka ACLs are what keeps
-everyone else off the topics).
+gateway is ``--url`` or ``XIETONG_GATEWAY_URL``, see :func:`xietong.settings.gateway_url`).
+``subscribe --as-tenant TENANT`` is the operator's way to read the insight topics directly (the
+Kafka of ``xietong --kafka HOST:PORT`` or ``XIETONG_KAFKA_BOOTSTRAP_SERVERS``), filtered by the
+same sharing rule (Kafka ACLs are what keeps everyone else off the topics).
 
 To be added to the main group of :mod:`xietong.cli`: ``main.add_command(share)`` and
 ``main.add_command(subscribe)``.
@@ -40,7 +41,8 @@ from shared.sdk import (
     ServerSentEvent,
     Subscriber,
 )
-from shared.settings import load_settings
+from shared.settings import XietongSettings, load_settings
+from xietong.settings import gateway_url
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -118,16 +120,17 @@ def gateway_options(api_key_required: bool = True) -> Callable[[F], F]:
         )(command)
         return click.option(
             "--url",
-            envvar="XIETONG_URL",
-            default=DEFAULT_URL,
-            show_default=True,
-            help="The gateway (env XIETONG_URL).",
+            default=None,
+            help="The gateway (default: XIETONG_GATEWAY_URL, else the local gateway "
+            f"{DEFAULT_URL} or the port of XIETONG_INGEST_HTTP_PORT).",
         )(command)
 
     return decorate
 
 
-def _call(url: str, api_key: str, action: Callable[[GatewayClient], Awaitable[T]]) -> T:
+def _call(url: str | None, api_key: str, action: Callable[[GatewayClient], Awaitable[T]]) -> T:
+    url = gateway_url(url)
+
     async def go() -> T:
         async with GatewayClient(url, api_key) as client:
             return await action(client)
@@ -164,7 +167,13 @@ def share() -> None:
 @click.option("--purpose", default="", help="Why (kept in the audit trail).")
 @click.option("--json", "as_json", is_flag=True, help="Print the grant as JSON.")
 def grant_command(
-    url: str, api_key: str, grantee: str, types: str, until: str | None, purpose: str, as_json: bool
+    url: str | None,
+    api_key: str,
+    grantee: str,
+    types: str,
+    until: str | None,
+    purpose: str,
+    as_json: bool,
 ) -> None:
     """Let another tenant read your insights of some types."""
     insight_types = split_types(types)
@@ -187,7 +196,7 @@ def grant_command(
 @share.command("revoke")
 @gateway_options()
 @click.argument("grant_id")
-def revoke_command(url: str, api_key: str, grant_id: str) -> None:
+def revoke_command(url: str | None, api_key: str, grant_id: str) -> None:
     """End an agreement now (open streams stop delivering under it)."""
     grant = _call(url, api_key, lambda c: c.revoke(grant_id))
     click.echo(f"revoked {grant.grant_id} ({grant.grantee}: {', '.join(grant.insight_types)})")
@@ -204,7 +213,7 @@ def _grant_line(grant: dict[str, Any]) -> str:
 @share.command("list")
 @gateway_options()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_command(url: str, api_key: str, as_json: bool) -> None:
+def list_command(url: str | None, api_key: str, as_json: bool) -> None:
     """Agreements you granted and agreements granted to you."""
     shares = _call(url, api_key, lambda c: c.shares())
     if as_json:
@@ -221,7 +230,7 @@ def list_command(url: str, api_key: str, as_json: bool) -> None:
 @share.command("audit")
 @gateway_options()
 @click.option("--json", "as_json", is_flag=True, help="Print NDJSON.")
-def audit_command(url: str, api_key: str, as_json: bool) -> None:
+def audit_command(url: str | None, api_key: str, as_json: bool) -> None:
     """The history of your agreements: granted, revoked, expired."""
     history = _call(url, api_key, lambda c: c.audit())
     for entry in history:
@@ -261,6 +270,7 @@ async def _stream_http(
 
 
 async def _stream_kafka(
+    settings: XietongSettings,
     tenant: str,
     types: list[str],
     owner: str | None,
@@ -268,7 +278,6 @@ async def _stream_kafka(
     emit: Callable[[Insight], None],
     count: int | None,
 ) -> None:
-    settings = load_settings()
     wanted = InsightFilter(owner=owner, metric=metric)
     async with Subscriber(settings, tenant, types=types or None) as subscriber:
         click.echo(f"subscribed to Kafka {settings.kafka_bootstrap_servers} as {tenant}", err=True)
@@ -290,13 +299,22 @@ async def _stream_kafka(
 @click.option("--ndjson", is_flag=True, help="One JSON insight per line (for pipes).")
 @click.option("--count", type=int, help="Stop after this many insights.")
 @click.option(
-    "--kafka",
+    "--as-tenant",
     "kafka_tenant",
     metavar="TENANT",
-    help="Operator: read the insight topics directly as TENANT (settings from XIETONG_*).",
+    help="Operator: read the insight topics on Kafka directly, as TENANT sees them (the broker "
+    "of `xietong --kafka HOST:PORT` or XIETONG_KAFKA_BOOTSTRAP_SERVERS).",
 )
+@click.option(
+    "--kafka",
+    "misplaced_kafka",
+    hidden=True,
+    help="Not here: --kafka is the bootstrap address, before the command.",
+)
+@click.pass_obj
 def subscribe(
-    url: str,
+    obj: Any,
+    url: str | None,
     api_key: str | None,
     types: tuple[str, ...],
     owner: str | None,
@@ -304,8 +322,14 @@ def subscribe(
     ndjson: bool,
     count: int | None,
     kafka_tenant: str | None,
+    misplaced_kafka: str | None,
 ) -> None:
     """Show the insights you may read as they arrive (or print them as NDJSON)."""
+    if misplaced_kafka is not None:
+        raise click.UsageError(
+            "--kafka is the Kafka bootstrap address and goes before the command: "
+            "`xietong --kafka HOST:PORT subscribe --as-tenant TENANT` reads the topics as TENANT"
+        )
     wanted = split_types(types)
 
     def emit(insight: Insight) -> None:
@@ -316,11 +340,14 @@ def subscribe(
             click.echo(describe_insight(insight))
 
     if kafka_tenant:
-        work = _stream_kafka(kafka_tenant, wanted, owner, metric, emit, count)
+        # The group's --kafka (obj) when run as `xietong subscribe`, else the environment.
+        settings = obj.settings() if obj is not None else load_settings()
+        work = _stream_kafka(settings, kafka_tenant, wanted, owner, metric, emit, count)
     elif api_key:
+        url = gateway_url(url)
         work = _stream_http(url, api_key, wanted, owner, metric, emit, count)
     else:
-        raise click.UsageError("give --api-key (or XIETONG_API_KEY), or --kafka TENANT")
+        raise click.UsageError("give --api-key (or XIETONG_API_KEY), or --as-tenant TENANT")
     with contextlib.suppress(KeyboardInterrupt):
         try:
             asyncio.run(work)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import itertools
 import json
 import os
@@ -53,7 +54,8 @@ from shared.kafka import BatchPublisher, create_consumer, create_producer, ensur
 from shared.rates import demo_rates, publish_rates
 from shared.settings import XietongSettings, load_settings
 
-# Health/metrics port of each worker service, as an offset from --health-port-base (8081).
+# With --health-port-base: the health/metrics port of each worker service as an offset from it.
+# Without, each service's own setting (XIETONG_<NAME>_HTTP_PORT) applies.
 HEALTH_PORT_OFFSETS = {"clean": 0, "analytics": 1, "ml": 2, "nlp": 3, "storage": 4}
 INGEST_METRICS_OFFSET = 9
 
@@ -73,22 +75,47 @@ READY_TIMEOUT = 180.0
 have passed)."""
 
 
-def service_port(name: str, gateway_port: int, health_port_base: int) -> int:
+def configured_port(name: str, setting: str | None = None) -> int:
+    """A port as the service's own settings class reads it from the environment
+    (``XIETONG_<NAME>_HTTP_PORT`` unless ``setting`` names another field)."""
+    module = importlib.import_module(f"services.{name}.settings")
+    (settings_class,) = (
+        value
+        for key, value in vars(module).items()
+        if key.endswith("Settings")
+        and isinstance(value, type)
+        and value.__module__ == module.__name__
+    )
+    return int(getattr(settings_class(), setting or f"{name}_http_port"))
+
+
+def service_port(name: str, gateway_port: int, health_port_base: int | None) -> int:
     if name == "ingest":
         return gateway_port
+    if health_port_base is None:
+        return configured_port(name)
     return health_port_base + HEALTH_PORT_OFFSETS.get(name, len(HEALTH_PORT_OFFSETS))
 
 
-def service_ports(names: list[str], *, gateway_port: int, health_port_base: int) -> dict[int, str]:
+def metrics_port(health_port_base: int | None) -> int:
+    """The gateway's operator port (Prometheus)."""
+    if health_port_base is None:
+        return configured_port("ingest", "ingest_metrics_port")
+    return health_port_base + INGEST_METRICS_OFFSET
+
+
+def service_ports(
+    names: list[str], *, gateway_port: int, health_port_base: int | None
+) -> dict[int, str]:
     """Every HTTP port the demo's services open (port -> what it is), checked before starting."""
     ports = {service_port(n, gateway_port, health_port_base): f"{n} HTTP" for n in names}
     if "ingest" in names:
-        ports[health_port_base + INGEST_METRICS_OFFSET] = "ingest metrics"
+        ports[metrics_port(health_port_base)] = "ingest metrics"
     return ports
 
 
 def start_services(
-    names: list[str], gateway_port: int, health_port_base: int
+    names: list[str], gateway_port: int, health_port_base: int | None
 ) -> dict[str, subprocess.Popen[bytes]]:
     logs = run_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -98,7 +125,7 @@ def start_services(
         for n in names
         if n != "ingest"
     }
-    scrape["ingest"] = f"http://127.0.0.1:{health_port_base + INGEST_METRICS_OFFSET}"
+    scrape["ingest"] = f"http://127.0.0.1:{metrics_port(health_port_base)}"
     for name in names:
         port = service_port(name, gateway_port, health_port_base)
         env = {
@@ -107,7 +134,7 @@ def start_services(
             "XIETONG_STATE_DIR": str(run_dir() / "state"),
             "XIETONG_EVENT_TIME_MAX_AHEAD_SECONDS": str(DEMO_MAX_AHEAD_SECONDS),
             # the gateway's Prometheus metrics: its operator port, 8090 by default
-            "XIETONG_INGEST_METRICS_PORT": str(health_port_base + INGEST_METRICS_OFFSET),
+            "XIETONG_INGEST_METRICS_PORT": str(metrics_port(health_port_base)),
             # storage: the simulated firms' data may go to the public cloud (personal data never
             # does); segments flush every 10 s so the catalog fills while one watches
             "XIETONG_STORAGE_DEFAULT_RESIDENCY": "any",
@@ -485,12 +512,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rate", type=float, default=400, help="events per second, all firms together"
     )
-    parser.add_argument("--gateway-port", type=int, default=8080)
+    parser.add_argument(
+        "--gateway-port",
+        type=int,
+        default=None,
+        help="the gateway's port (default: XIETONG_INGEST_HTTP_PORT, 8080)",
+    )
     parser.add_argument(
         "--health-port-base",
         type=int,
-        default=8081,
-        help="health/metrics port of the first worker service (clean); the others follow",
+        default=None,
+        help="health/metrics port of the first worker service (clean), the others following "
+        "(default: each service's XIETONG_<NAME>_HTTP_PORT, XIETONG_INGEST_METRICS_PORT)",
     )
     parser.add_argument(
         "--duration", type=float, default=0, help="stop after this many seconds (0: Ctrl-C)"
@@ -508,6 +541,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.run_dir:
         os.environ["XIETONG_RUN_DIR"] = str(args.run_dir.resolve())
+    if args.gateway_port is None:
+        args.gateway_port = configured_port("ingest")
     before = set(infra.running()) if args.up else set()
     try:
         if args.up:

@@ -570,7 +570,26 @@ KINDS = ("kafka", "s3", "s3-private")
 """What ``make up`` runs, each in ``<run dir>/<kind>/``: the broker, the public S3 store and the
 storage service's private one."""
 
-PORT_SETTINGS = "KAFKA_PORT, KAFKA_CONTROLLER_PORT, S3_PORT, S3_PRIVATE_PORT, GATEWAY_PORT"
+PORT_VARIABLES = {
+    "kafka": ("XIETONG_LOCAL_KAFKA_PORT", "KAFKA_PORT"),
+    "kafka_controller": ("XIETONG_LOCAL_KAFKA_CONTROLLER_PORT", "KAFKA_CONTROLLER_PORT"),
+    "s3": ("XIETONG_LOCAL_S3_PORT", "S3_PORT"),
+    "s3_private": ("XIETONG_LOCAL_S3_PRIVATE_PORT", "S3_PRIVATE_PORT"),
+}
+"""Each port of :class:`LocalPorts`: its variable (``shared.settings.LocalSettings``, documented in
+the README's settings table) and the Makefile's older short name, still read as an alias."""
+
+PORT_SETTINGS = (
+    ", ".join(names[0] for names in PORT_VARIABLES.values())
+    + ", XIETONG_INGEST_HTTP_PORT and the other services' XIETONG_<NAME>_HTTP_PORT"
+)
+
+
+def _port_from_env(field: str) -> int | None:
+    variable, alias = PORT_VARIABLES[field]
+    value = os.environ.get(variable) or os.environ.get(alias)
+    return int(value) if value else None
+
 
 WIPED = {
     "kafka": "the broker's log: every topic (tenants, keys, grants, events, insights)",
@@ -588,7 +607,7 @@ WIPED = {
 
 @dataclass(frozen=True)
 class LocalPorts:
-    """The ports ``make up`` asks for (from the Makefile's variables)."""
+    """The ports ``make up`` asks for (``XIETONG_LOCAL_*_PORT``, see :data:`PORT_VARIABLES`)."""
 
     kafka: int = 9092
     kafka_controller: int | None = None  # the broker port + 1 unless set
@@ -597,12 +616,11 @@ class LocalPorts:
 
     @classmethod
     def from_env(cls) -> LocalPorts:
-        controller = os.environ.get("KAFKA_CONTROLLER_PORT")
         return cls(
-            kafka=int(os.environ.get("KAFKA_PORT") or 9092),
-            kafka_controller=int(controller) if controller else None,
-            s3=int(os.environ.get("S3_PORT") or 8333),
-            s3_private=int(os.environ.get("S3_PRIVATE_PORT") or 8433),
+            kafka=_port_from_env("kafka") or cls.kafka,
+            kafka_controller=_port_from_env("kafka_controller"),
+            s3=_port_from_env("s3") or cls.s3,
+            s3_private=_port_from_env("s3_private") or cls.s3_private,
         )
 
     def wanted(self, kind: str) -> dict[int, str]:
@@ -778,12 +796,10 @@ def read_env_file(run: Path | None = None) -> dict[str, str]:
 
 def _service_ports() -> dict[int, str]:
     """The demo services' HTTP ports, for ``up`` to check with the others."""
-    from deploy.local.demo import existing_services, service_ports
+    from deploy.local.demo import configured_port, existing_services, service_ports
 
     return service_ports(
-        existing_services(),
-        gateway_port=int(os.environ.get("GATEWAY_PORT") or 8080),
-        health_port_base=int(os.environ.get("HEALTH_PORT_BASE") or 8081),
+        existing_services(), gateway_port=configured_port("ingest"), health_port_base=None
     )
 
 

@@ -42,12 +42,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from pydantic import AwareDatetime, Field, ValidationError
+from pydantic import AwareDatetime, BeforeValidator, Field, ValidationError
 
 from schemas.control import Grant
 from schemas.events import Contract, TenantId
@@ -75,6 +75,10 @@ audit = logging.getLogger("xietong.audit")
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+GRANT_ID_PATTERN = "[a-z0-9]{8,32}"
+"""The shape of a grant id (``schemas.control.Grant.grant_id``), in the route and the document."""
+SSE_NOTICES = ("grant_revoked", "access_revoked", "gap", "end")
+"""Events of the stream that are no insight."""
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -98,14 +102,15 @@ def series_of(insight: Insight) -> str:
 def parse_filter(query: Mapping[str, str], values: Callable[[str], list[str]]) -> InsightFilter:
     """Build the filter from query parameters; raises ``ValueError`` with a readable reason.
 
-    ``type`` may be repeated or comma-separated; ``window_start`` is RFC 3339 with an offset.
+    ``type`` may be repeated or comma-separated (no empty item); ``window_start`` is RFC 3339
+    with an offset (given empty, it is refused: the OpenAPI document says ``date-time``).
     """
-    types = {t.strip() for raw in values("type") for t in raw.split(",") if t.strip()}
+    types = {t.strip() for raw in values("type") for t in raw.split(",")}
     unknown = sorted(types - INSIGHT_MODELS.keys())
     if unknown:
         raise ValueError(f"unknown insight type(s) {unknown}; known: {sorted(INSIGHT_MODELS)}")
     window_start = None
-    if query.get("window_start"):
+    if "window_start" in query:
         try:
             window_start = datetime.fromisoformat(query["window_start"].replace("Z", "+00:00"))
         except ValueError:
@@ -521,7 +526,9 @@ def setup_insight_routes(
     app.router.add_post("/v1/shares/preview", preview_share)
     app.router.add_get("/v1/shares", list_shares)
     app.router.add_get("/v1/shares/audit", share_audit)
-    app.router.add_delete("/v1/shares/{grant_id}", revoke_share)
+    # Only a grant id's shape: without it DELETE /v1/shares/audit would be a revocation of
+    # "audit" (aiohttp tries the next resource when a path matches but its method does not).
+    app.router.add_delete(f"/v1/shares/{{grant_id:{GRANT_ID_PATTERN}}}", revoke_share)
 
 
 def _error(status: type[web.HTTPException], reason: str, **details: Any) -> web.HTTPException:
@@ -703,12 +710,22 @@ async def stream_insights(request: web.Request) -> web.StreamResponse:
 # --------------------------------------------------------------------------- sharing routes
 
 
+def _timestamp_text(value: object) -> object:
+    """A timestamp of a request body is RFC 3339 text, as the document says: a number is not
+    read as seconds since 1970 (pydantic's lax mode would)."""
+    if value is not None and not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 timestamp string")
+    return value
+
+
 class ShareRequest(Contract):
     """Body of ``POST /v1/shares``: the caller (the owner) grants ``grantee`` some insight types."""
 
     grantee: TenantId
     insight_types: list[str] = Field(min_length=1)
-    expires_at: AwareDatetime | None = Field(None, description="None: until revoked.")
+    expires_at: Annotated[AwareDatetime, BeforeValidator(_timestamp_text)] | None = Field(
+        None, description="RFC 3339 with an offset; None: until revoked."
+    )
     purpose: str = Field("", max_length=500)
 
 
@@ -893,7 +910,8 @@ def document_routes() -> None:
     from services.ingest.openapi import describe
 
     types = sorted(INSIGHT_MODELS)
-    error = {
+    one_type = "|".join(types)
+    error: dict[str, Any] = {
         "description": "Error",
         "content": {
             "application/json": {
@@ -909,14 +927,22 @@ def document_routes() -> None:
         },
     }
     grant_answer = {"content": {"application/json": {"schema": grant}}}
+    share_request = ShareRequest.model_json_schema()
+    share_request["properties"]["insight_types"]["items"] = {"enum": types}
     query = [
         {
             "name": "type",
             "in": "query",
-            "schema": {"type": "array", "items": {"enum": types}},
+            "schema": {
+                "type": "array",
+                "items": {
+                    "type": "string",
+                    "pattern": rf"^\s*(?:{one_type})\s*(?:,\s*(?:{one_type})\s*)*$",
+                },
+            },
             "style": "form",
             "explode": True,
-            "description": "Insight type(s), repeat or comma-separate.",
+            "description": f"Insight type(s), repeat or comma-separate: {', '.join(types)}.",
         },
         {"name": "metric", "in": "query", "schema": {"type": "string"}},
         {
@@ -942,6 +968,8 @@ def document_routes() -> None:
                     "name": "window_start",
                     "in": "query",
                     "schema": {"type": "string", "format": "date-time"},
+                    "description": "Only insights of the window starting then (RFC 3339 with "
+                    "offset; an empty value is refused).",
                 },
                 {
                     "name": "limit",
@@ -1001,7 +1029,23 @@ def document_routes() -> None:
             "responses": {
                 "200": {
                     "description": "An event stream",
-                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    "content": {
+                        "text/event-stream": {
+                            # OpenAPI 3.1: the schema of a text/event-stream is that of each event
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "event": {"enum": [*types, *SSE_NOTICES]},
+                                    "id": {"type": "string"},
+                                    "data": {
+                                        "type": "string",
+                                        "description": "The insight (JSON) or the notice.",
+                                    },
+                                    "retry": {"type": "integer", "minimum": 0},
+                                },
+                            }
+                        }
+                    },
                 },
                 "400": error,
                 "401": error,
@@ -1015,7 +1059,7 @@ def document_routes() -> None:
             "summary": "Grant another tenant read access to some of the caller's insight types.",
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": ShareRequest.model_json_schema()}},
+                "content": {"application/json": {"schema": share_request}},
             },
             "responses": {
                 "201": {"description": "The grant", **grant_answer},
@@ -1047,7 +1091,7 @@ def document_routes() -> None:
             ],
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": ShareRequest.model_json_schema()}},
+                "content": {"application/json": {"schema": share_request}},
             },
             "responses": {
                 "200": {
@@ -1100,13 +1144,25 @@ def document_routes() -> None:
         {
             "summary": "Revoke an agreement (owner only); open streams stop delivering under it.",
             "parameters": [
-                {"name": "grant_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                {
+                    "name": "grant_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": f"^{GRANT_ID_PATTERN}$"},
+                }
             ],
             "responses": {
                 "200": {"description": "The revoked grant", **grant_answer},
                 "401": error,
                 "403": error,
-                "404": error,
+                "404": {
+                    "description": "No such grant (JSON), or the path names no grant id at all "
+                    "(the router's plain-text answer).",
+                    "content": {
+                        **error["content"],
+                        "text/plain": {"schema": {"type": "string"}},
+                    },
+                },
             },
         },
     )

@@ -17,7 +17,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from schemas.events import EVENT_MODELS, PAYLOADS
+from services.ingest.console import PREFIX as CONSOLE_PREFIX
 from services.ingest.handlers import ErrorAnswer, IngestAnswer
+from services.ingest.operator import PREFIX as OPERATOR_PREFIX
 from services.ingest.settings import IngestSettings
 
 REF = "#/components/schemas/{model}"
@@ -43,19 +45,39 @@ def _error(description: str) -> dict[str, Any]:
     }
 
 
+AUTH_RESPONSES = {
+    "401": _error("No API key, or an unknown or revoked one."),
+    "503": _error("The gateway cannot vouch for keys right now (Retry-After): retry shortly."),
+}
+
+
+OPERATOR_RESPONSES = {
+    "401": _error("No operator token, or a wrong one."),
+    "404": _error("The operator view is not enabled (no XIETONG_OPERATOR_TOKEN)."),
+}
+
+
 def _public(operation: Operation) -> Operation:
     return {**operation, "security": []}
 
 
 def _event_schema() -> dict[str, Any]:
+    """A record of a JSON or NDJSON body: one of the events, or anything else, which is refused
+    on its own under 202 (an unknown type, a line that is not JSON) - not a request error."""
     return {
-        "oneOf": [_ref(model) for model in EVENT_MODELS.values()],
-        "discriminator": {"propertyName": "type"},
+        "anyOf": [
+            {
+                "oneOf": [_ref(model) for model in EVENT_MODELS.values()],
+                "discriminator": {"propertyName": "type"},
+            },
+            {"description": "Anything else: refused on its own, listed in the 202's refusals."},
+        ]
     }
 
 
 def _gateway_operations() -> dict[tuple[str, str], Operation]:
     types = sorted({name for name, _ in PAYLOADS})
+    versions = sorted({version for _, version in PAYLOADS})
     events = _event_schema()
     post_events: Operation = {
         "operationId": "publishEvents",
@@ -63,11 +85,13 @@ def _gateway_operations() -> dict[tuple[str, str], Operation]:
         "description": (
             "Every record is validated against its contract. Accepted records go to "
             "events.raw.v1 (key: the tenant of the API key), refused ones to events.raw.v1.dlq "
-            "with their original content; the answer lists each refusal. For JSON and NDJSON a "
-            "record of an unknown type or version is refused on its own; for CSV the type comes "
-            "from the query and an unknown one is a 422. Re-sending a batch is safe: event_id is "
-            "the idempotency key (CSV rows without one get an id derived from the body), and the "
-            "clean service drops repeated ids."
+            "with their original content; the answer lists each refusal by its 0-based index "
+            "(array element, NDJSON line counting blank lines, CSV data row after the header "
+            "not counting blank lines). For JSON and NDJSON a record of an unknown type or "
+            "version, and an NDJSON line that is not JSON, is refused on its own under 202; for "
+            "CSV the type comes from the query (none: 400, an unknown one: 422). Re-sending a "
+            "batch is safe: event_id is the idempotency key (CSV rows without one get an id "
+            "derived from the body), and the clean service drops repeated ids."
         ),
         "parameters": [
             {
@@ -81,8 +105,8 @@ def _gateway_operations() -> dict[tuple[str, str], Operation]:
                 "name": "version",
                 "in": "query",
                 "required": False,
-                "description": "CSV only: the payload version (default: the latest).",
-                "schema": {"type": "integer", "minimum": 1},
+                "description": "CSV only: the payload version (default: the latest of the type).",
+                "schema": {"type": "integer", "enum": versions},
             },
         ],
         "requestBody": {
@@ -94,7 +118,7 @@ def _gateway_operations() -> dict[tuple[str, str], Operation]:
                     "description": "One event per line.",
                 },
                 "text/csv": {
-                    "schema": {"type": "string"},
+                    "schema": {"type": "string", "minLength": 1},
                     "description": (
                         "Header of payload field names (payload.<field> and dotted nested names "
                         "accepted) and the envelope columns event_id, occurred_at, record_id, "
@@ -108,12 +132,16 @@ def _gateway_operations() -> dict[tuple[str, str], Operation]:
                 "description": "Every accepted record is acknowledged by Kafka.",
                 "content": {"application/json": {"schema": _ref(IngestAnswer)}},
             },
-            "400": _error("The body cannot be parsed (bad JSON, not an array, bad CSV header)."),
+            "400": _error(
+                "Nothing published: an empty body; a JSON body that is not JSON or not an array; "
+                "a CSV without ?type=, with a header that does not fit the type, or not "
+                "parseable; a body that is not what its Content-Encoding says."
+            ),
             "401": _error("No API key, or an unknown or revoked one."),
             "403": _error("A record names another tenant, or the tenant may not publish."),
-            "413": _error("The body is larger than the limit."),
-            "415": _error("Unsupported content type or charset."),
-            "422": _error("CSV: the query names no event type or version."),
+            "413": _error("The body is larger than the limit (counted after decompression)."),
+            "415": _error("Unsupported content type or charset (UTF-8 only)."),
+            "422": _error("CSV: ?type= names no event type, or &version= no version of it."),
             "503": _error("Kafka did not acknowledge in time: retry (the same event ids)."),
         },
     }
@@ -190,6 +218,15 @@ def build_openapi(app: web.Application, settings: IngestSettings | None = None) 
     paths: dict[str, dict[str, Any]] = {}
     for method, path in sorted(app_routes(app)):
         operation = dict(operations.get((method, path)) or _fallback(app, method, path))
+        if path.startswith(CONSOLE_PREFIX):
+            operation["security"] = []  # the console's page and files: no key (it asks for one)
+        elif path.startswith(OPERATOR_PREFIX):
+            # the operator token (services.ingest.operator), never a tenant key
+            operation["security"] = [{"operatorToken": []}]
+            operation["responses"] = {**OPERATOR_RESPONSES, **operation.get("responses", {})}
+        elif operation.get("security") != []:
+            # Every route behind a key answers these before its handler runs (shared.httpauth).
+            operation["responses"] = {**AUTH_RESPONSES, **operation.get("responses", {})}
         parameters = _path_parameters(path)
         if parameters and "parameters" not in operation:
             operation["parameters"] = parameters
@@ -198,6 +235,17 @@ def build_openapi(app: web.Application, settings: IngestSettings | None = None) 
     _, definitions = models_json_schema(
         [(model, "validation") for model in models], ref_template=REF
     )
+    schemas = definitions.get("$defs", {})
+    for model in EVENT_MODELS.values():
+        # The gateway fills in the key's tenant: a record need not name it (another is a 403).
+        event = schemas[model.__name__]
+        event["required"] = [name for name in event["required"] if name != "tenant"]
+        tenant = {k: v for k, v in event["properties"]["tenant"].items() if k != "description"}
+        event["properties"]["tenant"] = {
+            "anyOf": [tenant, {"type": "null"}],
+            "description": "The tenant of the API key; may be left out or null (another "
+            "tenant's id is a 403).",
+        }
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -212,9 +260,14 @@ def build_openapi(app: web.Application, settings: IngestSettings | None = None) 
         },
         "paths": paths,
         "components": {
-            "schemas": definitions.get("$defs", {}),
+            "schemas": schemas,
             "securitySchemes": {
-                "apiKey": {"type": "http", "scheme": "bearer", "description": "A tenant key."}
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "A tenant key."},
+                "operatorToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The operator token (XIETONG_OPERATOR_TOKEN).",
+                },
             },
         },
         "security": [{"apiKey": []}],

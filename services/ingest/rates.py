@@ -40,8 +40,9 @@ async def get_rates(request: web.Request) -> web.Response:
     problem = reader.problem()
     if problem is not None:
         return _error(503, problem, **{"Retry-After": "2"})
-    currency = request.query.get("currency") or None
-    day_text = request.query.get("date") or None
+    # Given empty is given: refused as the document's pattern and format say, not ignored.
+    currency = request.query.get("currency")
+    day_text = request.query.get("date")
     if currency is not None and _CURRENCY.fullmatch(currency) is None:
         return _error(400, "currency must be an ISO 4217 code such as EUR")
     if day_text is None:
@@ -83,7 +84,11 @@ def setup_rates_routes(app: web.Application, settings: IngestSettings) -> None:
             "description": "Every dated rate, or with `currency` and `date` the rate an event "
             "of that date (UTC) is converted with: the latest on or before it.",
             "parameters": [
-                {"name": "currency", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "currency",
+                    "in": "query",
+                    "schema": {"type": "string", "pattern": _CURRENCY.pattern},
+                },
                 {"name": "date", "in": "query", "schema": {"type": "string", "format": "date"}},
             ],
             "responses": {

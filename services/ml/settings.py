@@ -24,12 +24,18 @@ class MlSettings(XietongSettings):
     )
     ml_group_id: str = Field("ml", min_length=1, description="Consumer group of the scorer.")
     ml_source_topic: str = Field(EVENTS_CLEAN, min_length=1, description="Clean events in.")
-    ml_predictions_topic: str = Field(INSIGHTS_PREDICTIONS, min_length=1)
+    ml_predictions_topic: str = Field(
+        INSIGHTS_PREDICTIONS, min_length=1, description="Champion predictions out (insights)."
+    )
     ml_shadow_topic: str = Field(
         ML_SHADOW_PREDICTIONS, min_length=1, description="Challenger predictions (internal)."
     )
-    ml_drift_topic: str = Field(INSIGHTS_MODEL_DRIFT, min_length=1)
-    ml_dead_letter_topic: str = Field(dlq(EVENTS_CLEAN), min_length=1)
+    ml_drift_topic: str = Field(
+        INSIGHTS_MODEL_DRIFT, min_length=1, description="Drift reports out (insights)."
+    )
+    ml_dead_letter_topic: str = Field(
+        dlq(EVENTS_CLEAN), min_length=1, description="Rows the models cannot score, with why."
+    )
     ml_models: list[str] = Field(
         default_factory=lambda: ["supplier-delay", "demand"],
         description="Use cases scored (and refitted) by this process.",

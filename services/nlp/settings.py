@@ -11,7 +11,12 @@ from shared.settings import XietongSettings
 class NlpSettings(XietongSettings):
     """What the nlp service needs beyond the platform settings."""
 
-    nlp_http_port: int = Field(8085, ge=0, le=65535, description="Health and metrics port.")
+    nlp_http_port: int = Field(
+        8084,
+        ge=0,
+        le=65535,
+        description="Health and metrics port (8085 is the storage service's).",
+    )
     nlp_group_id: str = Field("nlp", min_length=1, description="Consumer group of the service.")
     nlp_source_topic: str = Field(EVENTS_CLEAN, description="Clean events in.")
     nlp_insights_topic: str = Field(INSIGHTS_TEXT, description="Per-document text insights out.")

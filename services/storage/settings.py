@@ -44,8 +44,12 @@ class StorageSettings(XietongSettings):
     storage_private_s3_endpoint_url: str | None = Field(
         None, description="Endpoint of the private store (the network's own S3 server)."
     )
-    storage_private_s3_access_key_id: SecretStr | None = None
-    storage_private_s3_secret_access_key: SecretStr | None = None
+    storage_private_s3_access_key_id: SecretStr | None = Field(
+        None, description="Access key id of the private store."
+    )
+    storage_private_s3_secret_access_key: SecretStr | None = Field(
+        None, description="Secret access key of the private store."
+    )
     storage_policy_file: str = Field(
         str(Path(__file__).resolve().parents[2] / "deploy" / "placement-policy.yaml"),
         description="Placement rules (YAML); the shipped deploy/placement-policy.yaml by default.",

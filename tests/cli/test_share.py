@@ -17,6 +17,7 @@ from schemas.insights import Statistics
 from shared.codec import decode
 from shared.settings import XietongSettings
 from tests.insight_helpers import benchmark, gateway_app, network, prediction, publish, statistics
+from xietong.cli import main
 from xietong.share import describe_insight, parse_until, share, split_types, subscribe
 
 
@@ -103,22 +104,31 @@ async def test_operator_subscribes_over_kafka_with_the_same_rule(settings: Xieto
     async with network(settings) as net:
         foreign, own = statistics(net.a), statistics(net.b)
         await publish(settings, [foreign, own])
-        env = {"XIETONG_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers}
+        # The broker comes from the group's --kafka (an unreachable one in the environment
+        # shows the option wins); --as-tenant is whose view is read.
+        env = {"XIETONG_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"}
         result = await asyncio.to_thread(
             CliRunner(env=env).invoke,
-            subscribe,
+            main,
             # Everyone's statistics since the topic began pass by; the first B may read is its own.
-            ["--kafka", net.b, "--ndjson", "--count", "1", "--type", "statistics"],
+            [
+                "--kafka",
+                settings.kafka_bootstrap_servers,
+                "subscribe",
+                "--as-tenant",
+                net.b,
+                "--ndjson",
+                "--count",
+                "1",
+                "--type",
+                "statistics",
+            ],
         )
         assert result.exit_code == 0, (result.output, result.exception)
         assert Statistics.model_validate(decode(result.stdout.splitlines()[0])) == own
 
 
 def test_share_and_subscribe_are_commands_of_the_xietong_cli() -> None:
-    from click.testing import CliRunner
-
-    from xietong.cli import main
-
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
     assert {"share", "subscribe", "tenants", "keys", "publish"} <= set(main.commands)
