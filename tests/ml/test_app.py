@@ -30,7 +30,14 @@ from services.ml.settings import MlSettings
 from services.ml.training import MODEL_TRAINING, NotEnoughFirms
 from shared.codec import decode, encode
 from shared.control import ControlRegistry, ControlWriter, issue_api_key, new_id
-from shared.kafka import BatchPublisher, OutRecord, create_consumer, create_producer, started
+from shared.kafka import (
+    BatchPublisher,
+    OutRecord,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+    started,
+)
 from shared.models import ModelRegistry
 from shared.s3 import s3_client
 from tests.ml.conftest import supply_envelopes
@@ -52,6 +59,8 @@ def renamed(envelopes: list[dict[str, Any]], suffix: str) -> list[dict[str, Any]
 
 
 async def produce(settings: MlSettings, envelopes: list[dict[str, Any]]) -> None:
+    # The broker creates no topic by itself (auto-creation would give it the wrong shape).
+    await ensure_topics(settings, [settings.ml_source_topic])
     async with started(create_producer(settings)) as producer:
         await BatchPublisher(producer).publish(
             settings.ml_source_topic,

@@ -17,7 +17,14 @@ from services.nlp.app import NlpStatus, run_nlp
 from services.nlp.corpus import generate
 from services.nlp.settings import NlpSettings, load_nlp_settings
 from services.nlp.training import train_and_register
-from shared.kafka import BatchPublisher, OutRecord, create_consumer, create_producer, started
+from shared.kafka import (
+    BatchPublisher,
+    OutRecord,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+    started,
+)
 from shared.models import ModelRegistry
 from shared.settings import XietongSettings
 from tests.nlp.test_handlers import T0, text_event
@@ -120,6 +127,7 @@ async def test_texts_in_both_languages_become_redacted_insights(
         text_event("bonjour", "fr", "customer_feedback", T0),
     ]
     records = [OutRecord(b"acme", orjson.dumps(e)) for e in events] + [OutRecord(b"acme", b"\xff")]
+    await ensure_topics(s, [s.nlp_source_topic])  # the broker creates no topic by itself
     async with started(create_producer(s)) as producer:
         await BatchPublisher(producer).publish(s.nlp_source_topic, records)
 
