@@ -474,6 +474,15 @@ async def post_events(request: web.Request) -> web.Response:
         raise RequestError(403, f"tenant {tenant.tenant!r} is a consumer: it may not publish")
     if request.content_type not in JSON_TYPES | NDJSON_TYPES | CSV_TYPES:
         parse_body(b"", request, tenant.tenant)  # raises the precise 415 before reading
+    # Asked before the body is read and checked: validating a large body holds the event loop,
+    # which delays the broker probe's answer too — asked after, a healthy broker looked away.
+    unreachable = request.app[KAFKA_HEALTH_KEY].unreachable()
+    if unreachable is not None:  # answer now rather than hold the client for the timeout
+        raise RequestError(
+            503,
+            f"{unreachable}; nothing was published: retry the same request later",
+            retry_after=RETRY_AFTER_SECONDS,
+        )
     body = await read_body(request, request.app[MAX_BODY_KEY])
     if not body:
         raise RequestError(400, "the body is empty")
@@ -487,13 +496,6 @@ async def post_events(request: web.Request) -> web.Response:
 
     metrics = request.app[METRICS_KEY]
     publisher = request.app[PUBLISHER_KEY]
-    unreachable = request.app[KAFKA_HEALTH_KEY].unreachable()
-    if unreachable is not None:  # answer now rather than hold the client for the timeout
-        raise RequestError(
-            503,
-            f"{unreachable}; nothing was published: retry the same request later",
-            retry_after=RETRY_AFTER_SECONDS,
-        )
     started = time.perf_counter()
     try:
         async with asyncio.timeout(request.app[PUBLISH_TIMEOUT_KEY]):
