@@ -233,7 +233,7 @@ def register(platform: Platform) -> Firms:
     return found
 
 
-def wait(browser: WebDriver, condition: Callable[[WebDriver], Any], timeout: float = 30) -> Any:
+def wait(browser: WebDriver, condition: Callable[[WebDriver], Any], timeout: float = 90) -> Any:
     return WebDriverWait(browser, timeout, poll_frequency=0.1).until(condition)
 
 
