@@ -183,7 +183,10 @@ _EXACT = msgspec.json.Decoder(float_hook=Decimal)
 def decode_exact(data: bytes | bytearray | memoryview | str) -> Any:
     """Decode JSON with every non-integer number as an exact ``Decimal`` (the contracts read
     money from it exactly, and quantities as floats); ``ValueError`` on bad input."""
-    return _EXACT.decode(data)
+    try:
+        return _EXACT.decode(data)
+    except RecursionError:  # ``[[[[...`` a few thousand deep: bad input, not a server error
+        raise ValueError("JSON nested too deeply") from None
 
 
 def is_money(info: FieldInfo) -> bool:
