@@ -9,7 +9,13 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas.events import EVENT_MODELS, SalesOrderLine, _event_model, validate_event
+from schemas.events import (
+    EVENT_MODELS,
+    SalesOrderLine,
+    _event_model,
+    decode_exact,
+    validate_event,
+)
 from services.ingest.handlers import split_ndjson
 from services.ingest.intake import (
     FAST_PATH_MISSES,
@@ -30,8 +36,8 @@ def precise(lines: list[tuple[int, bytes]], tenant: str) -> Any:
     items = []
     for index, line in lines:
         try:
-            items.append(Incoming(index, line, orjson.loads(line)))
-        except orjson.JSONDecodeError as error:
+            items.append(Incoming(index, line, decode_exact(line)))
+        except ValueError as error:
             items.append(Incoming(index, line, None, f"invalid JSON: {error}"))
     return validate_records(items, tenant)
 

@@ -161,7 +161,7 @@ def test_ndjson_indices_are_line_numbers_and_originals_come_back_byte_for_byte()
     assert [(r.index, r.reason) for r in intake.refused] == [
         (0, "unknown event type"),
         (3, "a record must be a JSON object"),
-        (4, "invalid JSON: unexpected character, expected a string key: line 1 column 2 (char 1)"),
+        (4, "invalid JSON: JSON is malformed: object keys must be strings (byte 1)"),
         (5, "a record must be a JSON object"),
     ]
 
