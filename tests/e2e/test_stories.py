@@ -807,7 +807,8 @@ async def test_erp_changes_stream_through_cdc_into_statistics_and_corrections_re
     row = str(row_id(tenant, "public.sales_lines", f"{original.order_no}/1"))
     assert correction["corrects"] == row != correction["event_id"]
     assert correction["payload"]["quantity"] == float(updated.qty)
-    assert correction["payload"]["unit_price"] == updated.price_cents / 100
+    # money stays exact: the cents divided by 100 as a decimal string, never a float
+    assert Decimal(correction["payload"]["unit_price"]) == Decimal(updated.price_cents) / 100
     assert [e["corrects"] for e in cleaned].count(row) == 2  # its create and its update
     assert [e["corrects"] for e in removals] == [
         str(row_id(tenant, "public.sales_lines", f"{r.order_no}/1")) for r in (deleted, cycled)
