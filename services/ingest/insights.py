@@ -253,8 +253,6 @@ class InsightCache:
         self._public_keys: set[tuple[str, str, str]] = set()
         self._subscriptions: set[Subscription] = set()
         self._partitions: list[TopicPartition] = []
-        self._live_from: dict[tuple[str, int], int] = {}
-        """Per (topic, partition): the first offset written after the cache started."""
         self._progress = asyncio.Event()
         self._seq = 0
         self._consumer: AIOKafkaConsumer | None = None
@@ -278,10 +276,6 @@ class InsightCache:
             for tp in partitions:
                 start = max(begin[tp], end[tp] - self.recent_per_partition)
                 consumer.seek(tp, start)
-            # What was written before the start is history: it fills the cache (lists, resumes,
-            # replays) but is not news for the streams open meanwhile, which would otherwise be
-            # flooded with up to recent_per_partition insights per partition as if new.
-            self._live_from = {(tp.topic, tp.partition): offset for tp, offset in end.items()}
         except BaseException:
             await consumer.stop()
             raise
@@ -321,12 +315,10 @@ class InsightCache:
                     },
                 )
                 continue
-            live = record.offset >= self._live_from.get((record.topic, record.partition), 0)
-            self.add(insight, live=live)
+            self.add(insight)
 
-    def add(self, insight: Insight, *, live: bool = True) -> None:
-        """Keep ``insight`` (unless it is a redelivery) and offer it to every open stream if it
-        is ``live`` (written after the cache started, not the history it loads first)."""
+    def add(self, insight: Insight) -> None:
+        """Keep ``insight`` (unless it is a redelivery) and offer it to every open stream."""
         if insight.insight_id in self._by_id:
             return  # at-least-once producers may deliver an insight twice
         key = (insight.tenant, insight.type, series_of(insight))
@@ -342,8 +334,6 @@ class InsightCache:
         self._by_id[insight.insight_id] = item
         if insight.visibility == "public":
             self._public_keys.add(key)
-        if not live:
-            return
         for subscription in list(self._subscriptions):
             subscription.offer(item)
             if subscription.closed:

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from aiokafka import ConsumerRecord
 
 from schemas.control import Grant, Tenant
 from services.ingest.app import create_app
@@ -30,7 +29,6 @@ from services.ingest.insights import (
     sse_event,
 )
 from services.ingest.settings import IngestSettings
-from shared.codec import encode
 from shared.control import issue_api_key, new_id
 from shared.httpauth import REGISTRY_KEY, require_api_key
 from shared.sdk import GatewayClient, GatewayError, InsightFilter, InsightStream, ServerSentEvent
@@ -513,21 +511,3 @@ async def test_a_registry_that_cannot_follow_fails_closed(settings: XietongSetti
                 await client.insights(limit=1)
             assert net.registry.authenticate(net.keys[net.a]) is None
             assert net.registry.grants_to(net.bank) == []
-
-
-def test_history_loaded_at_start_fills_the_cache_but_is_not_news_for_open_streams() -> None:
-    # Before: a gateway reading its startup span (up to recent_per_partition insights per
-    # partition) offered every one of them to the streams already open, as if new: a stream
-    # opened at start was flooded with history and could overflow and reconnect.
-    cache = InsightCache(load_settings(), per_series=50)
-    topic = "insights.statistics.v1"
-    cache._live_from = {(topic, 0): 2}
-    stream = cache.subscribe()
-    old, new = statistics("acme", mean=1.0), statistics("acme", mean=2.0)
-    history_and_news = [
-        ConsumerRecord(topic, 0, offset, 0, 0, b"acme", encode(insight), None, 0, 0, [])
-        for offset, insight in ((1, old), (2, new))
-    ]
-    cache.add_records(history_and_news)
-    assert [c.insight for c in cache.latest(lambda _: True, 10)] == [new, old]
-    assert stream.queue.qsize() == 1 and stream.queue.get_nowait().insight == new  # type: ignore[union-attr]
