@@ -46,4 +46,3 @@ def json_response(
     return web.Response(
         body=encode(value), status=status, content_type="application/json", headers=headers
     )
-
