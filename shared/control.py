@@ -14,23 +14,20 @@ public (benchmarks); a grantee of an active agreement of the owner covering its 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
-import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from schemas.control import ApiKey, Grant, Tenant
 from schemas.topics import CONTROL_GRANTS, CONTROL_KEYS, CONTROL_TENANTS
 from shared.codec import decode, encode
+from shared.compacted import CompactedView, Where
 from shared.kafka import BatchPublisher, OutRecord, create_consumer, create_producer, ensure_topics
 from shared.settings import XietongSettings
 
@@ -157,35 +154,29 @@ class ControlWriter:
         )
 
 
-class ControlRegistry:
+class ControlRegistry(CompactedView):
     """An in-memory, continuously updated view of the control topics that fails closed.
 
-    A background task reads the topics; every ``control_sync_interval_seconds`` it asks the broker
-    where they end and, once it has read up to there, records that moment as :attr:`synced_at`.
-    So a change acknowledged by Kafka at time ``t`` is applied by the first sync that starts after
-    ``t``: within one interval plus one fetch. When no sync has completed for
-    ``control_max_staleness_seconds`` (the broker is away, the task is failing), :meth:`problem`
-    says why and :meth:`authenticate` vouches for no key: a registry that cannot prove it is
-    current must not keep honouring keys that may have been revoked meanwhile.
-
-    Waiting for a change (:meth:`wait_changed`) holds no lock: each change sets the event the
-    waiters of that moment hold and replaces it, so a waiter cancelled at any point (a stream
-    whose client went away) can never stop the registry from applying the next change.
+    How it follows the topics, confirms it is current and wakes waiters without a lock is
+    :class:`shared.compacted.CompactedView`. So a change acknowledged by Kafka at time ``t`` is
+    applied within one ``control_sync_interval_seconds`` plus one fetch, and when no sync has
+    completed for ``control_max_staleness_seconds`` (the broker is away, the tail is failing),
+    :meth:`problem` says why and :meth:`authenticate` vouches for no key: a registry that cannot
+    prove it is current must not keep honouring keys that may have been revoked meanwhile.
     """
 
+    what = "control registry"
+
     def __init__(self, settings: XietongSettings) -> None:
-        self.settings = settings
+        super().__init__(settings, CONTROL_TOPICS)
         self.tenants: dict[str, Tenant] = {}
         self.keys: dict[str, ApiKey] = {}
         self.grants: dict[str, Grant] = {}
-        self.version = 0
-        self.synced_at: float | None = None
-        """Monotonic time at which the last completed sync started (None: never synced)."""
-        self._failure: str | None = None
-        self._changed = asyncio.Event()
-        self._consumer: AIOKafkaConsumer | None = None
-        self._partitions: list[TopicPartition] = []
-        self._task: asyncio.Task[None] | None = None
+        self._stores: dict[str, tuple[dict[str, Any], type[Tenant | ApiKey | Grant]]] = {
+            CONTROL_TENANTS: (self.tenants, Tenant),
+            CONTROL_KEYS: (self.keys, ApiKey),
+            CONTROL_GRANTS: (self.grants, Grant),
+        }
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -194,46 +185,14 @@ class ControlRegistry:
         await ensure_topics(self.settings, CONTROL_TOPICS, compacted=CONTROL_TOPICS)
         consumer = create_consumer(self.settings, None)
         await consumer.start()
-        self._consumer = consumer
         try:
-            await self._load_all(consumer)
+            await self.follow(consumer)
         except BaseException:
             await consumer.stop()
             raise
-        self._task = asyncio.create_task(self._tail(), name="control-registry-tail")
-        self._task.add_done_callback(self._report_end)
-
-    async def _load_all(self, consumer: AIOKafkaConsumer) -> None:
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in CONTROL_TOPICS
-            for p in sorted(await self._partitions_of(consumer, topic))
-        ]
-        consumer.assign(partitions)
-        self._partitions = partitions
-        await consumer.seek_to_beginning(*partitions)
-        started = time.monotonic()
-        end = await consumer.end_offsets(partitions)
-        while any([await consumer.position(tp) < offset for tp, offset in end.items()]):
-            await self._apply(await consumer.getmany(timeout_ms=200))
-        self.synced_at = started
-        self._notify()
-
-    @staticmethod
-    async def _partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-        for _ in range(50):
-            found = consumer.partitions_for_topic(topic)
-            if found:
-                return set(found)
-            await consumer._client.force_metadata_update()  # new topic: metadata lags a moment
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"control topic {topic} has no partitions")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.stop_following()
         if self._consumer is not None:
             await self._consumer.stop()
 
@@ -244,104 +203,21 @@ class ControlRegistry:
     async def __aexit__(self, *_: object) -> None:
         await self.stop()
 
-    async def _tail(self) -> None:
-        """Follow the topics for ever; a failure is logged, reported and retried, never final."""
-        backoff = 0.5
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # anything: the registry goes stale and says why
-                self._failure = f"control registry cannot follow the control topics: {error!r}"
-                log.error(self._failure, exc_info=error)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    async def _follow(self) -> None:
-        assert self._consumer is not None
-        consumer = self._consumer
-        interval = self.settings.control_sync_interval_seconds
-        # Asking for the ends must not hang the loop for the client's whole request timeout.
-        ask_timeout = max(interval, self.settings.control_max_staleness_seconds / 2)
-        target: dict[TopicPartition, int] | None = None
-        target_asked_at = 0.0
-        next_sync = 0.0
-        while True:
-            if target is None and time.monotonic() >= next_sync:
-                target_asked_at = time.monotonic()
-                async with asyncio.timeout(ask_timeout):
-                    target = await consumer.end_offsets(self._partitions)
-                next_sync = target_asked_at + interval
-            batch = await consumer.getmany(timeout_ms=min(200, int(interval * 1000)))
-            if batch:
-                await self._apply(batch)
-            if target is not None and all(
-                [await consumer.position(tp) >= offset for tp, offset in target.items()]
-            ):
-                self.synced_at, target, self._failure = target_asked_at, None, None
-
-    def _report_end(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._failure = f"control registry stopped: {task.exception()!r}"
-            log.error(self._failure, exc_info=task.exception())
-
-    async def _apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        stores: dict[str, tuple[dict[str, Any], type[Any]]] = {
-            CONTROL_TENANTS: (self.tenants, Tenant),
-            CONTROL_KEYS: (self.keys, ApiKey),
-            CONTROL_GRANTS: (self.grants, Grant),
-        }
-        for tp, records in batch.items():
-            store, model = stores[tp.topic]
-            for record in records:
-                where = {"topic": tp.topic, "partition": tp.partition, "offset": record.offset}
-                if record.key is None:  # not ours: every control record is keyed by its id
-                    log.error("control record without a key skipped", extra=where)
-                    continue
-                key = record.key.decode(errors="replace")
-                if record.value is None:  # a tombstone deletes
-                    store.pop(key, None)
-                    continue
-                try:
-                    value = model.model_validate(decode(record.value))
-                except (ValidationError, ValueError, TypeError):
-                    log.error("unreadable control record skipped", extra=where)
-                    continue
-                if _id_of(value) != key:
-                    # A record filed under another id would shadow (or revive) that id's entry.
-                    log.error("control record whose key is not its id skipped", extra=where)
-                    continue
-                store[key] = value
-        self._notify()
-
-    def _notify(self) -> None:
-        self.version += 1
-        event, self._changed = self._changed, asyncio.Event()
-        event.set()
-
-    async def wait_changed(self, seen_version: int, timeout: float) -> int:
-        """Wait until the registry moved past ``seen_version`` (or ``timeout``); return it.
-
-        Safe to cancel at any point: it holds nothing another task needs."""
-        if self.version <= seen_version:
-            event = self._changed
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await event.wait()
-        return self.version
-
-    # ------------------------------------------------------------------ health
-
-    def problem(self) -> str | None:
-        """Why the registry cannot vouch for keys right now, or None when it is current."""
-        if self.synced_at is None:
-            return "control registry has not loaded the control topics yet"
-        age = time.monotonic() - self.synced_at
-        if age > self.settings.control_max_staleness_seconds:
-            reason = self._failure or "the broker has not confirmed the control topics' end"
-            return f"control registry not confirmed current for {age:.0f} s ({reason})"
-        return None
+    def take(self, topic: str, key: str, value: bytes | None, where: Where) -> None:
+        store, model = self._stores[topic]
+        if value is None:  # a tombstone deletes
+            store.pop(key, None)
+            return
+        try:
+            record = model.model_validate(decode(value))
+        except (ValidationError, ValueError, TypeError):
+            log.error("unreadable control record skipped", extra=where)
+            return
+        if _id_of(record) != key:
+            # A record filed under another id would shadow (or revive) that id's entry.
+            log.error("control record whose key is not its id skipped", extra=where)
+            return
+        store[key] = record
 
     # ------------------------------------------------------------------ queries
 

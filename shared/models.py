@@ -22,9 +22,9 @@ The whole API::
         await registry.current()                             # holds every write acked before
         await registry.wait_changed(seen_version, timeout)   # for tails that react to moves
 
-Like :class:`shared.control.ControlRegistry` (whose lessons it follows): a background task
-tails the topics and every ``control_sync_interval_seconds`` confirms it has read up to the
-broker's end; :meth:`ModelRegistry.problem` reports when it could not for
+Following the topics is :class:`shared.compacted.CompactedView`, as for the control plane: a
+background task tails them and every ``control_sync_interval_seconds`` confirms it has read up
+to the broker's end; :meth:`ModelRegistry.problem` reports when it could not for
 ``control_max_staleness_seconds`` (readiness says so; a scorer keeps serving the version it
 has, it never loads one it cannot vouch for). Waiting for a change holds no lock (an event per
 change). Keyless, unreadable and mis-keyed records are skipped and logged. Writes wait until
@@ -42,18 +42,18 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from botocore.exceptions import ClientError
 from pydantic import ValidationError
 
 from schemas.models import ModelAlias, ModelCard
 from schemas.topics import CONTROL_MODEL_ALIASES, CONTROL_MODELS
 from shared.codec import decode, encode
+from shared.compacted import CompactedView, Where
 from shared.kafka import create_consumer, create_producer, ensure_topics, started
 from shared.s3 import s3_client
 from shared.settings import XietongSettings
@@ -80,8 +80,10 @@ def alias_key(name: str, alias: str) -> str:
     return f"{name}/{alias}"
 
 
-class ModelRegistry:
+class ModelRegistry(CompactedView):
     """A continuously updated view of the model registry that can also write to it."""
+
+    what = "model registry"
 
     def __init__(
         self,
@@ -91,25 +93,16 @@ class ModelRegistry:
         aliases_topic: str = CONTROL_MODEL_ALIASES,
         bucket: str | None = None,
     ) -> None:
-        self.settings = settings
+        super().__init__(settings, (cards_topic, aliases_topic))
         self.cards_topic = cards_topic
         self.aliases_topic = aliases_topic
         self.bucket = bucket or settings.models_bucket
         self.cards: dict[tuple[str, int], ModelCard] = {}
         self.aliases: dict[tuple[str, str], ModelAlias] = {}
-        self.version = 0
-        """Bumped on every change applied and every completed sync."""
-        self.synced_at: float | None = None
-        self._failure: str | None = None
-        self._changed = asyncio.Event()
-        self._positions: dict[TopicPartition, int] = {}
-        self._partitions: list[TopicPartition] = []
-        self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._s3: Any = None
         self._bucket_ready = False
         self._stack = AsyncExitStack()
-        self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -120,22 +113,17 @@ class ModelRegistry:
             self._producer = await self._stack.enter_async_context(
                 started(create_producer(self.settings, linger_ms=0))
             )
-            self._consumer = await self._stack.enter_async_context(
+            consumer = await self._stack.enter_async_context(
                 started(create_consumer(self.settings, None))
             )
             self._s3 = await self._stack.enter_async_context(s3_client(self.settings))
-            await self._load_all(self._consumer, topics)
+            await self.follow(consumer)
         except BaseException:
             await self._stack.aclose()
             raise
-        self._task = asyncio.create_task(self._tail(), name="model-registry-tail")
-        self._task.add_done_callback(self._report_end)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.stop_following()
         await self._stack.aclose()
 
     async def __aenter__(self) -> ModelRegistry:
@@ -145,134 +133,33 @@ class ModelRegistry:
     async def __aexit__(self, *_: object) -> None:
         await self.stop()
 
-    async def _load_all(self, consumer: AIOKafkaConsumer, topics: tuple[str, ...]) -> None:
-        partitions: list[TopicPartition] = []
-        for topic in topics:
-            for _ in range(50):
-                found = consumer.partitions_for_topic(topic)
-                if found:
-                    break
-                await consumer._client.force_metadata_update()  # a new topic's metadata lags
-                await asyncio.sleep(0.1)
+    def take(self, topic: str, key: str, value: bytes | None, where: Where) -> None:
+        is_card = topic == self.cards_topic
+        name, _, second = key.partition("/")
+        if value is None:  # a tombstone deletes
+            if is_card and second.isdigit():
+                self.cards.pop((name, int(second)), None)
             else:
-                raise RuntimeError(f"registry topic {topic} has no partitions")
-            partitions += [TopicPartition(topic, p) for p in sorted(found)]
-        consumer.assign(partitions)
-        self._partitions = partitions
-        await consumer.seek_to_beginning(*partitions)
-        started = time.monotonic()
-        end = await consumer.end_offsets(partitions)
-        while any([await consumer.position(tp) < offset for tp, offset in end.items()]):
-            self._apply(await consumer.getmany(timeout_ms=200))
-        for tp in partitions:
-            self._positions[tp] = await consumer.position(tp)
-        self.synced_at = started
-        self._notify()
-
-    async def _tail(self) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # the view goes stale and says why; retried for ever
-                self._failure = f"model registry cannot follow its topics: {error!r}"
-                log.error(self._failure, exc_info=error)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    async def _follow(self) -> None:
-        assert self._consumer is not None
-        consumer = self._consumer
-        interval = self.settings.control_sync_interval_seconds
-        ask_timeout = max(interval, self.settings.control_max_staleness_seconds / 2)
-        target: dict[TopicPartition, int] | None = None
-        asked_at = 0.0
-        next_sync = 0.0
-        while True:
-            if target is None and time.monotonic() >= next_sync:
-                asked_at = time.monotonic()
-                async with asyncio.timeout(ask_timeout):
-                    target = await consumer.end_offsets(self._partitions)
-                next_sync = asked_at + interval
-            batch = await consumer.getmany(timeout_ms=min(200, int(interval * 1000)))
-            if batch:
-                self._apply(batch)
-            for tp in self._partitions:
-                self._positions[tp] = await consumer.position(tp)
-            if target is not None and all(
-                self._positions[tp] >= offset for tp, offset in target.items()
-            ):
-                self.synced_at, target, self._failure = asked_at, None, None
-                self._notify()
-
-    def _report_end(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._failure = f"model registry stopped: {task.exception()!r}"
-            log.error(self._failure, exc_info=task.exception())
-
-    def _apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        for tp, records in batch.items():
-            is_card = tp.topic == self.cards_topic
-            for record in records:
-                where = {"topic": tp.topic, "partition": tp.partition, "offset": record.offset}
-                if record.key is None:
-                    log.error("registry record without a key skipped", extra=where)
-                    continue
-                key = record.key.decode(errors="replace")
-                name, _, second = key.partition("/")
-                if record.value is None:  # a tombstone deletes
-                    if is_card and second.isdigit():
-                        self.cards.pop((name, int(second)), None)
-                    else:
-                        self.aliases.pop((name, second), None)
-                    continue
-                try:
-                    data = decode(record.value)
-                    value: ModelCard | ModelAlias = (
-                        ModelCard.model_validate(data)
-                        if is_card
-                        else ModelAlias.model_validate(data)
-                    )
-                except (ValidationError, ValueError, TypeError):
-                    log.error("unreadable registry record skipped", extra=where)
-                    continue
-                if isinstance(value, ModelCard):
-                    if card_key(value.name, value.version) != key:
-                        log.error("registry card whose key is not its id skipped", extra=where)
-                        continue
-                    self.cards[(value.name, value.version)] = value
-                else:
-                    if alias_key(value.name, value.alias) != key:
-                        log.error("registry alias whose key is not its id skipped", extra=where)
-                        continue
-                    self.aliases[(value.name, value.alias)] = value
-        self._notify()
-
-    def _notify(self) -> None:
-        self.version += 1
-        event, self._changed = self._changed, asyncio.Event()
-        event.set()
-
-    async def wait_changed(self, seen_version: int, timeout: float) -> int:
-        """Wait until the view moved past ``seen_version`` (or ``timeout``); safe to cancel."""
-        if self.version <= seen_version:
-            event = self._changed
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await event.wait()
-        return self.version
-
-    def problem(self) -> str | None:
-        """Why the view cannot be vouched for as current right now, or None."""
-        if self.synced_at is None:
-            return "model registry has not loaded its topics yet"
-        age = time.monotonic() - self.synced_at
-        if age > self.settings.control_max_staleness_seconds:
-            reason = self._failure or "the broker has not confirmed the registry topics' end"
-            return f"model registry not confirmed current for {age:.0f} s ({reason})"
-        return None
+                self.aliases.pop((name, second), None)
+            return
+        try:
+            data = decode(value)
+            record: ModelCard | ModelAlias = (
+                ModelCard.model_validate(data) if is_card else ModelAlias.model_validate(data)
+            )
+        except (ValidationError, ValueError, TypeError):
+            log.error("unreadable registry record skipped", extra=where)
+            return
+        if isinstance(record, ModelCard):
+            if card_key(record.name, record.version) != key:
+                log.error("registry card whose key is not its id skipped", extra=where)
+                return
+            self.cards[(record.name, record.version)] = record
+        else:
+            if alias_key(record.name, record.alias) != key:
+                log.error("registry alias whose key is not its id skipped", extra=where)
+                return
+            self.aliases[(record.name, record.alias)] = record
 
     # ------------------------------------------------------------------ queries
 
@@ -302,14 +189,6 @@ class ModelRegistry:
         return self.cards.get((name, record.version))
 
     # ------------------------------------------------------------------ writes
-
-    async def current(self, timeout: float = 10.0) -> None:
-        """Return once a sync that started after this call completed (the view holds every
-        write acknowledged before the call)."""
-        called = time.monotonic()
-        async with asyncio.timeout(timeout):
-            while self.synced_at is None or self.synced_at < called:
-                await self.wait_changed(self.version, timeout)
 
     async def register(self, artifact: bytes, card: dict[str, Any], *, by: str) -> ModelCard:
         """Store ``artifact`` and publish its card as the next version of ``card["name"]``.
@@ -388,7 +267,7 @@ class ModelRegistry:
         meta = await self._producer.send_and_wait(topic, value, key=key.encode())
         tp = TopicPartition(topic, meta.partition)
         async with asyncio.timeout(30):
-            while self._positions.get(tp, 0) <= meta.offset:
+            while self.positions.get(tp, 0) <= meta.offset:
                 await self.wait_changed(self.version, 1.0)
 
     async def _ensure_bucket(self) -> None:

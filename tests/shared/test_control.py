@@ -130,7 +130,7 @@ async def cancel_waiters_at_random_moments() -> None:
                 waiter.cancel()
         before = registry.version
         async with asyncio.timeout(5):
-            await registry._apply({})
+            registry.apply({})
         assert registry.version == before + 1
         results = await asyncio.gather(*waiters, return_exceptions=True)
         assert not [r for r in results if isinstance(r, RuntimeError)]
@@ -140,7 +140,7 @@ async def test_a_waiter_wakes_on_the_next_change() -> None:
     registry = offline_registry()
     waiter = asyncio.create_task(registry.wait_changed(registry.version, 30))
     await asyncio.sleep(0)
-    await registry._apply({})
+    registry.apply({})
     async with asyncio.timeout(5):
         assert await waiter == registry.version
 
@@ -164,5 +164,5 @@ async def test_keyless_unreadable_and_mis_keyed_control_records_are_skipped() ->
             ]
         )
     ]
-    await registry._apply({TopicPartition(CONTROL_TENANTS, 0): records})
+    registry.apply({TopicPartition(CONTROL_TENANTS, 0): records})
     assert registry.tenants == {"acme": tenant}

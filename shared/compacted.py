@@ -1,0 +1,202 @@
+"""A continuously updated in-memory view of compacted topics that fails closed.
+
+The control plane (:class:`shared.control.ControlRegistry`) and the model registry
+(:class:`shared.models.ModelRegistry`) are both "read every record of a few compacted topics,
+keep the latest value per key, and know whether that is still current". This is that part, once.
+
+- :meth:`CompactedView.follow` reads the topics from the beginning up to where they end at that
+  moment, then keeps tailing them in a background task that never dies silently: a failure is
+  logged, kept as the reason, and retried with back-off.
+- Every ``control_sync_interval_seconds`` the tail asks the broker where the topics end and, once
+  it has read up to there, records that moment as :attr:`CompactedView.synced_at`. A change
+  acknowledged by Kafka at time ``t`` is therefore applied by the first sync that starts after
+  ``t``: within one interval plus one fetch.
+- :meth:`CompactedView.problem` says why the view cannot be vouched for when no sync completed
+  for ``control_max_staleness_seconds`` (broker away, tail failing); callers fail closed on it.
+- Waiting for a change (:meth:`CompactedView.wait_changed`) holds no lock: each change sets the
+  event the waiters of that moment hold and replaces it, so a waiter cancelled at any point (a
+  stream whose client went away) can never stop the view from applying the next change.
+- Keyless records are skipped and logged here; a subclass's :meth:`CompactedView.take` applies
+  one keyed record (and skips what it cannot read or what is filed under another id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from shared.settings import XietongSettings
+
+log = logging.getLogger(__name__)
+
+Where = dict[str, Any]
+"""Topic, partition and offset of a record, for the log."""
+
+
+class CompactedView:
+    """The latest value per key of ``topics``, kept current by a background tail."""
+
+    what = "view"
+    """What the view is called in its log lines and in :meth:`problem` ("control registry")."""
+
+    def __init__(self, settings: XietongSettings, topics: Iterable[str]) -> None:
+        self.settings = settings
+        self.topics = tuple(topics)
+        self.version = 0
+        """Bumped on every batch applied and every completed sync."""
+        self.synced_at: float | None = None
+        """Monotonic time at which the last completed sync started (None: never synced)."""
+        self.positions: dict[TopicPartition, int] = {}
+        """How far the view has read each partition."""
+        self._failure: str | None = None
+        self._changed = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: list[TopicPartition] = []
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ what a subclass adds
+
+    def take(self, topic: str, key: str, value: bytes | None, where: Where) -> None:
+        """Apply one keyed record (``value`` None is a tombstone)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def follow(self, consumer: AIOKafkaConsumer) -> None:
+        """Load everything written so far with ``consumer`` (started, no group), then tail."""
+        self._consumer = consumer
+        self._partitions = [
+            TopicPartition(topic, p)
+            for topic in self.topics
+            for p in sorted(await self._partitions_of(consumer, topic))
+        ]
+        consumer.assign(self._partitions)
+        await consumer.seek_to_beginning(*self._partitions)
+        started = time.monotonic()
+        end = await consumer.end_offsets(self._partitions)
+        while any([await consumer.position(tp) < offset for tp, offset in end.items()]):
+            self.apply(await consumer.getmany(timeout_ms=200))
+        await self._note_positions(consumer)
+        self._synced(started)
+        self._task = asyncio.create_task(self._tail(), name=f"{self.what}-tail")
+        self._task.add_done_callback(self._report_end)
+
+    async def stop_following(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _partitions_of(self, consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+        for _ in range(50):
+            found = consumer.partitions_for_topic(topic)
+            if found:
+                return set(found)
+            await consumer._client.force_metadata_update()  # new topic: metadata lags a moment
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.what} topic {topic} has no partitions")
+
+    async def _tail(self) -> None:
+        """Follow the topics for ever; a failure is logged, reported and retried, never final."""
+        backoff = 0.5
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # anything: the view goes stale and says why
+                self._failure = f"{self.what} cannot follow its topics: {error!r}"
+                log.error(self._failure, exc_info=error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        interval = self.settings.control_sync_interval_seconds
+        # Asking for the ends must not hang the loop for the client's whole request timeout.
+        ask_timeout = max(interval, self.settings.control_max_staleness_seconds / 2)
+        target: dict[TopicPartition, int] | None = None
+        asked_at = 0.0
+        next_sync = 0.0
+        while True:
+            if target is None and time.monotonic() >= next_sync:
+                asked_at = time.monotonic()
+                async with asyncio.timeout(ask_timeout):
+                    target = await consumer.end_offsets(self._partitions)
+                next_sync = asked_at + interval
+            batch = await consumer.getmany(timeout_ms=min(200, int(interval * 1000)))
+            if batch:
+                self.apply(batch)
+            await self._note_positions(consumer)
+            if target is not None and all(
+                self.positions[tp] >= offset for tp, offset in target.items()
+            ):
+                target = None
+                self._synced(asked_at)
+
+    async def _note_positions(self, consumer: AIOKafkaConsumer) -> None:
+        for tp in self._partitions:
+            self.positions[tp] = await consumer.position(tp)
+
+    def _synced(self, started: float) -> None:
+        self.synced_at, self._failure = started, None
+        self._notify()
+
+    def _report_end(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._failure = f"{self.what} stopped: {task.exception()!r}"
+            log.error(self._failure, exc_info=task.exception())
+
+    # ------------------------------------------------------------------ applying and waiting
+
+    def apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Apply a fetched batch (keyless records skipped) and wake the waiters."""
+        for tp, records in batch.items():
+            for record in records:
+                where = {"topic": tp.topic, "partition": tp.partition, "offset": record.offset}
+                if record.key is None:  # not ours: every record here is keyed by its id
+                    log.error(f"{self.what} record without a key skipped", extra=where)
+                    continue
+                self.take(tp.topic, record.key.decode(errors="replace"), record.value, where)
+        self._notify()
+
+    def _notify(self) -> None:
+        self.version += 1
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    async def wait_changed(self, seen_version: int, timeout: float) -> int:
+        """Wait until the view moved past ``seen_version`` (or ``timeout``); return it.
+
+        Safe to cancel at any point: it holds nothing another task needs."""
+        if self.version <= seen_version:
+            event = self._changed
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await event.wait()
+        return self.version
+
+    async def current(self, timeout: float = 10.0) -> None:
+        """Return once a sync that started after this call completed (the view holds every
+        write acknowledged before the call)."""
+        called = time.monotonic()
+        async with asyncio.timeout(timeout):
+            while self.synced_at is None or self.synced_at < called:
+                await self.wait_changed(self.version, timeout)
+
+    def problem(self) -> str | None:
+        """Why the view cannot be vouched for as current right now, or None."""
+        if self.synced_at is None:
+            return f"{self.what} has not loaded its topics yet"
+        age = time.monotonic() - self.synced_at
+        if age > self.settings.control_max_staleness_seconds:
+            reason = self._failure or "the broker has not confirmed its topics' end"
+            return f"{self.what} not confirmed current for {age:.0f} s ({reason})"
+        return None
