@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from schemas.control import ApiKey, Grant, Tenant
+from schemas.insights import NETWORK_TENANT
 from schemas.topics import CONTROL_GRANTS, CONTROL_KEYS, CONTROL_TENANTS
 from shared.codec import decode, encode
 from shared.compacted import CompactedView, Where
@@ -116,6 +117,30 @@ def may_read(
         )
         is not None
     )
+
+
+MODEL_TRAINING = "model_training"
+"""The grant type by which a firm lets the network train models on its events."""
+
+
+def training_firms(firms: Iterable[str], grants: Iterable[Grant], at: datetime) -> set[str]:
+    """The firms whose agreements let the network train models on their events: each must have
+    granted ``network`` the type ``model_training`` (:func:`reading_grants` decides)."""
+    grants = list(grants)
+    return {
+        firm
+        for firm in firms
+        if firm != NETWORK_TENANT
+        and reading_grants(
+            NETWORK_TENANT,
+            owner=firm,
+            visibility="private",
+            insight_type=MODEL_TRAINING,
+            grants=grants,
+            at=at,
+        )
+        is not None
+    }
 
 
 class ControlWriter:

@@ -25,10 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from schemas.insights import NETWORK_TENANT
 from schemas.topics import EVENTS_CLEAN
 from shared.codec import DecodeError, decode
-from shared.control import ControlRegistry, reading_grants
+from shared.control import MODEL_TRAINING, ControlRegistry, training_firms
 from shared.kafka import create_consumer, started
 from shared.models import ModelRegistry
 from shared.settings import XietongSettings
@@ -36,7 +35,6 @@ from shared.settings import XietongSettings
 if TYPE_CHECKING:
     from services.nlp.corpus import Labelled
 
-MODEL_TRAINING = "model_training"
 """The grant type by which a firm lets the network train models on its events."""
 TASK_CHOICES = ("sentiment", "topic")
 
@@ -78,25 +76,6 @@ async def read_topic(settings: XietongSettings, topic: str) -> list[dict[str, An
     return out
 
 
-def consenting(firms: set[str], registry: ControlRegistry, at: datetime) -> set[str]:
-    """The firms whose agreements let the network train on their events (the sharing rule)."""
-    grants = list(registry.grants.values())
-    return {
-        firm
-        for firm in firms
-        if firm != NETWORK_TENANT
-        and reading_grants(
-            NETWORK_TENANT,
-            owner=firm,
-            visibility="private",
-            insight_type=MODEL_TRAINING,
-            grants=grants,
-            at=at,
-        )
-        is not None
-    }
-
-
 async def labelled_events(
     settings: XietongSettings, topic: str, task: str, min_firms: int
 ) -> list[Labelled]:
@@ -104,7 +83,9 @@ async def labelled_events(
 
     events = await read_topic(settings, topic)
     async with ControlRegistry(settings) as registry:
-        firms = consenting({str(e.get("tenant")) for e in events}, registry, datetime.now(UTC))
+        firms = training_firms(
+            {str(e.get("tenant")) for e in events}, registry.grants.values(), datetime.now(UTC)
+        )
     labelled = examples_from_events(events, task, firms)
     contributing = {item.tenant for item in labelled}
     if len(contributing) < min_firms:

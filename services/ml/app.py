@@ -50,9 +50,9 @@ from services.ml.features import DAY, MlEvent, parse_event
 from services.ml.handlers import SERVICE, BatchOutput, Scorer, Served, load_served
 from services.ml.settings import MlSettings
 from services.ml.specs import SPECS
-from services.ml.training import NotEnoughFirms, build_rows, train, training_firms
+from services.ml.training import NotEnoughFirms, build_rows, train
 from shared.codec import encode, json_response
-from shared.control import ControlRegistry
+from shared.control import ControlRegistry, training_firms
 from shared.deadletter import dead_letter_record, record_dead_letter
 from shared.kafka import (
     Batch,

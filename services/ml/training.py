@@ -1,7 +1,7 @@
 """Training: rows from a replay of the clean events, honest evaluation, the artifact and card.
 
 Rows are built by the same point-in-time state the scoring loop uses (:mod:`.features`), from
-firms that allow model training only (:func:`training_firms`). Evaluation, all on the same rows:
+firms that allow model training only (:func:`shared.control.training_firms`). Evaluation, all on the same rows:
 
 - ``time``: the last quarter of the rows by event time is the test set; training rows end
   ``label_lead_days`` before it (the gap: a label known only after the test period began would
@@ -29,41 +29,15 @@ from typing import Any
 import joblib
 import numpy as np
 
-from schemas.control import Grant
-from schemas.insights import NETWORK_TENANT
 from schemas.models import MetricReport
 from services.ml import families
 from services.ml.drift import reference_of
 from services.ml.features import DAY, DemandState, MlEvent, Subject, SupplyState, encode_products
 from services.ml.specs import DEMAND, SUPPLIER_DELAY, ModelSpec
-from shared.control import reading_grants
-
-MODEL_TRAINING = "model_training"
-"""The grant type by which a firm lets the network train models on its events."""
 
 
 class NotEnoughFirms(RuntimeError):
     """Fewer than ``k`` firms contributed rows: the model is not published."""
-
-
-def training_firms(firms: Iterable[str], grants: Iterable[Grant], at: datetime) -> set[str]:
-    """The firms whose agreements let the network train on their events: each must have
-    granted ``network`` the type ``model_training`` (the one sharing rule decides)."""
-    grants = list(grants)
-    return {
-        firm
-        for firm in firms
-        if firm != NETWORK_TENANT
-        and reading_grants(
-            NETWORK_TENANT,
-            owner=firm,
-            visibility="private",
-            insight_type=MODEL_TRAINING,
-            grants=grants,
-            at=at,
-        )
-        is not None
-    }
 
 
 @dataclass

@@ -27,9 +27,9 @@ from services.ml.app import (
 )
 from services.ml.handlers import Scorer
 from services.ml.settings import MlSettings
-from services.ml.training import MODEL_TRAINING, NotEnoughFirms
+from services.ml.training import NotEnoughFirms
 from shared.codec import decode, encode
-from shared.control import ControlRegistry, ControlWriter, issue_api_key, new_id
+from shared.control import MODEL_TRAINING, ControlRegistry, ControlWriter, issue_api_key, new_id
 from shared.kafka import (
     BatchPublisher,
     OutRecord,

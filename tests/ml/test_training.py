@@ -12,14 +12,13 @@ from services.ml import families
 from services.ml.features import MlEvent
 from services.ml.specs import DEMAND, SUPPLIER_DELAY
 from services.ml.training import (
-    MODEL_TRAINING,
     NotEnoughFirms,
     build_rows,
     evaluate,
     train,
-    training_firms,
     unbundle,
 )
+from shared.control import MODEL_TRAINING, training_firms
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 SMALL_RF = {"n_estimators": 20, "max_depth": 6}
