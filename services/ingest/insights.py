@@ -756,11 +756,12 @@ def _audit(action: str, actor: str, grant: Grant) -> None:
     )
 
 
-async def create_share(request: web.Request) -> web.Response:
-    """Grant another tenant read access to some of the caller's insight types (201 + the grant)."""
-    owner = authenticated_tenant(request).tenant
-    registry = request.app[REGISTRY_KEY]
-    state = request.app[INSIGHTS_KEY]
+async def _proposed_grant(request: web.Request, owner: str) -> Grant:
+    """The grant a ``POST /v1/shares`` body asks for (checked; not written), or the 4xx why not.
+
+    Whether the grantee exists is not said: the answer would tell any tenant which tenant ids
+    the network has. A grant to an id no tenant holds is inert, and stays so if a tenant of that
+    id is created later (the registry honours grants made after their grantee existed only)."""
     try:
         body = ShareRequest.model_validate(decode(await request.read()))
     except DecodeError:
@@ -776,13 +777,10 @@ async def create_share(request: web.Request) -> web.Response:
         raise _error(web.HTTPUnprocessableEntity, f"unknown insight type(s) {unknown}")
     if body.grantee == owner:
         raise _error(web.HTTPUnprocessableEntity, "a tenant always reads its own insights")
-    # Whether the grantee exists is not said: the answer would tell any tenant which tenant ids
-    # the network has. A grant to an id no tenant holds is inert, and stays so if a tenant of that
-    # id is created later (the registry honours grants made after their grantee existed only).
     at = now()
     if body.expires_at is not None and body.expires_at <= at:
         raise _error(web.HTTPUnprocessableEntity, "expires_at is in the past")
-    grant = Grant(
+    return Grant(
         grant_id=new_id(),
         owner=owner,
         grantee=body.grantee,
@@ -791,12 +789,20 @@ async def create_share(request: web.Request) -> web.Response:
         created_at=at,
         expires_at=body.expires_at,
     )
+
+
+async def create_share(request: web.Request) -> web.Response:
+    """Grant another tenant read access to some of the caller's insight types (201 + the grant)."""
+    owner = authenticated_tenant(request).tenant
+    registry = request.app[REGISTRY_KEY]
+    state = request.app[INSIGHTS_KEY]
+    grant = await _proposed_grant(request, owner)
     await state.writer.put_grant(grant)
     _audit("grant.created", owner, grant)
     await _until_registry(
         registry, lambda: grant.grant_id in registry.grants, state.registry_timeout
     )
-    return json_response(grant_view(grant, at), status=201)
+    return json_response(grant_view(grant, grant.created_at), status=201)
 
 
 async def preview_share(request: web.Request) -> web.Response:
@@ -806,44 +812,20 @@ async def preview_share(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
     state = request.app[INSIGHTS_KEY]
     limit = _limit_of(request)
-    try:
-        body = ShareRequest.model_validate(decode(await request.read()))
-    except DecodeError:
-        raise _error(web.HTTPBadRequest, "body must be JSON") from None
-    except ValidationError as error:
-        raise _error(
-            web.HTTPUnprocessableEntity,
-            "invalid share",
-            errors=[e.model_dump() for e in field_errors(error)],
-        ) from None
-    unknown = sorted(set(body.insight_types) - INSIGHT_MODELS.keys())
-    if unknown:
-        raise _error(web.HTTPUnprocessableEntity, f"unknown insight type(s) {unknown}")
-    if body.grantee == owner:
-        raise _error(web.HTTPUnprocessableEntity, "a tenant always reads its own insights")
-    at = now()
-    if body.expires_at is not None and body.expires_at <= at:
-        raise _error(web.HTTPUnprocessableEntity, "expires_at is in the past")
-    proposed = Grant(
-        grant_id=new_id(),
-        owner=owner,
-        grantee=body.grantee,
-        insight_types=sorted(set(body.insight_types)),
-        purpose=body.purpose,
-        created_at=at,
-        expires_at=body.expires_at,
-    )
+    proposed = await _proposed_grant(request, owner)
+    at = proposed.created_at
     # The agreements in force for the grantee plus the proposed one: what the list route would
     # use once it is granted. Computed alike whether the grantee exists or not (the answer must
     # not tell which tenant ids the network has). Pseudonyms (text entities) are keyed by the
     # grant id, which only the real grant gets: here they are keyed by a provisional one.
-    grants = [*registry.grants_to(body.grantee, at)]
+    grants = [*registry.grants_to(proposed.grantee, at)]
     if proposed.active_at(at):
         grants.append(proposed)
     wanted = InsightFilter(owner=owner)
-    found = state.cache.readable_by(body.grantee, grants, at, wanted, limit)
+    grantee = proposed.grantee
+    found = state.cache.readable_by(grantee, grants, at, wanted, limit)
     bodies = [
-        body_as_read(c, reading_grants_of(body.grantee, c.insight, grants, at), state.network_key)
+        body_as_read(c, reading_grants_of(grantee, c.insight, grants, at), state.network_key)
         for c in found
     ]
     return web.Response(
