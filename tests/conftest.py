@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,10 @@ class S3Endpoint:
     secret_access_key: str
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
+@contextmanager
+def kafka_for_tests() -> Iterator[str]:
+    """The broker ``XIETONG_TEST_KAFKA_BOOTSTRAP`` names, or one started on free ports in a
+    fresh folder for the block (the suite's fixture and the console measurement script)."""
     external = os.environ.get("XIETONG_TEST_KAFKA_BOOTSTRAP")
     if external:
         yield external
@@ -60,16 +63,23 @@ def kafka_bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[S3Endpoint]:
-    external = os.environ.get("XIETONG_TEST_S3_ENDPOINT")
+def kafka_bootstrap() -> Iterator[str]:
+    with kafka_for_tests() as bootstrap:
+        yield bootstrap
+
+
+def seaweedfs_or(env_prefix: str, folder_prefix: str) -> Iterator[S3Endpoint]:
+    """The S3 server the environment names (``<env_prefix>_ENDPOINT``, ``..._ACCESS_KEY_ID``,
+    ``..._SECRET_ACCESS_KEY``), or a SeaweedFS started on free ports in a fresh folder."""
+    external = os.environ.get(f"{env_prefix}_ENDPOINT")
     if external:
         yield S3Endpoint(
             external,
-            os.environ["XIETONG_TEST_S3_ACCESS_KEY_ID"],
-            os.environ["XIETONG_TEST_S3_SECRET_ACCESS_KEY"],
+            os.environ[f"{env_prefix}_ACCESS_KEY_ID"],
+            os.environ[f"{env_prefix}_SECRET_ACCESS_KEY"],
         )
         return
-    data_dir = Path(tempfile.mkdtemp(prefix="xietong-s3-"))
+    data_dir = Path(tempfile.mkdtemp(prefix=folder_prefix))
     server = infra.start_seaweedfs(data_dir=data_dir)
     try:
         yield S3Endpoint(server.endpoint_url, server.access_key_id, server.secret_access_key)
@@ -79,25 +89,16 @@ def s3_endpoint() -> Iterator[S3Endpoint]:
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[S3Endpoint]:
+    yield from seaweedfs_or("XIETONG_TEST_S3", "xietong-s3-")
+
+
+@pytest.fixture(scope="session")
 def private_s3_endpoint() -> Iterator[S3Endpoint]:
     """A second, separate S3 server: the storage service's private store (the other stands for
     the public cloud). ``XIETONG_TEST_PRIVATE_S3_ENDPOINT`` (with ``..._ACCESS_KEY_ID`` and
     ``..._SECRET_ACCESS_KEY``) names an existing one."""
-    external = os.environ.get("XIETONG_TEST_PRIVATE_S3_ENDPOINT")
-    if external:
-        yield S3Endpoint(
-            external,
-            os.environ["XIETONG_TEST_PRIVATE_S3_ACCESS_KEY_ID"],
-            os.environ["XIETONG_TEST_PRIVATE_S3_SECRET_ACCESS_KEY"],
-        )
-        return
-    data_dir = Path(tempfile.mkdtemp(prefix="xietong-s3-private-"))
-    server = infra.start_seaweedfs(data_dir=data_dir)
-    try:
-        yield S3Endpoint(server.endpoint_url, server.access_key_id, server.secret_access_key)
-    finally:
-        infra.stop(server)
-        shutil.rmtree(data_dir, ignore_errors=True)
+    yield from seaweedfs_or("XIETONG_TEST_PRIVATE_S3", "xietong-s3-private-")
 
 
 @pytest.fixture

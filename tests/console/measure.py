@@ -16,11 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from schemas.insights import Insight, Prediction
 from schemas.topics import INSIGHT_TOPICS
 from shared.codec import encode
 from shared.kafka import create_producer, started
+from tests.conftest import kafka_for_tests
 from tests.console.conftest import (
     ARTEFACTS,
     Platform,
@@ -134,23 +132,6 @@ def soak(platform: Platform, key: str, tenant: str, seconds: float) -> dict[str,
     return {"seconds": seconds, "rate_per_s": 50, "sent": sent, "samples": samples}
 
 
-@contextmanager
-def kafka() -> Iterator[str]:
-    external = os.environ.get("XIETONG_TEST_KAFKA_BOOTSTRAP")
-    if external:
-        yield external
-        return
-    from deploy.local import infra
-
-    data_dir = Path(tempfile.mkdtemp(prefix="xietong-kafka-"))
-    broker = infra.start_kafka(data_dir=data_dir)
-    try:
-        yield broker.bootstrap_servers
-    finally:
-        infra.stop(broker)
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-
 def measure(bootstrap: str, state_dir: Path, soak_seconds: float) -> dict[str, Any]:
     process, platform = start_gateway(
         bootstrap, state_dir, XIETONG_INGEST_INSIGHTS_PER_SERIES=str(DAYS + 1)
@@ -174,7 +155,7 @@ def measure(bootstrap: str, state_dir: Path, soak_seconds: float) -> dict[str, A
 
 def main() -> None:
     seconds = float(os.environ.get("CONSOLE_SOAK_SECONDS", "600"))
-    with kafka() as bootstrap, tempfile.TemporaryDirectory() as state:
+    with kafka_for_tests() as bootstrap, tempfile.TemporaryDirectory() as state:
         report = measure(bootstrap, Path(state), seconds)
     paint = report["year_of_10_metrics"]
     live = report["live_stream"]
