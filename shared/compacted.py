@@ -16,6 +16,8 @@ keep the latest value per key, and know whether that is still current". This is 
 - Waiting for a change (:meth:`CompactedView.wait_changed`) holds no lock: each change sets the
   event the waiters of that moment hold and replaces it, so a waiter cancelled at any point (a
   stream whose client went away) can never stop the view from applying the next change.
+- :meth:`CompactedView.caught_up` waits (asking for a sync at once) until everything written
+  before a given wall-clock moment has been read; :meth:`CompactedView.current` is that for now.
 - Keyless records are skipped and logged here; a subclass's :meth:`CompactedView.take` applies
   one keyed record (and skips what it cannot read or what is filed under another id).
 """
@@ -29,7 +31,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from shared.settings import XietongSettings
 
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 
 Where = dict[str, Any]
 """Topic, partition and offset of a record, for the log."""
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class CompactedView:
@@ -52,6 +58,8 @@ class CompactedView:
         """Bumped on every batch applied and every completed sync."""
         self.synced_at: float | None = None
         """Monotonic time at which the last completed sync started (None: never synced)."""
+        self.synced_wall_ms = 0
+        """The same moment on the wall clock (ms): everything written before it has been read."""
         self.positions: dict[TopicPartition, int] = {}
         """How far the view has read each partition."""
         self._failure: str | None = None
@@ -59,11 +67,12 @@ class CompactedView:
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: list[TopicPartition] = []
         self._task: asyncio.Task[None] | None = None
+        self._next_sync = 0.0
 
     # ------------------------------------------------------------------ what a subclass adds
 
-    def take(self, topic: str, key: str, value: bytes | None, where: Where) -> None:
-        """Apply one keyed record (``value`` None is a tombstone)."""
+    def take(self, record: ConsumerRecord[bytes, bytes], key: str, where: Where) -> None:
+        """Apply one keyed record (``record.value`` None is a tombstone)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ lifecycle
@@ -78,12 +87,12 @@ class CompactedView:
         ]
         consumer.assign(self._partitions)
         await consumer.seek_to_beginning(*self._partitions)
-        started = time.monotonic()
+        started, started_ms = time.monotonic(), wall_ms()
         end = await consumer.end_offsets(self._partitions)
         while any([await consumer.position(tp) < offset for tp, offset in end.items()]):
             self.apply(await consumer.getmany(timeout_ms=200))
         await self._note_positions(consumer)
-        self._synced(started)
+        self._synced(started, started_ms)
         self._task = asyncio.create_task(self._tail(), name=f"{self.what}-tail")
         self._task.add_done_callback(self._report_end)
 
@@ -123,14 +132,13 @@ class CompactedView:
         # Asking for the ends must not hang the loop for the client's whole request timeout.
         ask_timeout = max(interval, self.settings.control_max_staleness_seconds / 2)
         target: dict[TopicPartition, int] | None = None
-        asked_at = 0.0
-        next_sync = 0.0
+        asked_at, asked_ms = 0.0, 0
         while True:
-            if target is None and time.monotonic() >= next_sync:
-                asked_at = time.monotonic()
+            if target is None and time.monotonic() >= self._next_sync:
+                asked_at, asked_ms = time.monotonic(), wall_ms()
                 async with asyncio.timeout(ask_timeout):
                     target = await consumer.end_offsets(self._partitions)
-                next_sync = asked_at + interval
+                self._next_sync = asked_at + interval
             batch = await consumer.getmany(timeout_ms=min(200, int(interval * 1000)))
             if batch:
                 self.apply(batch)
@@ -139,14 +147,14 @@ class CompactedView:
                 self.positions[tp] >= offset for tp, offset in target.items()
             ):
                 target = None
-                self._synced(asked_at)
+                self._synced(asked_at, asked_ms)
 
     async def _note_positions(self, consumer: AIOKafkaConsumer) -> None:
         for tp in self._partitions:
             self.positions[tp] = await consumer.position(tp)
 
-    def _synced(self, started: float) -> None:
-        self.synced_at, self._failure = started, None
+    def _synced(self, started: float, started_ms: int) -> None:
+        self.synced_at, self.synced_wall_ms, self._failure = started, started_ms, None
         self._notify()
 
     def _report_end(self, task: asyncio.Task[None]) -> None:
@@ -164,7 +172,7 @@ class CompactedView:
                 if record.key is None:  # not ours: every record here is keyed by its id
                     log.error(f"{self.what} record without a key skipped", extra=where)
                     continue
-                self.take(tp.topic, record.key.decode(errors="replace"), record.value, where)
+                self.take(record, record.key.decode(errors="replace"), where)
         self._notify()
 
     def _notify(self) -> None:
@@ -183,13 +191,19 @@ class CompactedView:
                     await event.wait()
         return self.version
 
-    async def current(self, timeout: float = 10.0) -> None:
-        """Return once a sync that started after this call completed (the view holds every
-        write acknowledged before the call)."""
-        called = time.monotonic()
+    async def caught_up(self, moment_ms: int, timeout: float = 30.0) -> None:
+        """Return once the view holds everything written before ``moment_ms`` (wall clock; a
+        moment ahead of now counts as now), asking the tail for a sync at once rather than at
+        its next interval; ``TimeoutError`` after ``timeout`` seconds. Safe to cancel."""
+        moment_ms = min(moment_ms, wall_ms())
         async with asyncio.timeout(timeout):
-            while self.synced_at is None or self.synced_at < called:
+            while self.synced_wall_ms < moment_ms:
+                self._next_sync = 0.0
                 await self.wait_changed(self.version, timeout)
+
+    async def current(self, timeout: float = 10.0) -> None:
+        """Return once the view holds every write acknowledged before this call."""
+        await self.caught_up(wall_ms(), timeout)
 
     def problem(self) -> str | None:
         """Why the view cannot be vouched for as current right now, or None."""

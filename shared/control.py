@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
 from schemas.control import ApiKey, Grant, Tenant
@@ -228,21 +229,22 @@ class ControlRegistry(CompactedView):
     async def __aexit__(self, *_: object) -> None:
         await self.stop()
 
-    def take(self, topic: str, key: str, value: bytes | None, where: Where) -> None:
-        store, model = self._stores[topic]
+    def take(self, record: ConsumerRecord[bytes, bytes], key: str, where: Where) -> None:
+        value = record.value
+        store, model = self._stores[record.topic]
         if value is None:  # a tombstone deletes
             store.pop(key, None)
             return
         try:
-            record = model.model_validate(decode(value))
+            entry = model.model_validate(decode(value))
         except (ValidationError, ValueError, TypeError):
             log.error("unreadable control record skipped", extra=where)
             return
-        if _id_of(record) != key:
+        if _id_of(entry) != key:
             # A record filed under another id would shadow (or revive) that id's entry.
             log.error("control record whose key is not its id skipped", extra=where)
             return
-        store[key] = record
+        store[key] = entry
 
     # ------------------------------------------------------------------ queries
 

@@ -46,7 +46,7 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from botocore.exceptions import ClientError
 from pydantic import ValidationError
 
@@ -133,8 +133,9 @@ class ModelRegistry(CompactedView):
     async def __aexit__(self, *_: object) -> None:
         await self.stop()
 
-    def take(self, topic: str, key: str, value: bytes | None, where: Where) -> None:
-        is_card = topic == self.cards_topic
+    def take(self, record: ConsumerRecord[bytes, bytes], key: str, where: Where) -> None:
+        value = record.value
+        is_card = record.topic == self.cards_topic
         name, _, second = key.partition("/")
         if value is None:  # a tombstone deletes
             if is_card and second.isdigit():
@@ -144,22 +145,22 @@ class ModelRegistry(CompactedView):
             return
         try:
             data = decode(value)
-            record: ModelCard | ModelAlias = (
+            entry: ModelCard | ModelAlias = (
                 ModelCard.model_validate(data) if is_card else ModelAlias.model_validate(data)
             )
         except (ValidationError, ValueError, TypeError):
             log.error("unreadable registry record skipped", extra=where)
             return
-        if isinstance(record, ModelCard):
-            if card_key(record.name, record.version) != key:
+        if isinstance(entry, ModelCard):
+            if card_key(entry.name, entry.version) != key:
                 log.error("registry card whose key is not its id skipped", extra=where)
                 return
-            self.cards[(record.name, record.version)] = record
+            self.cards[(entry.name, entry.version)] = entry
         else:
-            if alias_key(record.name, record.alias) != key:
+            if alias_key(entry.name, entry.alias) != key:
                 log.error("registry alias whose key is not its id skipped", extra=where)
                 return
-            self.aliases[(record.name, record.alias)] = record
+            self.aliases[(entry.name, entry.alias)] = entry
 
     # ------------------------------------------------------------------ queries
 

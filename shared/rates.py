@@ -15,29 +15,26 @@ moment (:meth:`RatesReader.caught_up`). The table keeps every version of a key i
 compaction may drop superseded versions after a while, so a replay long after a correction sees
 only the corrected rate (the clean event records the rate it used either way).
 
-The reader fails closed like :class:`shared.control.ControlRegistry`: it never blocks on a lock
-(waiters hold an event that each sync replaces), and :meth:`RatesReader.problem` says when it
-could not confirm it is current for ``control_max_staleness_seconds``.
+The reader is a :class:`shared.compacted.CompactedView`, like the control plane: it never blocks
+on a lock, :meth:`RatesReader.caught_up` asks for a sync at once, and :meth:`RatesReader.problem`
+says when it could not confirm it is current for ``control_max_staleness_seconds``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
 from schemas.reference import FxRate
 from schemas.topics import REFERENCE_FX_RATES
 from shared.codec import decode, encode
+from shared.compacted import CompactedView, Where
 from shared.kafka import BatchPublisher, OutRecord, create_consumer, create_producer, ensure_topics
 from shared.settings import XietongSettings
 
@@ -130,10 +127,6 @@ class FxRates:
         return out
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class RatesWriter:
     """Publishes rates (acks=all) to the compacted rates topic."""
 
@@ -164,20 +157,15 @@ async def publish_rates(
         await writer.put(rates)
 
 
-class RatesReader:
+class RatesReader(CompactedView):
     """The rates topic in memory (:attr:`table`), followed in the background; fails closed."""
 
+    what = "rates reader"
+
     def __init__(self, settings: XietongSettings, topic: str = REFERENCE_FX_RATES) -> None:
-        self.settings = settings
+        super().__init__(settings, [topic])
         self.topic = topic
         self.table = FxRates()
-        self._consumer: AIOKafkaConsumer | None = None
-        self._partitions: list[TopicPartition] = []
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-        self._synced = asyncio.Event()
-        self._failure: str | None = None
-        self._synced_mono: float | None = None
 
     async def __aenter__(self) -> RatesReader:
         await self.start()
@@ -191,100 +179,30 @@ class RatesReader:
         await ensure_topics(self.settings, [self.topic], partitions=1, compacted=[self.topic])
         consumer = create_consumer(self.settings, None, enable_auto_commit=False)
         await consumer.start()
-        self._consumer = consumer
         try:
-            for _ in range(50):
-                found = consumer.partitions_for_topic(self.topic)
-                if found:
-                    break
-                await consumer._client.force_metadata_update()  # a new topic: metadata lags
-                await asyncio.sleep(0.1)
-            else:
-                raise RuntimeError(f"rates topic {self.topic} has no partitions")
-            self._partitions = [TopicPartition(self.topic, p) for p in sorted(found)]
-            consumer.assign(self._partitions)
-            await consumer.seek_to_beginning(*self._partitions)
-            await self._sync()
+            await self.follow(consumer)
         except BaseException:
             await consumer.stop()
             raise
-        self._task = asyncio.create_task(self._follow(), name="rates-reader")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.stop_following()
         if self._consumer is not None:
             await self._consumer.stop()
 
-    async def _sync(self) -> None:
-        """Read up to the end the broker reports now; then everything published before this
-        call began is in the table."""
-        assert self._consumer is not None
-        consumer, started_ms, started = self._consumer, now_ms(), time.monotonic()
-        async with asyncio.timeout(max(self.settings.control_max_staleness_seconds / 2, 1.0)):
-            ends = await consumer.end_offsets(self._partitions)
-            while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-                self._apply(await consumer.getmany(timeout_ms=200))
-        self.table.synced_ms, self._synced_mono, self._failure = started_ms, started, None
-        synced, self._synced = self._synced, asyncio.Event()
-        synced.set()
+    def take(self, record: ConsumerRecord[bytes, bytes], key: str, where: Where) -> None:
+        if record.value is None:
+            return  # a tombstone: the version it follows stays for what came before
+        try:
+            rate = FxRate.model_validate(decode(record.value))
+        except (ValidationError, ValueError, TypeError):
+            log.error("unreadable rate skipped", extra=where)
+            return
+        if key != rate.key:
+            log.error("rate whose key is not its currency/date skipped", extra=where)
+            return
+        self.table.add(rate, record.timestamp)
 
-    def _apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        for records in batch.values():
-            for record in records:
-                if record.value is None:
-                    continue  # a tombstone: the version it follows stays for what came before
-                try:
-                    rate = FxRate.model_validate(decode(record.value))
-                except (ValidationError, ValueError, TypeError):
-                    log.error("unreadable rate skipped", extra={"offset": record.offset})
-                    continue
-                if record.key is None or record.key.decode(errors="replace") != rate.key:
-                    log.error("rate whose key is not its currency/date skipped")
-                    continue
-                self.table.add(rate, record.timestamp)
-
-    async def _follow(self) -> None:
-        """Sync every ``control_sync_interval_seconds``, or at once when a waiter asks."""
-        interval = self.settings.control_sync_interval_seconds
-        backoff = 0.5
-        while True:
-            self._wake.clear()
-            try:
-                await self._sync()
-                backoff = 0.5
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # the table goes stale and says why; retried
-                self._failure = f"rates reader cannot follow {self.topic}: {error!r}"
-                log.error(self._failure, exc_info=error)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._wake.wait()
-
-    async def caught_up(self, moment_ms: int, timeout: float = 30.0) -> None:
-        """Return once the table holds every rate published before ``moment_ms`` (wall clock;
-        a moment ahead of now counts as now); ``TimeoutError`` after ``timeout`` seconds.
-
-        Safe to cancel: it holds nothing another task needs."""
-        moment_ms = min(moment_ms, now_ms())
-        async with asyncio.timeout(timeout):
-            while self.table.synced_ms < moment_ms:
-                synced = self._synced
-                self._wake.set()
-                await synced.wait()
-
-    def problem(self) -> str | None:
-        """Why the table cannot be trusted to be current, or None."""
-        if self._synced_mono is None:
-            return "rates not loaded yet"
-        age = time.monotonic() - self._synced_mono
-        if age > self.settings.control_max_staleness_seconds:
-            reason = self._failure or "the broker has not confirmed the rates topic's end"
-            return f"rates not confirmed current for {age:.0f} s ({reason})"
-        return None
+    def _synced(self, started: float, started_ms: int) -> None:
+        self.table.synced_ms = started_ms  # what FxRates.rate_for may trust as read
+        super()._synced(started, started_ms)

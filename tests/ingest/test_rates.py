@@ -10,7 +10,8 @@ import pytest
 
 from schemas.reference import FxRate
 from services.ingest.rates import RATES_KEY
-from shared.rates import now_ms, publish_rates
+from shared.compacted import wall_ms as now_ms
+from shared.rates import publish_rates
 from shared.settings import XietongSettings
 from tests.ingest.test_gateway import Gateway, ingest_settings, running_gateway
 
