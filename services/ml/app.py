@@ -41,7 +41,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter, Histogram
 
@@ -54,6 +53,7 @@ from services.ml.training import NotEnoughFirms, build_rows, train
 from shared.codec import encode, json_response
 from shared.control import ControlRegistry, training_firms
 from shared.deadletter import dead_letter_record, record_dead_letter
+from shared.httpauth import REGISTRY_KEY, authenticated_tenant, require_api_key
 from shared.kafka import (
     Batch,
     BatchPublisher,
@@ -64,7 +64,7 @@ from shared.kafka import (
     started,
 )
 from shared.models import ArtifactError, ModelRegistry
-from shared.observability import PUBLIC_PATHS, add_health_routes
+from shared.observability import add_health_routes
 
 log = logging.getLogger(__name__)
 
@@ -399,27 +399,15 @@ def http_app(
 ) -> web.Application:
     """``GET /v1/models``: the model cards (with aliases) the caller may see; health routes."""
 
-    @web.middleware
-    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in PUBLIC_PATHS:
-            return await handler(request)
-        problem = control.problem() or registry.problem()
+    async def list_models(request: web.Request) -> web.Response:
+        reader = authenticated_tenant(request).tenant
+        problem = registry.problem()  # the key was vouched for; the cards must be current too
         if problem is not None:
             return json_response(
-                {"error": "unavailable", "reason": problem},
+                {"error": "cannot list models right now; retry shortly", "reason": problem},
                 status=503,
-                headers={"Retry-After": "2"},
+                headers={"Retry-After": "5"},
             )
-        header = request.headers.get("Authorization", "")
-        key = header[7:] if header.lower().startswith("bearer ") else None
-        tenant = control.authenticate(key)
-        if tenant is None:
-            return json_response({"error": "unauthorized"}, status=401)
-        request["tenant"] = tenant.tenant
-        return await handler(request)
-
-    async def list_models(request: web.Request) -> web.Response:
-        reader = request["tenant"]
         name = request.query.get("name")
         cards = [
             {**card.model_dump(mode="json"), "aliases": _aliases(registry, card)}
@@ -433,7 +421,8 @@ def http_app(
     async def ready() -> str | None:
         return control.problem() or server.problem()
 
-    app = web.Application(middlewares=[authenticate])
+    app = web.Application(middlewares=[require_api_key()])
+    app[REGISTRY_KEY] = control
     add_health_routes(app, SERVICE, ready)
     app.router.add_get("/v1/models", list_models)
     return app
