@@ -132,7 +132,7 @@ def training_firms(firms: Iterable[str], grants: Iterable[Grant], at: datetime) 
         firm
         for firm in firms
         if firm != NETWORK_TENANT
-        and reading_grants(
+        and may_read(
             NETWORK_TENANT,
             owner=firm,
             visibility="private",
@@ -140,7 +140,6 @@ def training_firms(firms: Iterable[str], grants: Iterable[Grant], at: datetime) 
             grants=grants,
             at=at,
         )
-        is not None
     }
 
 

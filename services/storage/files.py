@@ -48,7 +48,6 @@ from services.storage.placement import Decision, PlacementError, Policy
 from services.storage.settings import StorageSettings
 from services.storage.stores import Store
 from shared.codec import DecodeError, decode, encode, json_response
-from shared.control import now, reading_grants
 from shared.httpauth import REGISTRY_KEY, authenticated_tenant
 
 log = logging.getLogger(__name__)
@@ -447,19 +446,11 @@ class FileStore:
     # ------------------------------------------------------------------ reading
 
     def may_read(self, request: web.Request, stored: StoredFile) -> bool:
-        reader = authenticated_tenant(request).tenant
-        registry = request.app[REGISTRY_KEY]
-        at = now()
-        return (
-            reading_grants(
-                reader,
-                owner=stored.tenant,
-                visibility="private",
-                insight_type=file_grant_type(stored.labels.get("kind", "")),
-                grants=registry.grants_to(reader, at),
-                at=at,
-            )
-            is not None
+        return request.app[REGISTRY_KEY].may_read(
+            authenticated_tenant(request).tenant,
+            owner=stored.tenant,
+            visibility="private",
+            insight_type=file_grant_type(stored.labels.get("kind", "")),
         )
 
 

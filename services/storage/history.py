@@ -31,7 +31,7 @@ from services.storage.files import FileError
 from services.storage.reader import ArchiveReader, in_range, parse_moment
 from services.storage.segments import ArchivedRecord, describe
 from services.storage.settings import StorageSettings
-from shared.control import now, reading_grants
+from shared.control import may_read, now
 from shared.httpauth import REGISTRY_KEY, authenticated_tenant
 from shared.kafka import create_consumer
 
@@ -111,16 +111,13 @@ def select(
             continue
         if query.owner and r.tenant != query.owner:
             continue
-        if (
-            reading_grants(
-                reader,
-                owner=r.tenant,
-                visibility=r.visibility,
-                insight_type=r.kind,
-                grants=grants,
-                at=at,
-            )
-            is None
+        if not may_read(
+            reader,
+            owner=r.tenant,
+            visibility=r.visibility,
+            insight_type=r.kind,
+            grants=grants,
+            at=at,
         ):
             continue
         doc = orjson.loads(r.value)

@@ -31,7 +31,7 @@ from schemas.control import Grant
 from services.storage.reader import ArchiveReader, in_range
 from services.storage.segments import ArchivedRecord
 from services.storage.stores import Store
-from shared.control import now, reading_grants
+from shared.control import may_read, now
 from shared.kafka import NO_HEADERS, create_producer, ensure_topics, started
 from shared.settings import XietongSettings
 
@@ -76,16 +76,13 @@ def allowed(
         return False
     if reader is None:  # the operator
         return True
-    return (
-        reading_grants(
-            reader,
-            owner=record.tenant,
-            visibility=record.visibility,
-            insight_type=record.kind,
-            grants=grants,
-            at=at,
-        )
-        is not None
+    return may_read(
+        reader,
+        owner=record.tenant,
+        visibility=record.visibility,
+        insight_type=record.kind,
+        grants=grants,
+        at=at,
     )
 
 
