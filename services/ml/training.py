@@ -1,7 +1,8 @@
 """Training: rows from a replay of the clean events, honest evaluation, the artifact and card.
 
 Rows are built by the same point-in-time state the scoring loop uses (:mod:`.features`), from
-firms that allow model training only (:func:`shared.control.training_firms`). Evaluation, all on the same rows:
+firms that allow model training only (:func:`shared.control.training_firms`). Evaluation, all on
+the same rows:
 
 - ``time``: the last quarter of the rows by event time is the test set; training rows end
   ``label_lead_days`` before it (the gap: a label known only after the test period began would

@@ -35,6 +35,7 @@ from shared.kafka import (
 from shared.rates import demo_rates, publish_rates
 from shared.settings import XietongSettings
 from tests.factories import sales_event
+from tests.kafka_helpers import read_records
 
 pytestmark = pytest.mark.integration
 
@@ -91,19 +92,6 @@ async def partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
             await consumer._client.force_metadata_update()  # a topic just created
 
 
-async def read_all(
-    settings: XietongSettings, topic: str, count: int
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Read ``count`` records of ``topic`` from the beginning (fails after 60 s)."""
-    got: list[ConsumerRecord[bytes, bytes]] = []
-    async with started(create_consumer(settings, None, topic)) as consumer:
-        async with asyncio.timeout(60):
-            while len(got) < count:
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    got.extend(records)
-    return got
-
-
 class Hop:
     """A clean hop running in a task; ``await hop.stop()`` drains, commits and returns."""
 
@@ -157,7 +145,7 @@ async def test_events_come_out_clean_with_canonical_values_and_metrics(
 
     hop = Hop(clean_settings, raw, clean, f"clean-{uuid.uuid4().hex[:8]}")
     try:
-        got = by_id(await read_all(clean_settings, clean, len(events)))
+        got = by_id(await read_records(clean_settings, clean, len(events)))
     finally:
         status = await hop.stop()
 
@@ -211,7 +199,7 @@ async def test_an_event_id_published_twice_comes_out_once(
 
     assert status.duplicates == 2 * len(retried)
     assert await total_records(clean_settings, clean) == len(events)
-    got = by_id(await read_all(clean_settings, clean, len(events)))
+    got = by_id(await read_records(clean_settings, clean, len(events)))
     assert set(got) == {e["event_id"] for e in events}
 
 
@@ -241,7 +229,7 @@ async def test_a_restart_mid_stream_neither_loses_nor_double_counts(
         await hop.stop()
 
     assert await total_records(clean_settings, clean) == len(first) + len(second)
-    got = by_id(await read_all(clean_settings, clean, len(first) + len(second)))
+    got = by_id(await read_records(clean_settings, clean, len(first) + len(second)))
     assert set(got) == {e["event_id"] for e in first + second}
 
 
@@ -421,12 +409,12 @@ async def test_the_same_event_on_two_partitions_is_cleaned_once_on_its_tenants_p
 
     assert status.rerouted == 2 * len(events)
     assert await total_records(clean_settings, clean) == len(events)
-    records = await read_all(clean_settings, clean, len(events))
+    records = await read_records(clean_settings, clean, len(events))
     assert {str(CleanEvent.model_validate_json(r.value).event_id) for r in records} == {
         e["event_id"] for e in events
     }
     assert all(r.partition == partition_of(r.key, 3) for r in records)
-    moved = [r for r in await read_all(clean_settings, raw, 5 * len(events))]
+    moved = [r for r in await read_records(clean_settings, raw, 5 * len(events))]
     headers = [dict(r.headers) for r in moved if r.headers]
     assert len(headers) == 2 * len(events)
     assert all(h[REROUTED_HEADER].decode().startswith(f"{raw}/") for h in headers)
@@ -490,10 +478,10 @@ async def test_bad_records_go_to_the_dead_letter_topic_and_the_hop_goes_on(
 
     hop = Hop(clean_settings, raw, clean, f"clean-{uuid.uuid4().hex[:8]}")
     try:
-        got = by_id(await read_all(clean_settings, clean, 2))
+        got = by_id(await read_records(clean_settings, clean, 2))
         letters = [
             DeadLetter.model_validate_json(record.value)
-            for record in await read_all(clean_settings, dlq(raw), 4)
+            for record in await read_records(clean_settings, dlq(raw), 4)
         ]
     finally:
         status = await hop.stop()
@@ -547,7 +535,7 @@ async def test_workers_joining_and_leaving_the_group_mid_stream_clean_every_even
 
     assert second.status.restored > 0
     assert await total_records(clean_settings, clean) == len(events)
-    got = by_id(await read_all(clean_settings, clean, len(events)))
+    got = by_id(await read_records(clean_settings, clean, len(events)))
     assert set(got) == {e["event_id"] for e in events}
 
 
@@ -579,7 +567,7 @@ async def test_carry_forward_and_outlier_history_survive_a_restart(
         status = await hop.stop()
 
     assert status.restored == (len(history) if disk == "new" else 0)
-    got = by_id(await read_all(clean_settings, clean, len(history) + 1))
+    got = by_id(await read_records(clean_settings, clean, len(history) + 1))
     after = got[unpriced_spike["event_id"]]
     assert after.payload["unit_price"] == "6" and "unit_price" in after.quality.filled
     assert after.quality.outliers == ["sales.quantity", "sales.amount_cny"]
@@ -623,7 +611,7 @@ async def test_money_stays_exact_and_each_event_gets_the_rate_of_its_date(
     finally:
         await hop.stop()
 
-    got = by_id(await read_all(clean_settings, clean, 3))
+    got = by_id(await read_records(clean_settings, clean, 3))
     first, second = got[on_29["event_id"]], got[on_30["event_id"]]
     assert [(c.rate, c.rate_date.isoformat()) for c in first.conversions] == [
         ("7.6512", "2026-11-29")
@@ -638,7 +626,8 @@ async def test_money_stays_exact_and_each_event_gets_the_rate_of_its_date(
     assert long.amounts["sales.amount_cny"] == "24691357802469135780.246913578"
 
     (letter,) = [
-        DeadLetter.model_validate_json(r.value) for r in await read_all(clean_settings, dlq(raw), 1)
+        DeadLetter.model_validate_json(r.value)
+        for r in await read_records(clean_settings, dlq(raw), 1)
     ]
     assert letter.reason == "no EUR rate on or before 2026-11-28"
     assert decode(letter.original)["event_id"] == too_early["event_id"]

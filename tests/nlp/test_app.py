@@ -20,13 +20,13 @@ from services.nlp.training import train_and_register
 from shared.kafka import (
     BatchPublisher,
     OutRecord,
-    create_consumer,
     create_producer,
     ensure_topics,
     started,
 )
 from shared.models import ModelRegistry
 from shared.settings import XietongSettings
+from tests.kafka_helpers import read_records
 from tests.nlp.test_handlers import T0, text_event
 
 pytestmark = pytest.mark.integration
@@ -55,17 +55,6 @@ def nlp_settings(
 
 def registry_of(s: NlpSettings, topics: tuple[str, str, str]) -> ModelRegistry:
     return ModelRegistry(s, cards_topic=topics[0], aliases_topic=topics[1], bucket=topics[2])
-
-
-async def read_all(s: NlpSettings, topic: str, count: int) -> list[bytes]:
-    out: list[bytes] = []
-    async with started(create_consumer(s, None, auto_offset_reset="earliest")) as consumer:
-        consumer.subscribe([topic])
-        async with asyncio.timeout(60):
-            while len(out) < count:
-                batch = await consumer.getmany(timeout_ms=500)
-                out += [r.value for records in batch.values() for r in records]
-    return out
 
 
 async def run_until(
@@ -141,7 +130,8 @@ async def test_texts_in_both_languages_become_redacted_insights(
         "nlp-topic-zh": 1,
     }
     insights = [
-        TextInsight.model_validate_json(v) for v in await read_all(s, s.nlp_insights_topic, 5)
+        TextInsight.model_validate_json(r.value)
+        for r in await read_records(s, s.nlp_insights_topic, 5)
     ]
     by_text = {i.language + (i.task or ""): i for i in insights}
     assert {(i.language, i.task) for i in insights} >= {
@@ -154,10 +144,13 @@ async def test_texts_in_both_languages_become_redacted_insights(
     raw = b"".join(i.model_dump_json().encode() for i in insights)
     assert b"13912345670" not in raw and b"5678" not in raw and b"11010519491231002X" not in raw
     [summary] = [
-        TextSummary.model_validate_json(v) for v in await read_all(s, s.nlp_summary_topic, 1)
+        TextSummary.model_validate_json(r.value)
+        for r in await read_records(s, s.nlp_summary_topic, 1)
     ]
     assert summary.documents == 4 and summary.languages == {"en": 2, "zh": 2}
-    dead = [orjson.loads(v)["reason"] for v in await read_all(s, dlq(s.nlp_source_topic), 3)]
+    dead = [
+        orjson.loads(r.value)["reason"] for r in await read_records(s, dlq(s.nlp_source_topic), 3)
+    ]
     assert sorted(r.split(" ")[0] for r in dead) == ["empty", "undecodable", "unknown"]
 
     # a restart re-reads from the commit point (the open window): no per-document insight twice
@@ -169,7 +162,7 @@ async def test_texts_in_both_languages_become_redacted_insights(
     again = await run_until(s, registry_of(s, topics), lambda st: st.insights >= 1)
     assert again.documents == 2  # the open window's text re-read, then the new one
     ids = [
-        TextInsight.model_validate_json(v).insight_id
-        for v in await read_all(s, s.nlp_insights_topic, 6)
+        TextInsight.model_validate_json(r.value).insight_id
+        for r in await read_records(s, s.nlp_insights_topic, 6)
     ]
     assert len(ids) == len(set(ids)) == 6

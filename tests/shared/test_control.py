@@ -129,8 +129,7 @@ async def cancel_waiters_at_random_moments() -> None:
             if i % 3 == 0:
                 waiter.cancel()
         before = registry.version
-        async with asyncio.timeout(5):
-            registry.apply({})
+        registry.apply({})  # synchronous now: no waiter can hold it up
         assert registry.version == before + 1
         results = await asyncio.gather(*waiters, return_exceptions=True)
         assert not [r for r in results if isinstance(r, RuntimeError)]

@@ -38,19 +38,7 @@ from shared.kafka import (
 from shared.logs import RepeatFilter
 from shared.settings import XietongSettings, load_settings
 from tests.factories import sales_event
-
-
-async def consume_all(
-    settings: XietongSettings, topic: str, count: int, group: str | None = None
-) -> list:
-    """Read ``count`` records of ``topic`` from the beginning (fails after 30 s)."""
-    got: list = []
-    async with started(create_consumer(settings, group, topic)) as consumer:
-        async with asyncio.timeout(30):
-            while len(got) < count:
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    got.extend(records)
-    return got
+from tests.kafka_helpers import read_records
 
 
 @pytest.mark.integration
@@ -67,7 +55,7 @@ async def test_envelopes_come_back_through_a_consumer_group_in_order_per_tenant(
         )
     assert published == len(sent)
 
-    records = await consume_all(settings, topic, len(sent), group=unique_name("group"))
+    records = await read_records(settings, topic, len(sent), group=unique_name("group"))
     by_tenant: dict[str, list[str]] = defaultdict(list)
     partitions: dict[str, set[int]] = defaultdict(set)
     for record in records:
@@ -123,9 +111,9 @@ async def test_a_malformed_message_goes_to_its_dead_letter_topic_and_the_consume
                 run_batch_loop(consumer, handle, stop, max_records=100, timeout_ms=100), 30
             )
 
-    passed = [decode(r.value)["event_id"] for r in await consume_all(settings, output, 2)]
+    passed = [decode(r.value)["event_id"] for r in await read_records(settings, output, 2)]
     assert passed == [good_before["event_id"], good_after["event_id"]]
-    letters = [decode(r.value) for r in await consume_all(settings, dlq(source), 2)]
+    letters = [decode(r.value) for r in await read_records(settings, dlq(source), 2)]
     assert letters[0]["original"] == "{not json"
     assert letters[0]["source_topic"] == source and letters[0]["source_offset"] == 1
     assert "quantity" in {e["field"] for e in letters[1]["errors"]} or any(
@@ -159,7 +147,7 @@ async def test_committed_offsets_resume_where_the_group_stopped(
         await BatchPublisher(producer).publish(
             topic, [OutRecord(b"acme", encode(e)) for e in events[6:]]
         )
-    rest = await consume_all(settings, topic, 4, group=group)
+    rest = await read_records(settings, topic, 4, group=group)
     assert [decode(r.value)["event_id"] for r in rest] == [e["event_id"] for e in events[6:]]
 
 
@@ -205,7 +193,7 @@ async def test_a_batch_whose_publish_fails_is_handled_again_not_dropped_or_fatal
         assert attempts == 2
         assert publisher.producer is not first  # replaced: a new producer id
         assert health.problem() is None
-    passed = [decode(r.value)["event_id"] for r in await consume_all(settings, output, 5)]
+    passed = [decode(r.value)["event_id"] for r in await read_records(settings, output, 5)]
     assert passed == [e["event_id"] for e in events]
 
 
@@ -235,7 +223,7 @@ async def test_a_producer_whose_sender_died_is_reported_broken_and_replaced(
             publisher=publisher,
         )
         assert sent == 1 and publisher.producer is not broken and publisher.problem() is None
-    assert len(await consume_all(settings, topic, 1)) == 1
+    assert len(await read_records(settings, topic, 1)) == 1
 
 
 async def test_health_says_the_broker_is_away_within_seconds() -> None:
