@@ -16,8 +16,8 @@ from deploy.local.infra import free_port
 from shared.codec import encode
 from shared.kafka import BatchPublisher, OutRecord, create_producer, ensure_topics, started
 from shared.settings import XietongSettings
-from tests.clean.test_app import read_all
 from tests.factories import sales_event
+from tests.kafka_helpers import read_records
 from tests.processes import wait_until_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -58,7 +58,7 @@ async def test_the_service_runs_reports_health_and_metrics_and_stops_on_sigterm(
                 await BatchPublisher(producer).publish(
                     raw, [OutRecord(e["tenant"].encode(), encode(e)) for e in events]
                 )
-            assert len(await read_all(settings, clean, len(events))) == len(events)
+            assert len(await read_records(settings, clean, len(events))) == len(events)
             async with asyncio.timeout(30):  # counted once the batch is committed
                 while True:
                     text = await metrics()
