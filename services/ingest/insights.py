@@ -457,6 +457,8 @@ class InsightRoutes:
     recent_per_partition: int = 10_000
     heartbeat: float = 15.0
     registry_timeout: float = 10.0
+    history_timeout: float = 60.0
+    """How long start-up waits for the cache to read the recent insights before serving."""
     recheck: float = 5.0
     """How often an open stream re-checks, even with no change, that the registry is current."""
     _cache: InsightCache | None = None
@@ -505,6 +507,13 @@ def setup_insight_routes(
         )
         await cache.start()
         try:
+            # Serve once the recent history is loaded: a stream opened while the cache still
+            # reads it would be sent all of it as if new (and a slow client overflow on it).
+            if not await cache.wait_caught_up(state.history_timeout):
+                log.warning(
+                    "insight history still loading; serving meanwhile",
+                    extra={"waited_seconds": state.history_timeout},
+                )
             async with ControlWriter(settings) as writer:
                 state._cache, state._writer = cache, writer
                 yield
