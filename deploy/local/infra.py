@@ -171,11 +171,13 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie child still answers kill(0); treat it as gone.
+    # A zombie child still answers kill(0); treat it as gone, but only once it is its last
+    # thread: a leader that left first (as SeaweedFS's does on SIGTERM) is a zombie while the
+    # process's other threads still run and hold its ports.
     with contextlib.suppress(OSError):
         stat = Path(f"/proc/{pid}/stat").read_text()
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
+            return len(os.listdir(f"/proc/{pid}/task")) > 1
     return True
 
 

@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -191,6 +192,38 @@ async def test_a_tenant_written_before_a_broker_stop_is_there_after_a_start(
             assert registry.tenant("persist-01") == tenant
     finally:
         infra.stop(again)
+
+
+# The main thread leaves with exit(2) (not exit_group) while another thread keeps a port: the
+# leader is then a zombie although the process still runs, as SeaweedFS's was on SIGTERM.
+_MAIN_THREAD_LEAVES_FIRST = """
+import ctypes, socket, sys, threading, time
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+print(listener.getsockname()[1], flush=True)
+threading.Thread(target=lambda: (time.sleep(float(sys.argv[1])), listener.close())).start()
+ctypes.CDLL(None).syscall(60, 0)
+"""
+
+
+def test_a_process_whose_main_thread_has_left_is_alive_until_its_last_thread_has() -> None:
+    # Before: pid_alive took a zombie leader for a finished process, so stop() returned while
+    # SeaweedFS's other threads still held its ports and the next start found them busy.
+    process = subprocess.Popen(
+        [sys.executable, "-c", _MAIN_THREAD_LEAVES_FIRST, "3"], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    port = int(process.stdout.readline())
+    stat = Path(f"/proc/{process.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not infra.port_is_free(port)
+    assert infra.pid_alive(process.pid)
+    process.wait(timeout=30)
+    assert not infra.pid_alive(process.pid)
 
 
 @pytest.mark.integration
