@@ -423,7 +423,8 @@ class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]
         if not ready:
             return
         try:
-            await self.state.rates_caught_up(ready)  # rates as of the records' timestamps
+            # rates as of the records' timestamps (waited for through an outage)
+            await self.state.rates_caught_up(ready, health=self.status.health, stop=stop)
             now_ms = int(time.time() * 1000)
             result = clean_batch(chain.from_iterable(ready.values()), self.state, now_ms)
             self._idle.clear()

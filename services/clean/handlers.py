@@ -64,6 +64,7 @@ one and turning it back into records costs about 10 us per record.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from bisect import bisect_left, bisect_right, insort
@@ -98,7 +99,7 @@ from services.clean.settings import CleanSettings
 from services.clean.store import CarryKey, PartitionStore, WindowKey
 from shared.codec import encode
 from shared.deadletter import ConsumedRecord, dead_letter_record, field_errors, record_dead_letter
-from shared.kafka import OutRecord, partition_of
+from shared.kafka import KafkaHealth, OutRecord, partition_of, retrying
 from shared.rates import FxRates, RatesReader
 
 SERVICE = "clean"
@@ -507,11 +508,23 @@ class CleanState:
         """Convert with ``reader``'s table, waiting for it in :meth:`rates_caught_up`."""
         self.rates_reader, self.rates = reader, reader.table
 
-    async def rates_caught_up(self, batches: Mapping[Any, Sequence[RawRecord]]) -> None:
+    async def rates_caught_up(
+        self,
+        batches: Mapping[Any, Sequence[RawRecord]],
+        *,
+        health: KafkaHealth | None = None,
+        stop: asyncio.Event | None = None,
+        attempt_seconds: float = 30.0,
+    ) -> None:
         """Wait until the rates table holds every rate published before the newest record
         that may need one (a record naming a currency other than CNY; the check is on the raw
         bytes, erring towards waiting), so that which rate an event gets depends on the rates
-        topic and the event's Kafka timestamp only, never on when this hop read either."""
+        topic and the event's Kafka timestamp only, never on when this hop read either.
+
+        While the rates topic cannot be read (the broker away) this waits as long as it takes,
+        saying so every ``attempt_seconds`` through ``health``: a batch in hand is never
+        cleaned with a rate that may be out of date, and the hop does not stop for it. Once
+        ``stop`` is set, the next failed attempt raises (the batch is read again on restart)."""
         reader = self.rates_reader
         if reader is None:
             return
@@ -527,7 +540,12 @@ class CleanState:
                 ):
                     newest = record.timestamp
         if newest > self.rates.synced_ms:
-            await reader.caught_up(newest)
+            await retrying(
+                lambda: reader.caught_up(newest, attempt_seconds),
+                what="reading the exchange rates",
+                health=health,
+                stop=stop,
+            )
 
     def home(self, tenant: str) -> tuple[bytes, int]:
         """(key, partition) a record of ``tenant`` belongs to: the contract's murmur2 of the key."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,12 @@ from schemas.insights import DeadLetter
 from schemas.reference import FxRate
 from schemas.topics import dlq
 from services.clean.app import HopStatus, run_clean
-from services.clean.handlers import REROUTED_HEADER
+from services.clean.handlers import REROUTED_HEADER, CleanRules, CleanState
 from services.clean.settings import CleanSettings, load_clean_settings
 from shared.codec import decode, encode
 from shared.kafka import (
     BatchPublisher,
+    KafkaHealth,
     OutRecord,
     connection_config,
     create_consumer,
@@ -32,7 +35,7 @@ from shared.kafka import (
     partition_of,
     started,
 )
-from shared.rates import demo_rates, publish_rates
+from shared.rates import RatesReader, demo_rates, publish_rates
 from shared.settings import XietongSettings
 from tests.factories import sales_event
 from tests.kafka_helpers import read_records
@@ -631,3 +634,40 @@ async def test_money_stays_exact_and_each_event_gets_the_rate_of_its_date(
     ]
     assert letter.reason == "no EUR rate on or before 2026-11-28"
     assert decode(letter.original)["event_id"] == too_early["event_id"]
+
+
+async def test_a_batch_in_hand_waits_out_unreadable_rates_and_says_so(
+    clean_settings: CleanSettings, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    # Before: a batch naming a foreign currency waited 30 s for the rates topic, then raised,
+    # and clean stopped ("stopping without commit"): an outage with such a batch in hand ended
+    # the service. Now it waits as long as it takes, readiness saying why, then goes on.
+    rates_topic = unique_name("rates")
+    reader = RatesReader(clean_settings, rates_topic)
+    await reader.start()
+    await reader.stop()  # as when the broker is away: the reader can confirm nothing
+    rate = FxRate(currency="EUR", date="2026-11-29", cny_per_unit="7.6512", source="PBOC")  # type: ignore[arg-type]
+    await publish_rates(clean_settings, [rate], rates_topic)
+    state = CleanState(CleanRules.from_settings(clean_settings), tmp_path, partitions=1)
+    state.follow_rates(reader)
+    health = KafkaHealth.of(clean_settings)
+    sale = sales_event("acme", seq=1)
+    sale["payload"]["currency"] = "EUR"
+    record = ConsumerRecord(
+        "raw", 0, 0, int(time.time() * 1000), 0, b"acme", encode(sale), None, 0, 0, []
+    )
+    waiting = asyncio.create_task(
+        state.rates_caught_up({"raw": [record]}, health=health, attempt_seconds=0.2)
+    )
+    try:
+        await asyncio.sleep(2)
+        assert not waiting.done()
+        assert health.trouble is not None
+        await reader.start()  # the broker is back
+        async with asyncio.timeout(30):
+            await waiting
+        assert state.rates.rate_for("EUR", date(2026, 11, 29)) is not None
+    finally:
+        waiting.cancel()
+        await reader.stop()
+        state.close()
