@@ -188,8 +188,9 @@ class TextInsight(Insight):
     )
     entities: list[str] = Field(
         default_factory=list,
-        description="Pseudonyms of the personal data redacted from the text (KIND:<hex>, keyed "
-        "per owner: the same value gives the same pseudonym in all of the owner's insights).",
+        description="Pseudonyms of the personal data redacted from the text (KIND:<hex>), keyed "
+        "per sharing agreement: the same value gives the same pseudonym in every insight read "
+        "under one agreement (the owner's own, or one grant) and another under any other.",
     )
 
 
