@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import heapq
 import logging
+import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -254,6 +256,8 @@ class InsightCache:
         self._subscriptions: set[Subscription] = set()
         self._partitions: list[TopicPartition] = []
         self._progress = asyncio.Event()
+        self._adding = False
+        """True while the tail adds a fetched batch (its positions are already past it)."""
         self._seq = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -294,10 +298,21 @@ class InsightCache:
 
     async def _tail(self) -> None:
         assert self._consumer is not None
+        # One fetch can hold more insights than a stream's queue: offered all at once, they
+        # would fill every open stream's queue before any stream ran, and drop them all as
+        # too slow. So the streams get a turn after each quarter of a queue.
+        chunk = max(1, self.queue_size // 4)
         while True:
             batch = await self._consumer.getmany(timeout_ms=self.settings.kafka_fetch_timeout_ms)
-            for records in batch.values():
-                self.add_records(records)
+            self._adding = True
+            try:
+                for records in batch.values():
+                    for start in range(0, len(records), chunk):
+                        self.add_records(records[start : start + chunk])
+                        if self._subscriptions:
+                            await asyncio.sleep(0)
+            finally:
+                self._adding = False
             self._progress.set()
 
     def add_records(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> None:
@@ -417,12 +432,12 @@ class InsightCache:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 while True:
-                    # The tail task adds a batch right after getmany returns it, with no await
-                    # in between: a position past the end means those records are in the cache.
+                    # Outside of adding a batch, a position past the end means those records
+                    # are in the cache (the tail adds a batch as soon as getmany returns it).
                     behind = [
                         tp for tp, offset in end.items() if await consumer.position(tp) < offset
                     ]
-                    if not behind:
+                    if not behind and not self._adding:
                         return True
                     self._progress.clear()
                     await self._progress.wait()
@@ -678,17 +693,24 @@ async def stream_insights(request: web.Request) -> web.StreamResponse:
                         del used[grant_id]
                         frames.append(sse_event("grant_revoked", encode(grant_view(current, at))))
             if next_item in done:
-                item, next_item = next_item.result(), None
-                if item is None:
-                    reason = (
-                        "too slow: stream dropped" if subscription.overflowed else "shutting down"
-                    )
-                    frames.append(sse_event("end", encode({"reason": reason})))
-                    await response.write(b"".join(frames))
-                    break
-                if wanted.matches(item.insight):
-                    at = now()
-                    grants = registry.grants_to(reader, at)
+                # Everything queued by now, in one turn: the queue holds every tenant's
+                # insights, and one loop turn per item could not keep up with a busy network.
+                items, next_item = [next_item.result()], None
+                while items[-1] is not None and not subscription.queue.empty():
+                    items.append(subscription.queue.get_nowait())
+                at = now()
+                grants = registry.grants_to(reader, at)
+                for item in items:
+                    if item is None:
+                        reason = (
+                            "too slow: stream dropped"
+                            if subscription.overflowed
+                            else "shutting down"
+                        )
+                        frames.append(sse_event("end", encode({"reason": reason})))
+                        break
+                    if not wanted.matches(item.insight):
+                        continue
                     # The rule is evaluated now, at send time, against the live registry.
                     allowing = reading_grants_of(reader, item.insight, grants, at)
                     if allowing is not None:
@@ -698,6 +720,9 @@ async def stream_insights(request: web.Request) -> web.StreamResponse:
                         frames.append(
                             sse_event(item.insight.type, body, str(item.insight.insight_id))
                         )
+                if items[-1] is None:
+                    await response.write(b"".join(frames))
+                    break
             if not frames and loop.time() - last_write >= state.heartbeat:
                 frames.append(b": heartbeat\n\n")
             if frames:
@@ -736,6 +761,21 @@ class ShareRequest(Contract):
         None, description="RFC 3339 with an offset; None: until revoked."
     )
     purpose: str = Field("", max_length=500)
+    preview: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{32}$",
+        description="The `preview` of a `POST /v1/shares/preview` answer: the grant is then the "
+        "one previewed (its id, so the text pseudonyms the grantee reads equal the preview's). "
+        "Each preview grants once.",
+    )
+
+
+def previewed_grant_id(owner: str, preview: str) -> str:
+    """The id of the grant ``owner`` previewed with token ``preview``.
+
+    Derived from the owner, so another tenant who learns a token (or a grant id) can never
+    make a grant of that id: it would need a preimage of the owner's hash."""
+    return hashlib.sha256(f"xietong/grant/{owner}/{preview}".encode()).hexdigest()[:16]
 
 
 async def _until_registry(
@@ -765,8 +805,9 @@ def _audit(action: str, actor: str, grant: Grant) -> None:
     )
 
 
-async def _proposed_grant(request: web.Request, owner: str) -> Grant:
-    """The grant a ``POST /v1/shares`` body asks for (checked; not written), or the 4xx why not.
+async def _proposed_grant(request: web.Request, owner: str, preview: str | None = None) -> Grant:
+    """The grant a ``POST /v1/shares`` body asks for (checked; not written), or the 4xx why not;
+    its id is the previewed one when the body (or, for a preview, ``preview``) names a token.
 
     Whether the grantee exists is not said: the answer would tell any tenant which tenant ids
     the network has. A grant to an id no tenant holds is inert, and stays so if a tenant of that
@@ -789,8 +830,9 @@ async def _proposed_grant(request: web.Request, owner: str) -> Grant:
     at = now()
     if body.expires_at is not None and body.expires_at <= at:
         raise _error(web.HTTPUnprocessableEntity, "expires_at is in the past")
+    token = preview or body.preview
     return Grant(
-        grant_id=new_id(),
+        grant_id=new_id() if token is None else previewed_grant_id(owner, token),
         owner=owner,
         grantee=body.grantee,
         insight_types=sorted(set(body.insight_types)),
@@ -806,6 +848,8 @@ async def create_share(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
     state = request.app[INSIGHTS_KEY]
     grant = await _proposed_grant(request, owner)
+    if grant.grant_id in registry.grants:
+        raise _error(web.HTTPConflict, "this preview has already been granted; preview again")
     await state.writer.put_grant(grant)
     _audit("grant.created", owner, grant)
     await _until_registry(
@@ -821,12 +865,13 @@ async def preview_share(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
     state = request.app[INSIGHTS_KEY]
     limit = _limit_of(request)
-    proposed = await _proposed_grant(request, owner)
+    token = secrets.token_hex(16)
+    proposed = await _proposed_grant(request, owner, token)
     at = proposed.created_at
     # The agreements in force for the grantee plus the proposed one: what the list route would
     # use once it is granted. Computed alike whether the grantee exists or not (the answer must
     # not tell which tenant ids the network has). Pseudonyms (text entities) are keyed by the
-    # grant id, which only the real grant gets: here they are keyed by a provisional one.
+    # grant id: the answer's token makes the grant this id, so they are the grantee's too.
     grants = [*registry.grants_to(proposed.grantee, at)]
     if proposed.active_at(at):
         grants.append(proposed)
@@ -838,7 +883,9 @@ async def preview_share(request: web.Request) -> web.Response:
         for c in found
     ]
     return web.Response(
-        body=b'{"count":%d,"insights":[' % len(found) + b",".join(bodies) + b"]}",
+        body=b'{"count":%d,"preview":"%s","insights":[' % (len(found), token.encode())
+        + b",".join(bodies)
+        + b"]}",
         content_type="application/json",
     )
 
@@ -982,6 +1029,7 @@ def document_routes() -> None:
                                 "type": "object",
                                 "properties": {
                                     "count": {"type": "integer"},
+                                    "preview": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
                                     "insights": {"type": "array", "items": {"type": "object"}},
                                 },
                             }
@@ -1056,6 +1104,7 @@ def document_routes() -> None:
                 "201": {"description": "The grant", **grant_answer},
                 "400": error,
                 "401": error,
+                "409": error,
                 "422": error,
             },
         },
@@ -1067,7 +1116,8 @@ def document_routes() -> None:
             "summary": "What the grantee would read of the caller's insights under a proposed "
             "grant (nothing is granted).",
             "description": "The same rule and cache as GET /v1/insights?owner=<caller> for the "
-            "grantee; a grantee no tenant holds reads nothing.",
+            "grantee; a grantee no tenant holds reads nothing. Send the answer's `preview` with "
+            "POST /v1/shares to grant exactly this (text pseudonyms included).",
             "parameters": [
                 {
                     "name": "limit",
@@ -1093,6 +1143,7 @@ def document_routes() -> None:
                                 "type": "object",
                                 "properties": {
                                     "count": {"type": "integer"},
+                                    "preview": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
                                     "insights": {"type": "array", "items": {"type": "object"}},
                                 },
                             }

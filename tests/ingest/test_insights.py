@@ -542,3 +542,25 @@ async def test_a_gateway_serves_only_once_it_has_read_the_recent_history(
                 async with asyncio.timeout(60):
                     first = await anext(aiter(stream))
             assert first == news
+
+
+@pytest.mark.integration
+async def test_a_burst_of_other_tenants_insights_does_not_drop_an_open_stream(
+    gateway: Gateway,
+) -> None:
+    # Before: the cache offered each fetched batch to every stream's queue without yielding,
+    # so one fetch of more insights than a queue holds (any tenant's, none the reader's)
+    # dropped every open stream as "too slow", however fast its client read.
+    net = gateway.net
+    await gateway.caught_up()
+    ended: list[ServerSentEvent] = []
+    async with gateway.stream(net.a, types=["statistics"], on_notice=ended.append) as stream:
+        burst = [statistics(net.b, metric=f"m{n % 500}", mean=float(n)) for n in range(40_000)]
+        await publish(net.writer.settings, burst)
+        await gateway.caught_up()
+        mine = statistics(net.a, mean=-1.0)
+        await publish(net.writer.settings, [mine])
+        async with asyncio.timeout(60):
+            first = await anext(aiter(stream))
+    assert first == mine
+    assert [e.event for e in ended] == []
