@@ -433,10 +433,16 @@
     return body;
   }
 
+  // The last preview's token and the form it was asked for: granting that same form sends the
+  // token, so the grant is the one previewed (its text pseudonyms are the ones shown).
+  let previewed = null;
+
   async function preview() {
     $("share-error").textContent = "";
     try {
-      const answer = await api("/v1/shares/preview?limit=1000", { method: "POST", body: JSON.stringify(grantFromForm()) });
+      const proposal = JSON.stringify(grantFromForm());
+      const answer = await api("/v1/shares/preview?limit=1000", { method: "POST", body: proposal });
+      previewed = { proposal, token: answer.preview };
       $("preview-count").textContent = String(answer.count);
       $("preview").querySelector("tbody").replaceChildren(...answer.insights.map(insightRow));
       $("preview").hidden = false;
@@ -450,7 +456,10 @@
     event.preventDefault();
     $("share-error").textContent = "";
     try {
-      await api("/v1/shares", { method: "POST", body: JSON.stringify(grantFromForm()) });
+      const proposal = grantFromForm();
+      if (previewed && previewed.proposal === JSON.stringify(proposal)) proposal.preview = previewed.token;
+      await api("/v1/shares", { method: "POST", body: JSON.stringify(proposal) });
+      previewed = null;
       notice(`Granted ${$("grantee").value.trim()}.`);
       await loadShares();
     } catch (error) {

@@ -182,24 +182,54 @@ async def test_operator_lag_is_end_minus_committed(platform: Platform) -> None:
 def test_preview_route_equals_the_grantees_list_after_the_grant(
     platform: Platform, firms: Firms
 ) -> None:
+    # A text insight's pseudonyms are keyed by the grant it is read under. Before: the preview
+    # keyed them by a provisional id and the grant got another, so they differed.
+    redacted = TextInsight(
+        tenant=firms.a,
+        provenance=daily(0),
+        document_event_id=uuid.uuid4(),
+        language="zh",
+        label="delay",
+        kind="supplier_note",
+        entities=["PHONE:" + "ab" * 10, "NAME:" + "cd" * 10],
+    )
     asyncio.run(
         publish(
             platform.settings,
-            [*year_of_statistics(firms.a, ["sales.amount_cny"], 3), prediction(firms.a, "9")],
+            [
+                *year_of_statistics(firms.a, ["sales.amount_cny"], 3),
+                prediction(firms.a, "9"),
+                redacted,
+            ],
         )
     )
-    wait_listed(platform, firms.keys[firms.a], firms.a, 4)
-    proposal = {"grantee": firms.bank, "insight_types": ["prediction"], "purpose": "credit"}
+    wait_listed(platform, firms.keys[firms.a], firms.a, 5)
+    proposal = {
+        "grantee": firms.bank,
+        "insight_types": ["prediction", "text_insight"],
+        "purpose": "credit",
+    }
     status, _, body = platform.http("POST", "/v1/shares/preview", firms.keys[firms.a], proposal)
     assert status == 200, body
     preview = json.loads(body)
-    assert [i["type"] for i in preview["insights"]] == ["prediction"]
+    token = preview.pop("preview")
+    assert sorted(i["type"] for i in preview["insights"]) == ["prediction", "text_insight"]
+    (shown,) = [i for i in preview["insights"] if i["type"] == "text_insight"]
+    assert len(shown["entities"]) == 2 and set(shown["entities"]).isdisjoint(redacted.entities)
     # nothing was granted by previewing
     assert platform.get_json(f"/v1/insights?owner={firms.a}", firms.keys[firms.bank])["count"] == 0
-    status, _, _ = platform.http("POST", "/v1/shares", firms.keys[firms.a], proposal)
+    # another tenant holding the token grants nothing in a's name (the id is a's alone)
+    rival = {**proposal, "grantee": firms.b, "preview": token}
+    assert platform.http("POST", "/v1/shares", firms.keys[firms.bank], rival)[0] == 201
+    status, _, _ = platform.http(
+        "POST", "/v1/shares", firms.keys[firms.a], {**proposal, "preview": token}
+    )
     assert status == 201
     seen = platform.get_json(f"/v1/insights?owner={firms.a}", firms.keys[firms.bank])
     assert seen == preview
+    # a preview grants once
+    again = platform.http("POST", "/v1/shares", firms.keys[firms.a], {**proposal, "preview": token})
+    assert again[0] == 409
     # the same answer shape for an id no tenant holds (existence is not told)
     status, _, _ = platform.http(
         "POST", "/v1/shares/preview", firms.keys[firms.a], {**proposal, "grantee": "nobody1234"}
