@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from bench import hops, ml, nlp, ours, pipeline
+from bench import hops, ml, nlp, ours, pipeline, storage
 from bench.probe import FirstFetch, wait_for_output
 from bench.results import ROW_KEYS, Row, Side, environment, paired, results_document, table
 from bench.workload import create_topics, make_events, prefill, to_records, unique_topic
@@ -48,12 +48,14 @@ class Options:
     """Events in one HTTP request body (R2, R4)."""
     timeout: float = 180.0
     """Longest wait for one drain before the row is reported as an error."""
+    file_mib: int = 32
+    """Size of the file uploaded and downloaded through the storage API (S2)."""
     output: Path | None = RESULTS
     command: str = "python -m bench"
 
     @classmethod
     def quick(cls, **overrides: Any) -> Options:
-        return replace(cls(events=3000, repeats=2, warmup=1), **overrides)
+        return replace(cls(events=3000, repeats=2, warmup=1, file_mib=8), **overrides)
 
 
 @dataclass
@@ -298,6 +300,7 @@ async def run_rows(settings: XietongSettings, options: Options, say: Progress) -
     rows += await pipeline.pipeline_rows(settings, options, say)
     rows += await ml.ml_rows(settings, options, say)
     rows += await nlp.nlp_rows(settings, options, say)
+    rows += await storage.storage_rows(settings, options, say)
     by_key = {row.key: row for row in rows}
     missing = [key for key in ROW_KEYS if key not in by_key]
     if missing:

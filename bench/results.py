@@ -45,6 +45,10 @@ ROW_KEYS = (
     "nlp.single",
     "nlp.redact",
     "nlp.kafka",
+    "S1.archive",
+    "S2.upload",
+    "S2.download",
+    "S3.replay",
 )
 """Every row the harness reports, in table order."""
 

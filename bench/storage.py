@@ -1,18 +1,27 @@
-"""``python -m bench.storage``: the storage service against plain aioboto3 and aiokafka, same run.
+"""The storage rows of ``python -m bench``: the storage service against plain aioboto3 and aiokafka.
 
-Starts a fresh Kafka broker (unless ``XIETONG_BENCH_KAFKA_BOOTSTRAP``) and two SeaweedFS
-servers (public, private), then measures, A and B alternating per repeat:
+On the run's broker and two SeaweedFS servers (public and private store) started for these rows
+and stopped afterwards; A and B alternate their order from one repeat to the next, after the
+warm-up rounds, with fresh data every repeat:
 
-- **S1 archive MB/s**: the archive's write path (``describe`` -> segments -> ``plan_segment``:
-  Parquet + manifest, placement -> ``put_object`` of object and manifest) over clean events in
-  memory, against plain aioboto3 ``put_object`` of the same record bytes in the same number of
-  objects to the same store. Target >= 0.7.
-- **S2 upload / download MB/s**: a 32 MiB file through the storage API (HTTP ``PATCH`` streamed
-  into multipart parts, ``complete`` with its sha256 check; ``GET`` streamed back), against plain
-  aioboto3 ``put_object`` / ``get_object`` of the same bytes. Target >= 0.7.
-- **S3 replay records/s**: ``services.storage.replay.replay`` of an archived topic (every object
-  checked against its manifest, then produced per partition) against a plain ``AIOKafkaProducer``
-  sending the same records (``send`` without awaiting each, then ``flush``). Target >= 0.5.
+- **S1.archive** (MB/s of record bytes): the archive's write path over clean events in memory
+  (``describe`` -> segments -> ``plan_segment``: Parquet + zstd, manifest, placement ->
+  ``put_object`` of each object and then its manifest), against plain aioboto3 ``put_object``
+  of the same record bytes in as many objects to the same store. Target >= 0.7.
+- **S2.upload / S2.download** (MB/s): a file of ``Options.file_mib`` through the partner API of
+  ``python -m services.storage``, run as a child process like the services of R2 and R4
+  (``POST`` an upload, one streamed ``PATCH`` cut into multipart parts, ``complete`` with its
+  sha256 check; ``GET`` streamed back), against plain aioboto3 ``put_object`` / ``get_object``
+  of the same bytes in the store the service chose. Target >= 0.7 each.
+- **S3.replay** (records/s): :func:`services.storage.replay.replay` of a topic archived just
+  before, outside the clock (every object checked against its manifest, then produced per
+  partition), against a plain ``AIOKafkaProducer`` with the same settings sending the same
+  records to the same partitions (``send`` without awaiting each delivery, then one ``flush``).
+  ``replay`` starts and stops its own producer, so the plain side's start and stop (a few ms)
+  are inside its clock too. Target >= 0.5.
+
+A row that fails says ``error`` with the reason; the other rows go on. ``python -m bench.storage``
+measures only these rows (on a broker of its own unless ``XIETONG_BENCH_KAFKA_BOOTSTRAP``).
 """
 
 from __future__ import annotations
@@ -21,314 +30,559 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from aiohttp import web
+from aiokafka.partitioner import DefaultPartitioner
 
-from bench.workload import make_events
-from schemas.control import Tenant
+from bench.results import Row, Side, paired
+from bench.workload import create_topics, make_events, unique_topic
 from shared.codec import encode
-from shared.control import ControlWriter, issue_api_key, new_id
-from shared.kafka import BatchPublisher, OutRecord, create_producer, ensure_topics, started
+from shared.kafka import BatchPublisher, OutRecord, create_producer, started
+from shared.settings import XietongSettings
+
+if TYPE_CHECKING:
+    from bench.harness import Options, Progress
+    from bench.processes import Child
+    from services.storage.settings import StorageSettings
+    from services.storage.stores import Store
+
+log = logging.getLogger("bench")
+
+GROUPS = {
+    "S1": ("S1.archive",),
+    "S2": ("S2.upload", "S2.download"),
+    "S3": ("S3.replay",),
+}
+"""What one measurement makes: a group's rows share their repeats (and their failure)."""
+
+FILE_LABELS = {"sensitivity": "confidential", "kind": "drawing"}
+
+Pairs = dict[str, tuple[float, float]]
+"""Row key -> (ours, plain) of one repeat, in the row's unit (MB/s, records/s)."""
+
+MB = 1e6
+
+
+def empty_rows(options: Options) -> dict[str, Row]:
+    size = f"{options.file_mib} MiB"
+    return {
+        "S1.archive": Row(
+            "S1.archive",
+            "archive write path (describe, segment, Parquet+zstd, manifest, put_object) / "
+            "plain put_object of the same bytes, same object count (MB/s)",
+            target=">= 0.7",
+            events=options.events,
+        ),
+        "S2.upload": Row(
+            "S2.upload",
+            f"file upload through the storage API / aioboto3 put_object, {size} (MB/s)",
+            target=">= 0.7",
+            events=options.events,
+        ),
+        "S2.download": Row(
+            "S2.download",
+            f"file download through the storage API / aioboto3 get_object, {size} (MB/s)",
+            target=">= 0.7",
+            events=options.events,
+        ),
+        "S3.replay": Row(
+            "S3.replay",
+            "replay of an archived topic / plain AIOKafkaProducer send + flush (records/s)",
+            target=">= 0.5",
+            events=options.events,
+        ),
+    }
+
+
+# --------------------------------------------------------------------------- the stores
 
 
 @contextlib.asynccontextmanager
-async def infrastructure() -> AsyncIterator[Any]:
+async def storage_stage(
+    settings: XietongSettings, options: Options, temp: Path, say: Progress
+) -> AsyncIterator[StorageSettings]:
+    """Two fresh SeaweedFS servers (public, private); the storage settings that name them and
+    the run's broker. Both servers are stopped when the block ends."""
     from deploy.local import infra
     from services.storage.settings import load_storage_settings
 
-    temp = Path(tempfile.mkdtemp(prefix="xietong-bench-storage-"))
-    started_kafka = None
-    bootstrap = os.environ.get("XIETONG_BENCH_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        started_kafka = infra.start_kafka(data_dir=temp / "kafka")
-        bootstrap = started_kafka.bootstrap_servers
-    public = infra.start_seaweedfs(data_dir=temp / "public")
-    private = infra.start_seaweedfs(data_dir=temp / "private")
-    try:
+    say("storage: starting two SeaweedFS servers (public and private store)")
+    async with contextlib.AsyncExitStack() as stack:
+        servers = []
+        for name in ("public", "private"):
+            server = await asyncio.to_thread(infra.start_seaweedfs, data_dir=temp / name)
+            stack.callback(infra.stop, server)
+            servers.append(server)
+        public, private = servers
         suffix = uuid.uuid4().hex[:8]
         yield load_storage_settings(
-            kafka_bootstrap_servers=bootstrap,
-            kafka_partitions=3,
-            log_level="WARNING",
-            log_format="text",
-            state_dir=str(temp / "state"),
-            network_secret="bench-secret",
-            s3_endpoint_url=public.endpoint_url,
-            s3_access_key_id=public.access_key_id,
-            s3_secret_access_key=public.secret_access_key,
-            storage_private_s3_endpoint_url=private.endpoint_url,
-            storage_private_s3_access_key_id=private.access_key_id,
-            storage_private_s3_secret_access_key=private.secret_access_key,
-            storage_public_bucket=f"bench-pub-{suffix}",
-            storage_private_bucket=f"bench-priv-{suffix}",
-            storage_default_residency="any",
-            storage_archive=False,
-            storage_group_id=f"bench-storage-{suffix}",
+            **{
+                **settings.model_dump(),
+                "kafka_partitions": options.partitions,
+                "state_dir": str(temp / "state"),
+                "network_secret": "bench-network-secret-of-enough-length",
+                "s3_endpoint_url": public.endpoint_url,
+                "s3_access_key_id": public.access_key_id,
+                "s3_secret_access_key": public.secret_access_key,
+                "storage_private_s3_endpoint_url": private.endpoint_url,
+                "storage_private_s3_access_key_id": private.access_key_id,
+                "storage_private_s3_secret_access_key": private.secret_access_key,
+                "storage_public_bucket": f"bench-pub-{suffix}",
+                "storage_private_bucket": f"bench-priv-{suffix}",
+                "storage_default_residency": "any",
+                "storage_archive": False,
+                "storage_group_id": f"bench-storage-{suffix}",
+            }
         )
+
+
+@dataclass(frozen=True)
+class Service:
+    url: str
+    key: str
+    """A tenant's API key."""
+    child: Child
+
+
+@contextlib.asynccontextmanager
+async def storage_service(
+    storage: StorageSettings, options: Options, temp: Path, say: Progress
+) -> AsyncIterator[Service]:
+    """``python -m services.storage`` (no archive loop) as a child process, and a tenant key it
+    accepts; stopped when the block ends."""
+    from bench.pipeline import start_service
+    from schemas.control import Tenant
+    from shared.control import ControlWriter, issue_api_key, new_id
+
+    tenant = f"bench{new_id()}"
+    async with ControlWriter(storage) as writer:
+        await writer.put_tenant(
+            Tenant(tenant=tenant, name=tenant, created_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+        key, record = issue_api_key(tenant)
+        await writer.put_key(record)
+    secret = storage.storage_private_s3_secret_access_key
+    fields = {
+        "s3_endpoint_url": storage.s3_endpoint_url or "",
+        "s3_access_key_id": _secret(storage.s3_access_key_id),
+        "s3_secret_access_key": _secret(storage.s3_secret_access_key),
+        "storage_private_s3_endpoint_url": storage.storage_private_s3_endpoint_url or "",
+        "storage_private_s3_access_key_id": _secret(storage.storage_private_s3_access_key_id),
+        "storage_private_s3_secret_access_key": _secret(secret),
+        "storage_public_bucket": storage.storage_public_bucket,
+        "storage_private_bucket": storage.storage_private_bucket,
+        "storage_default_residency": storage.storage_default_residency,
+        "storage_archive": "false",
+        "storage_group_id": storage.storage_group_id,
+    }
+    say("storage: starting python -m services.storage")
+    child, port = start_service("storage", storage, temp / "service", **fields)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await _until_it_answers(child, url, key, options.timeout)
+        yield Service(url, key, child)
     finally:
-        infra.stop(public)
-        infra.stop(private)
-        if started_kafka is not None:
-            infra.stop(started_kafka)
-        shutil.rmtree(temp, ignore_errors=True)
+        child.stop()
 
 
-def clean_values(count: int) -> list[tuple[bytes, bytes]]:
-    """``(key, value)`` of clean-event-shaped records (the bench's sales events)."""
+def _secret(value: Any) -> str:
+    return "" if value is None else str(value.get_secret_value())
+
+
+async def _until_it_answers(child: Child, url: str, key: str, timeout: float) -> None:
+    """Until the service's catalog answers 200 to the key (its registry has read the key)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if not child.alive():
+                raise RuntimeError(f"the storage service exited:\n{child.tail()}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"{url}/v1/catalog", headers=headers) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.3)
+    raise RuntimeError(f"the storage service did not answer in {timeout:.0f}s:\n{child.tail()}")
+
+
+# --------------------------------------------------------------------------- S1
+
+
+def clean_values(count: int) -> tuple[list[tuple[bytes, bytes]], int]:
+    """``(key, value)`` of clean-event-shaped records (the bench's sales events, fresh ids), and
+    how many ``(tenant, date)`` groups, so archive objects, they make."""
     out = []
+    groups = set()
     for event in make_events(count):
         event = {**event, "metrics": {"sales.amount_cny": 1.0}, "quality": {}}
         out.append((event["tenant"].encode(), encode(event)))
-    return out
+        groups.add((event["tenant"], event["occurred_at"][:10]))
+    return out, len(groups)
 
 
-async def archive_pair(settings: Any, stores: Any, count: int) -> tuple[float, float]:
+async def archive_pair(
+    storage: StorageSettings, stores: dict[str, Store], count: int, round_no: int
+) -> Pairs:
+    """S1 for one repeat: ours and plain, in the order of the round."""
     from services.storage.archive import labeller_of
     from services.storage.handlers import plan_segment
-    from services.storage.objects import manifest_key
+    from services.storage.objects import Manifest, manifest_key
     from services.storage.placement import Policy
     from services.storage.segments import PartitionSegments, describe
 
-    values = clean_values(count)
+    values, groups = clean_values(count)
     total = sum(len(v) for _, v in values)
-    policy = Policy.load(settings.storage_policy_file)
-    labeller = labeller_of(settings)
+    policy = Policy.load(storage.storage_policy_file)
+    labeller = labeller_of(storage)
     topic = f"bench.archive.{uuid.uuid4().hex[:8]}"
+    first = describe(0, 0, *values[0])  # the plain side writes where the archive does
+    placed = policy.decide(labeller.labels(first.tenant, first.kind, first.visibility)).store
 
-    started_at = time.perf_counter()
-    state = PartitionSegments(topic, 0, max_bytes=10**12, max_seconds=1e9, late_max_seconds=1e9)
-    for offset, (key, value) in enumerate(values):
-        state.add(describe(offset, 0, key, value), 0.0)
-    segments = state.due(0.0, everything=True)
-    plans = await asyncio.gather(
-        *(asyncio.to_thread(plan_segment, s, policy, labeller, datetime.now(UTC)) for s in segments)
-    )
-    objects = [o for plan in plans for o in plan.objects]
+    async def ours() -> float:
+        began = time.perf_counter()
+        state = PartitionSegments(topic, 0, max_bytes=10**12, max_seconds=1e9, late_max_seconds=1e9)
+        for offset, (key, value) in enumerate(values):
+            state.add(describe(offset, 0, key, value), 0.0)
+        segments = state.due(0.0, everything=True)
+        written_at = datetime.now(UTC)
+        plans = await asyncio.gather(
+            *(asyncio.to_thread(plan_segment, s, policy, labeller, written_at) for s in segments)
+        )
+        objects = [o for plan in plans for o in plan.objects]
 
-    async def put(store_name: str, data: bytes, manifest: Any) -> None:
-        store = stores[store_name]
-        await store.put(manifest.key, data)
-        await store.put(manifest_key(manifest.key), encode(manifest))
+        async def put(store_name: str, data: bytes, manifest: Manifest) -> None:
+            store = stores[store_name]
+            await store.put(manifest.key, data)
+            await store.put(manifest_key(manifest.key), encode(manifest))
 
-    await asyncio.gather(*(put(*o) for o in objects))
-    ours = total / (time.perf_counter() - started_at)
+        await asyncio.gather(*(put(*o) for o in objects))
+        seconds = time.perf_counter() - began
+        if len(objects) != groups or {o[0] for o in objects} != {placed}:
+            raise RuntimeError(f"{len(objects)} archive objects, {groups} in {placed} expected")
+        return total / seconds / MB
 
-    # plain put_object of the same bytes in as many objects, to the same store
-    chunk = max(1, len(values) // max(1, len(objects)))
-    bodies = [b"\n".join(v for _, v in values[i : i + chunk]) for i in range(0, len(values), chunk)]
-    store = stores["public"]
-    started_at = time.perf_counter()
-    await asyncio.gather(*(store.put(f"raw/{topic}/{n}", body) for n, body in enumerate(bodies)))
-    raw = total / (time.perf_counter() - started_at)
-    return ours, raw
+    async def plain() -> float:
+        # the same bytes in as many objects as the archive writes (one per tenant and date)
+        per = -(-len(values) // groups)
+        bodies = [b"\n".join(v for _, v in values[i : i + per]) for i in range(0, len(values), per)]
+        store, prefix = stores[placed], f"raw/{topic}"
+        began = time.perf_counter()
+        await asyncio.gather(*(store.put(f"{prefix}/{n}", body) for n, body in enumerate(bodies)))
+        return total / (time.perf_counter() - began) / MB
+
+    return {"S1.archive": await in_turn(round_no, ours, plain)}
+
+
+# --------------------------------------------------------------------------- S2
+
+
+@dataclass
+class FilePlacement:
+    store: str | None = None
+    """The store the service put the file in (learnt on the first upload)."""
 
 
 async def transfer_pair(
-    settings: Any, stores: Any, url: str, key: str, size: int
-) -> tuple[float, float, float, float]:
+    stores: dict[str, Store], service: Service, size: int, placed: FilePlacement, round_no: int
+) -> Pairs:
+    """S2 for one repeat: upload then download, ours and plain in turn (ours first on even
+    rounds, so the first round learns the store the service picks)."""
     data = os.urandom(size)
     digest = hashlib.sha256(data).hexdigest()
-    headers = {"Authorization": f"Bearer {key}"}
+    headers = {"Authorization": f"Bearer {service.key}"}
+    url = service.url
+    rates: dict[str, float] = {}
     async with aiohttp.ClientSession() as http:
-        started_at = time.perf_counter()
-        async with http.post(
-            url + "/v1/files/uploads",
-            headers=headers,
-            json={
-                "name": "bench.bin",
-                "size": size,
-                "sha256": digest,
-                "labels": {"sensitivity": "confidential", "kind": "drawing"},
-            },
-        ) as response:
-            upload = await response.json()
-        upload_id = upload["upload_id"]
-        async with http.patch(
-            f"{url}/v1/files/uploads/{upload_id}",
-            headers={**headers, "Upload-Offset": "0"},
-            data=data,
-        ) as response:
-            assert response.status == 200, await response.text()
-        async with http.post(
-            f"{url}/v1/files/uploads/{upload_id}/complete", headers=headers
-        ) as response:
-            stored = await response.json()
-            assert response.status == 201, stored
-        up = size / (time.perf_counter() - started_at)
-        started_at = time.perf_counter()
-        hasher = hashlib.sha256()
-        async with http.get(f"{url}/v1/files/{stored['file_id']}", headers=headers) as response:
-            async for chunk in response.content.iter_chunked(1 << 20):
-                hasher.update(chunk)
-        down = size / (time.perf_counter() - started_at)
-        assert hasher.hexdigest() == digest
-    store = stores["private"]
-    name = f"raw/{uuid.uuid4().hex}"
-    started_at = time.perf_counter()
-    await store.put(name, data)
-    raw_up = size / (time.perf_counter() - started_at)
-    started_at = time.perf_counter()
-    got = await store.get(name)
-    raw_down = size / (time.perf_counter() - started_at)
-    assert len(got) == size
-    return up, raw_up, down, raw_down
+
+        async def ours() -> None:
+            began = time.perf_counter()
+            async with http.post(
+                f"{url}/v1/files/uploads",
+                headers=headers,
+                json={"name": "bench.bin", "size": size, "sha256": digest, "labels": FILE_LABELS},
+            ) as response:
+                upload = await response.json()
+                if response.status != 201:
+                    raise RuntimeError(f"upload refused: {response.status} {upload}")
+            async with http.patch(
+                f"{url}/v1/files/uploads/{upload['upload_id']}",
+                headers={**headers, "Upload-Offset": "0"},
+                data=data,
+            ) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"PATCH: {response.status} {await response.text()}")
+            async with http.post(
+                f"{url}/v1/files/uploads/{upload['upload_id']}/complete", headers=headers
+            ) as response:
+                stored = await response.json()
+                if response.status != 201:
+                    raise RuntimeError(f"complete: {response.status} {stored}")
+            rates["up"] = size / (time.perf_counter() - began) / MB
+            placed.store = stored["store"]
+            began = time.perf_counter()
+            hasher = hashlib.sha256()
+            async with http.get(f"{url}/v1/files/{stored['file_id']}", headers=headers) as got:
+                if got.status != 200:
+                    raise RuntimeError(f"GET: {got.status} {await got.text()}")
+                async for chunk in got.content.iter_chunked(1 << 20):
+                    hasher.update(chunk)
+            rates["down"] = size / (time.perf_counter() - began) / MB
+            if hasher.hexdigest() != digest:
+                raise RuntimeError("the file read back differs from the one uploaded")
+
+        async def plain() -> None:
+            if placed.store is None:
+                raise RuntimeError("the service's store is not known yet")
+            store, name = stores[placed.store], f"raw/{uuid.uuid4().hex}"
+            began = time.perf_counter()
+            await store.put(name, data)
+            rates["raw_up"] = size / (time.perf_counter() - began) / MB
+            began = time.perf_counter()
+            got = await store.get(name)
+            rates["raw_down"] = size / (time.perf_counter() - began) / MB
+            if len(got) != size:
+                raise RuntimeError(f"get_object returned {len(got)} bytes of {size}")
+            await store.delete(name)
+
+        for side in (ours, plain) if round_no % 2 == 0 else (plain, ours):
+            await side()
+    return {
+        "S2.upload": (rates["up"], rates["raw_up"]),
+        "S2.download": (rates["down"], rates["raw_down"]),
+    }
 
 
-async def replay_pair(settings: Any, stores: Any, count: int) -> tuple[float, float]:
-    from services.storage.placement import Policy
-    from services.storage.replay import replay
+# --------------------------------------------------------------------------- S3
 
-    source = f"bench.replay-src.{uuid.uuid4().hex[:8]}"
-    await ensure_topics(settings, [source], partitions=3)
-    values = clean_values(count)
-    async with started(create_producer(settings)) as producer:
-        await BatchPublisher(producer).publish(source, [OutRecord(k, v) for k, v in values])
-    # archive the source once (the archive loop until every record is in an object)
+
+async def archived_topic(
+    storage: StorageSettings, stores: dict[str, Store], count: int, timeout: float
+) -> tuple[str, list[tuple[bytes, bytes]]]:
+    """A fresh topic of ``count`` clean events, archived by the archive loop until every record
+    is in an object (outside the clock)."""
     from services.storage.archive import run_archive
+    from services.storage.placement import Policy
+    from services.storage.reader import ArchiveReader
 
-    stop = asyncio.Event()
-    archive_settings = settings.model_copy(
+    source = unique_topic("storage-replay-src")
+    await create_topics(storage, [source], partitions=storage.kafka_partitions, append_time=False)
+    values, _ = clean_values(count)
+    archive_settings = storage.model_copy(
         update={"storage_segment_max_seconds": 0.5, "storage_flush_check_seconds": 0.1}
     )
-    async with started(create_producer(settings)) as producer:
+    stop = asyncio.Event()
+    async with started(create_producer(storage)) as producer:
+        publisher = BatchPublisher(producer)
+        await publisher.publish(source, [OutRecord(k, v) for k, v in values])
         task = asyncio.create_task(
             run_archive(
                 archive_settings,
                 stores,
-                Policy.load(settings.storage_policy_file),
+                Policy.load(storage.storage_policy_file),
                 stop,
                 topics=[source],
-                publisher=BatchPublisher(producer),
+                group_id=f"bench-archive-{uuid.uuid4().hex[:8]}",
+                publisher=publisher,
             )
         )
-        from services.storage.reader import ArchiveReader
-
         reader = ArchiveReader(stores)
-        async with asyncio.timeout(120):
-            while (  # noqa: ASYNC110 - polling the object store
-                sum(f.manifest.record_count for f in await reader.all_manifests(source)) < count
-            ):
-                await asyncio.sleep(0.5)
-        stop.set()
-        await task
-    target = f"bench.replay-dst.{uuid.uuid4().hex[:8]}"
-    await ensure_topics(settings, [target], partitions=3)  # both sides start with a topic
-    started_at = time.perf_counter()
-    report = await replay(settings, stores, topic=source, target=target, start=None, end=None)
-    ours = report.records / (time.perf_counter() - started_at)
-    plain = f"bench.replay-raw.{uuid.uuid4().hex[:8]}"
-    await ensure_topics(settings, [plain], partitions=3)
-    async with started(
-        create_producer(settings, linger_ms=5, max_batch_size=256 * 1024)
-    ) as producer:
-        started_at = time.perf_counter()
-        for k, v in values:
-            await producer.send(plain, v, key=k)
-        await producer.flush()
-        raw = count / (time.perf_counter() - started_at)
-    return ours, raw
-
-
-async def main(repeats: int, events: int, file_mb: int) -> dict[str, Any]:
-    from services.storage.app import create_app
-    from services.storage.stores import open_stores
-
-    async with infrastructure() as settings:
-        tenant = f"bench{new_id()}"
-        async with ControlWriter(settings) as writer:
-            await writer.put_tenant(
-                Tenant(
-                    tenant=tenant, name=tenant, created_at=datetime.now(UTC) - timedelta(seconds=1)
-                )
-            )
-            key, record = issue_api_key(tenant)
-            await writer.put_key(record)
-        app = create_app(settings)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        from deploy.local.infra import free_port
-
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        url = f"http://127.0.0.1:{port}"
-        samples: dict[str, list[float]] = {
-            k: []
-            for k in (
-                "archive",
-                "archive.raw",
-                "up",
-                "up.raw",
-                "down",
-                "down.raw",
-                "replay",
-                "replay.raw",
-            )
-        }
         try:
-            async with asyncio.timeout(60):
-                while True:
-                    async with (
-                        aiohttp.ClientSession() as http,
-                        http.get(
-                            url + "/v1/catalog", headers={"Authorization": f"Bearer {key}"}
-                        ) as response,
-                    ):
-                        if response.status == 200:
-                            break
-                    await asyncio.sleep(0.5)
-            async with open_stores(settings) as stores:
-                for round_no in range(repeats + 1):
-                    a, b = await archive_pair(settings, stores, events)
-                    up, raw_up, down, raw_down = await transfer_pair(
-                        settings, stores, url, key, file_mb * 1024 * 1024
-                    )
-                    r, rr = await replay_pair(settings, stores, events)
-                    print(
-                        f"round {round_no}{' (warm-up)' if round_no == 0 else ''}: "
-                        f"archive {a / 1e6:.1f} / {b / 1e6:.1f} MB/s, "
-                        f"upload {up / 1e6:.1f} / {raw_up / 1e6:.1f}, "
-                        f"download {down / 1e6:.1f} / {raw_down / 1e6:.1f}, "
-                        f"replay {r:,.0f} / {rr:,.0f} rec/s",
-                        flush=True,
-                    )
-                    if round_no:
-                        for name, value in zip(
-                            samples, (a, b, up, raw_up, down, raw_down, r, rr), strict=True
-                        ):
-                            samples[name].append(value)
+            async with asyncio.timeout(timeout):
+                while (  # polling the object store: no event says "archived"
+                    sum(f.manifest.record_count for f in await reader.all_manifests(source)) < count
+                ):
+                    if task.done():
+                        raise RuntimeError(f"the archive loop ended: {task.exception()!r}")
+                    await asyncio.sleep(0.3)
         finally:
-            await runner.cleanup()
+            stop.set()
+            await task
+    return source, values
 
-    def ratio(name: str) -> float:
-        return statistics.median(
-            x / y for x, y in zip(samples[name], samples[f"{name}.raw"], strict=True)
+
+async def replay_pair(
+    storage: StorageSettings, stores: dict[str, Store], count: int, timeout: float, round_no: int
+) -> Pairs:
+    """S3 for one repeat: ours and plain, each into a fresh topic of the same partitions."""
+    from services.storage.replay import replay
+
+    source, values = await archived_topic(storage, stores, count, timeout)
+    targets = unique_topic("storage-replay-ours"), unique_topic("storage-replay-plain")
+    await create_topics(storage, targets, partitions=storage.kafka_partitions, append_time=False)
+
+    async def ours() -> float:
+        began = time.perf_counter()
+        report = await replay(
+            storage, stores, topic=source, target=targets[0], start=None, end=None
         )
+        seconds = time.perf_counter() - began
+        if report.records != count:
+            raise RuntimeError(f"replay sent {report.records} records of {count}")
+        return count / seconds
 
-    result = {n: ratio(n) for n in ("archive", "up", "down", "replay")}
-    print(
-        f"S1 archive / put_object  {result['archive']:.2f} (target >= 0.7)\n"
-        f"S2 upload / put_object   {result['up']:.2f} (target >= 0.7)\n"
-        f"S2 download / get_object {result['down']:.2f} (target >= 0.7)\n"
-        f"S3 replay / aiokafka     {result['replay']:.2f} (target >= 0.5)"
+    # Replay knows each record's partition; so does the plain side (no key hashing in its clock).
+    numbers = list(range(storage.kafka_partitions))
+    partitioner = DefaultPartitioner()
+    partitions = [partitioner(key, numbers, numbers) for key, _ in values]
+
+    async def plain() -> float:
+        began = time.perf_counter()
+        async with started(create_producer(storage)) as producer:
+            for (key, value), partition in zip(values, partitions, strict=True):
+                # queued, delivery not awaited: all of them are awaited by flush()
+                await producer.send(targets[1], value, key=key, partition=partition)
+            await producer.flush()
+        return count / (time.perf_counter() - began)
+
+    return {"S3.replay": await in_turn(round_no, ours, plain)}
+
+
+# --------------------------------------------------------------------------- the rows
+
+
+async def in_turn(
+    round_no: int, ours: Callable[[], Awaitable[float]], plain: Callable[[], Awaitable[float]]
+) -> tuple[float, float]:
+    """``(ours, plain)``, ours run first on even rounds and second on odd ones."""
+    if round_no % 2 == 0:
+        first = await ours()
+        return first, await plain()
+    second = await plain()
+    return await ours(), second
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+async def storage_rows(settings: XietongSettings, options: Options, say: Progress) -> list[Row]:
+    """S1.archive, S2.upload, S2.download, S3.replay; a group that fails says so, the others go
+    on. The SeaweedFS servers and the service are stopped whatever happens."""
+    rows = empty_rows(options)
+    samples: dict[str, tuple[list[float], list[float]]] = {key: ([], []) for key in rows}
+    failed: dict[str, str] = {}
+    temp = Path(tempfile.mkdtemp(prefix="xietong-bench-storage-"))
+    measured = False
+    try:
+        from services.storage.stores import open_stores
+
+        async with contextlib.AsyncExitStack() as stack:
+            storage = await stack.enter_async_context(storage_stage(settings, options, temp, say))
+            stores = await stack.enter_async_context(open_stores(storage))
+            measures: dict[str, Callable[[int], Awaitable[Pairs]]] = {
+                "S1": lambda n: archive_pair(storage, stores, options.events, n),
+                "S3": lambda n: replay_pair(storage, stores, options.events, options.timeout, n),
+            }
+            try:
+                service = await stack.enter_async_context(
+                    storage_service(storage, options, temp, say)
+                )
+            except Exception as error:
+                log.exception("the storage service did not start")
+                failed["S2"] = _reason(error)
+            else:
+                placed, size = FilePlacement(), options.file_mib * 1024 * 1024
+                measures["S2"] = lambda n: transfer_pair(stores, service, size, placed, n)
+            for round_no in range(options.warmup + options.repeats):
+                kept = round_no >= options.warmup
+                for group in GROUPS:
+                    measure = measures.get(group)
+                    if measure is None or group in failed:
+                        continue
+                    try:
+                        pairs = await measure(round_no)
+                    except Exception as error:  # one broken row must not sink the others
+                        log.exception("%s failed", group)
+                        failed[group] = _reason(error)
+                        continue
+                    figures = ", ".join(
+                        f"{key} {a:,.1f} / {b:,.1f}" for key, (a, b) in pairs.items()
+                    )
+                    say(f"storage round {round_no}{'' if kept else ' (warm-up)'}: {figures}")
+                    if kept:
+                        for key, (a, b) in pairs.items():
+                            samples[key][0].append(a)
+                            samples[key][1].append(b)
+            measured = True
+    except Exception as error:  # the stores did not start (or did not stop)
+        if measured:
+            log.exception("stopping the storage rows' servers failed")
+        else:
+            log.exception("the storage rows failed")
+            for group in GROUPS:
+                failed.setdefault(group, _reason(error))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+    sides = {
+        "S1.archive": ("archive write path", "aioboto3 put_object", "MB/s"),
+        "S2.upload": ("POST + PATCH + complete", "aioboto3 put_object", "MB/s"),
+        "S2.download": ("GET, streamed", "aioboto3 get_object", "MB/s"),
+        "S3.replay": ("replay()", "AIOKafkaProducer send + flush", "records/s"),
+    }
+    for group, keys in GROUPS.items():
+        for key in keys:
+            row = rows[key]
+            if group in failed:
+                row.status, row.reason = "error", failed[group]
+                continue
+            ours_label, plain_label, unit = sides[key]
+            ours, plain = samples[key]
+            paired(row, Side(ours_label, unit, ours), Side(plain_label, unit, plain))
+    return list(rows.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.harness import Options, Progress, broker
+    from bench.results import table
+    from shared.settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m bench.storage", description=__doc__)
+    parser.add_argument("--events", type=int, help="records archived and replayed (30000)")
+    parser.add_argument("--file-mib", type=int, help="size of the uploaded file (32 MiB)")
+    parser.add_argument("--repeats", type=int, help="measured repeats (5)")
+    parser.add_argument("--warmup", type=int, help="warm-up rounds thrown away (1)")
+    parser.add_argument("--quick", action="store_true", help="as python -m bench --quick")
+    args = parser.parse_args(argv)
+    options = Options.quick() if args.quick else Options()
+    options = replace(
+        options,
+        **{
+            name: value
+            for name, value in (
+                ("events", args.events),
+                ("file_mib", args.file_mib),
+                ("repeats", args.repeats),
+                ("warmup", args.warmup),
+            )
+            if value is not None
+        },
     )
-    return result
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    say = Progress()
+    with broker(os.environ.get("XIETONG_BENCH_KAFKA_BOOTSTRAP"), say) as (servers, _):
+        settings = load_settings(
+            kafka_bootstrap_servers=servers,
+            kafka_partitions=options.partitions,
+            log_format="text",
+            log_level="WARNING",
+        )
+        rows = asyncio.run(storage_rows(settings, options, say))
+    print()
+    print(table(rows))
+    return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m bench.storage", description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--events", type=int, default=20000)
-    parser.add_argument("--file-mb", type=int, default=32)
-    args = parser.parse_args()
-    asyncio.run(main(args.repeats, args.events, args.file_mb))
+    raise SystemExit(main())

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from bench.harness import Options, _rotate, run
+from bench.harness import Options, Progress, _rotate, run
 from bench.pipeline import build_requests
 from bench.readme import BEGIN, END, write_readme
 from bench.results import ROW_KEYS, Row, Side, paired, table
+from bench.storage import in_turn, storage_rows
 from bench.workload import make_events
 from schemas.events import validate_event
+from shared.settings import load_settings
 
 MEASURED = {"ok", "info"}
 
@@ -43,6 +47,39 @@ def test_every_candidate_takes_every_place_in_turn() -> None:
     firsts = {_rotate(names, n)[0] for n in range(6)}
     lasts = {_rotate(names, n)[-1] for n in range(6)}
     assert firsts == lasts == set(names)
+
+
+async def test_ours_and_plain_take_turns_running_first() -> None:
+    order: list[str] = []
+
+    async def ours() -> float:
+        order.append("ours")
+        return 1.0
+
+    async def plain() -> float:
+        order.append("plain")
+        return 2.0
+
+    assert await in_turn(0, ours, plain) == (1.0, 2.0)
+    assert await in_turn(1, ours, plain) == (1.0, 2.0)
+    assert order == ["ours", "plain", "plain", "ours"]
+
+
+async def test_storage_rows_whose_stores_do_not_start_say_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    @contextlib.asynccontextmanager
+    async def no_stores(*_: object) -> AsyncIterator[None]:
+        raise RuntimeError("no SeaweedFS here")
+        yield
+
+    monkeypatch.setattr("bench.storage.storage_stage", no_stores)
+    options = Options(events=10, repeats=1, warmup=0, output=None)
+    rows = await storage_rows(load_settings(), options, Progress(quiet=True))
+    assert [row.key for row in rows] == ["S1.archive", "S2.upload", "S2.download", "S3.replay"]
+    for row in rows:
+        assert row.status == "error" and row.reason and "no SeaweedFS here" in row.reason
+        assert row.ratio is None and row.numerator is None
 
 
 def test_ratio_is_the_median_of_per_repeat_ratios_and_verdict_follows_the_target() -> None:
@@ -101,6 +138,7 @@ def test_a_tiny_run_reports_every_row_and_writes_valid_results(
         connections=4,
         events_per_request=25,
         timeout=40.0,
+        file_mib=1,
         output=output,
     )
     returned = run(options, bootstrap=kafka_bootstrap, quiet=True)
@@ -129,4 +167,8 @@ def test_a_tiny_run_reports_every_row_and_writes_valid_results(
     # The raw baselines need nothing but Kafka: they are always measured.
     for key in ("hop.baseline", "hop.orjson", "hop.confluent", "R3"):
         assert by_key[key]["status"] in MEASURED
+    # The storage rows start their own SeaweedFS servers and storage service: always measured.
+    for key in ("S1.archive", "S2.upload", "S2.download", "S3.replay"):
+        assert by_key[key]["status"] in MEASURED, (key, by_key[key]["reason"])
+        assert by_key[key]["target"]
     assert "| R3 " in returned["table"]
