@@ -11,8 +11,10 @@ until the broker answers), so a send in flight waits out the outage; a send that
 (the broker lost the producer's sequence state — ``OutOfOrderSequenceNumber``,
 ``UnknownProducerId``, fenced) leaves the producer broken for good, and
 :meth:`BatchPublisher.renew` replaces it with a fresh one (a new producer id). :func:`retrying`
-runs a unit of work until the broker takes it, :class:`KafkaHealth` tells readiness the truth
-within seconds, and :func:`kafka_problem` says in one line what is wrong and what to run.
+runs a unit of work until the broker takes it — :func:`deliver` a batch's output, sending again
+only what the broker has not acknowledged, :func:`commit_offsets` a commit — :class:`KafkaHealth`
+tells readiness the truth within seconds, and :func:`kafka_problem` says in one line what is
+wrong and what to run.
 Topics are made by :func:`ensure_topics`, never by the broker: the local broker runs with
 ``auto.create.topics.enable=false`` (aiokafka 0.14 has no ``allow.auto.create.topics`` switch:
 its metadata requests always allow creation, so the broker setting is the guard).
@@ -26,7 +28,7 @@ import logging
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -449,6 +451,133 @@ async def retrying(
         return result
 
 
+async def deliver(
+    publisher: BatchPublisher,
+    batches: Mapping[str, Sequence[OutRecord]],
+    *,
+    what: str,
+    health: KafkaHealth | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Send ``batches`` (topic -> records) until the broker acknowledged every record; return
+    how many there were.
+
+    As :func:`retrying` (one line per failure, a broken producer replaced, back-off, the last
+    error raised once ``stop`` is set), but each attempt sends only the records no earlier
+    attempt got acknowledged: a batch whose publish an outage cut in the middle is not written
+    twice in the part that was acknowledged. Each record keeps the partition it was first given
+    (a keyless one too). A record the broker wrote whose acknowledgement never came back is
+    sent again: without transactions nothing can tell, so outputs keep deterministic ids.
+    """
+    pending: dict[tuple[str, int], list[OutRecord]] | None = None
+    total = sum(len(records) for records in batches.values())
+
+    async def attempt() -> int:
+        nonlocal pending
+        if pending is None:  # each record's partition, once (it needs the topic's metadata)
+            pending = {}
+            for topic, records in batches.items():
+                if not records:
+                    continue
+                partitions = await publisher._partitions_of(topic)
+                of_key: dict[bytes, int] = {}
+                for record in records:
+                    key = record.key
+                    partition = of_key.get(key) if key is not None else None
+                    if partition is None:
+                        partition = publisher._partitioner(key, partitions, partitions)
+                        if key is not None:
+                            of_key[key] = partition
+                    pending.setdefault((topic, partition), []).append(record)
+        sent: list[tuple[asyncio.Future[Any], tuple[str, int], int, int]] = []
+        failure: BaseException | None = None
+        try:
+            producer = publisher.producer
+            for (topic, partition), records in pending.items():
+                builder, first = producer.create_batch(), 0
+                for i, record in enumerate(records):
+                    headers = list(record.headers) if record.headers else NO_HEADERS
+                    key, value = record.key, record.value
+                    appended = builder.append(key=key, value=value, timestamp=None, headers=headers)
+                    if appended is not None:
+                        continue
+                    if not builder.record_count():
+                        raise ValueError(f"record of {len(value)} bytes exceeds the batch size")
+                    future = await producer.send_batch(builder, topic, partition=partition)
+                    sent.append((future, (topic, partition), first, i))
+                    builder, first = producer.create_batch(), i
+                    if (
+                        builder.append(key=key, value=value, timestamp=None, headers=headers)
+                        is None
+                    ):
+                        raise ValueError(f"record of {len(value)} bytes exceeds the batch size")
+                if builder.record_count():
+                    future = await producer.send_batch(builder, topic, partition=partition)
+                    sent.append((future, (topic, partition), first, len(records)))
+        except (KafkaError, TimeoutError, OSError) as error:
+            failure = error  # what was handed over is still in flight: settle it first
+        results = await asyncio.gather(*(future for future, *_ in sent), return_exceptions=True)
+        acknowledged: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for (_, where, first, end), result in zip(sent, results, strict=True):
+            if not isinstance(result, BaseException):
+                acknowledged.setdefault(where, []).append((first, end))
+            elif failure is None:
+                abandoned = isinstance(result, asyncio.CancelledError)  # its producer was let go
+                failure = KafkaError("delivery abandoned") if abandoned else result
+        for where, spans in acknowledged.items():
+            records, taken = pending[where], set[int]()
+            for first, end in spans:
+                taken.update(range(first, end))
+            pending[where] = [record for i, record in enumerate(records) if i not in taken]
+        pending = {where: records for where, records in pending.items() if records}
+        if failure is not None:
+            raise failure
+        return total
+
+    if not total:
+        return 0
+    return await retrying(
+        attempt,
+        what=what,
+        health=health,
+        stop=stop,
+        publisher=publisher,
+        bootstrap=_bootstrap_of(publisher.producer),
+    )
+
+
+async def commit_offsets(
+    consumer: AIOKafkaConsumer,
+    offsets: Mapping[TopicPartition, Any],
+    *,
+    what: str,
+    health: KafkaHealth | None = None,
+    stop: asyncio.Event | None = None,
+) -> bool:
+    """Commit ``offsets`` (``consumer.commit``'s argument), waiting out an outage as
+    :func:`retrying` does. Returns False when the group refused it after a rebalance (logged:
+    the next owner of those partitions reads them again from the last commit); raises the last
+    Kafka error once ``stop`` is set."""
+    if not offsets:
+        return True
+    try:
+        await retrying(
+            lambda: consumer.commit(dict(offsets)),
+            what=what,
+            health=health,
+            stop=stop,
+            bootstrap=_bootstrap_of(consumer),
+        )
+    except (CommitFailedError, IllegalStateError) as error:
+        log.warning(
+            "%s refused after a rebalance; read again from the last commit",
+            what,
+            extra={"error": str(error)},
+        )
+        return False
+    return True
+
+
 async def ensure_topics(
     settings: XietongSettings,
     topics: Iterable[str],
@@ -577,5 +706,7 @@ def batch_coordinates(batch: Batch) -> dict[str, Any]:
 
 
 def _bootstrap_of(client: Any) -> str:
-    servers = getattr(getattr(client, "_client", None), "_bootstrap_servers", None)
+    """Where a consumer (``_client``) or a producer (``client``) looks for the broker."""
+    inner = getattr(client, "_client", None) or getattr(client, "client", None)
+    servers = getattr(inner, "_bootstrap_servers", None)
     return servers if isinstance(servers, str) else "Kafka"
