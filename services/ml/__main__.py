@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from aiokafka.errors import KafkaError
+
 from services.ml.app import run_ml, train_and_register
 from services.ml.families import FAMILIES
 from services.ml.handlers import SERVICE
 from services.ml.settings import load_ml_settings
 from services.ml.specs import SPECS
 from shared.control import ControlRegistry
-from shared.kafka import stop_on_signals
+from shared.kafka import kafka_problem, stop_on_signals
 from shared.logs import configure_logging
 from shared.models import ModelRegistry
 
@@ -47,10 +49,15 @@ def main() -> None:
     trainer.add_argument("--family", choices=FAMILIES, default="sklearn-rf")
     trainer.add_argument("--alias", default=None, help="champion or challenger")
     args = parser.parse_args()
-    if args.command == "train":
-        asyncio.run(train_once(args.model, args.family, args.alias))
-    else:
-        asyncio.run(serve())
+    try:
+        if args.command == "train":
+            asyncio.run(train_once(args.model, args.family, args.alias))
+        else:
+            asyncio.run(serve())
+    except (KafkaError, TimeoutError, ConnectionError) as error:
+        # the broker away when training, or still away when told to stop: one line, no trace
+        bootstrap = load_ml_settings().kafka_bootstrap_servers
+        raise SystemExit(f"ml: {kafka_problem(error, bootstrap)}") from None
 
 
 if __name__ == "__main__":

@@ -20,6 +20,14 @@ names it. Refits (``ml_refit``) run in a worker thread on their spec's schedule:
 firms that granted ``network`` the type ``model_training``; published (as ``challenger``, or
 ``champion`` when there is none) only when at least ``ml_min_firms`` firms contributed.
 
+When the broker goes away the service waits for it and carries on by itself: a batch's
+outputs are sent again until the broker acknowledged all of them (only what it had not
+acknowledged: :func:`shared.kafka.deliver`; a producer whose idempotence state broke is
+replaced), a commit is tried again (:func:`shared.kafka.commit_offsets`; one refused after a
+rebalance leaves the batch to be read again), and ``/readyz`` says so within
+``kafka_unready_after_seconds`` (:class:`shared.kafka.KafkaHealth`). Failures are logged in one
+line, repeats collapsed. Any other error stops the worker without committing.
+
 Delivery semantics: **at-least-once, idempotent predictions.** Offsets are committed only
 after the batch's predictions, shadow predictions, drift reports and dead letters were
 acknowledged (``acks=all``). A prediction's ``insight_id`` is a uuid5 of model, version and
@@ -42,6 +50,7 @@ from typing import Any
 
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Histogram
 
 from schemas.models import ModelCard
@@ -56,11 +65,16 @@ from shared.deadletter import dead_letter_record, record_dead_letter
 from shared.httpauth import REGISTRY_KEY, authenticated_tenant, require_api_key
 from shared.kafka import (
     Batch,
-    BatchPublisher,
+    KafkaHealth,
     OutRecord,
+    batch_coordinates,
+    commit_offsets,
     create_consumer,
-    create_producer,
+    deliver,
     ensure_topics,
+    kafka_problem,
+    publishing,
+    retrying,
     started,
 )
 from shared.models import ArtifactError, ModelRegistry
@@ -235,25 +249,33 @@ async def run_scoring(
     server: ModelServer,
     *,
     ready: asyncio.Event | None = None,
+    health: KafkaHealth | None = None,
 ) -> None:
-    """The scoring loop until ``stop`` is set (see the module docstring)."""
-    await ensure_topics(
-        settings,
-        [
-            settings.ml_source_topic,
-            settings.ml_predictions_topic,
-            settings.ml_shadow_topic,
-            settings.ml_drift_topic,
-            settings.ml_dead_letter_topic,
-        ],
+    """The scoring loop until ``stop`` is set (see the module docstring). A broker not there
+    yet is waited for; ``health`` (optional) hears how the loop fares with the broker."""
+    topics = [
+        settings.ml_source_topic,
+        settings.ml_predictions_topic,
+        settings.ml_shadow_topic,
+        settings.ml_drift_topic,
+        settings.ml_dead_letter_topic,
+    ]
+    await retrying(
+        lambda: ensure_topics(settings, topics),
+        what="creating the ml topics",
+        health=health,
+        stop=stop,
     )
-    replayed = await replay_state(settings, server.scorer)
+
+    async def replay() -> int:
+        server.scorer.forget()  # an attempt the broker cut short must not count events twice
+        return await replay_state(settings, server.scorer)
+
+    replayed = await retrying(replay, what="replaying the feature state", health=health, stop=stop)
     if replayed:
         log.info("feature state replayed", extra={"events": replayed})
     consumer = create_consumer(settings, settings.ml_group_id, settings.ml_source_topic)
-    producer = create_producer(settings)
-    async with started(producer), started(consumer):
-        publisher = BatchPublisher(producer)
+    async with publishing(settings) as publisher, started(consumer):
         await server.refresh()
         if ready is not None:
             ready.set()
@@ -263,14 +285,31 @@ async def run_scoring(
             )
             await server.refresh()
             if not batch:
+                if health is not None:
+                    health.progress()
                 continue
             began = time.perf_counter()
-            parsed, dead = parse_batch(batch)
-            out = server.scorer.score_batch(parsed)
-            outputs = output_records(settings, out)
-            outputs[settings.ml_dead_letter_topic] += dead
-            await publisher.publish_many(dict(outputs.items()))
-            await consumer.commit()
+            try:
+                parsed, dead = parse_batch(batch)
+                out = server.scorer.score_batch(parsed)
+                outputs = output_records(settings, out)
+                outputs[settings.ml_dead_letter_topic] += dead
+                await deliver(publisher, outputs, what="ml batch", health=health, stop=stop)
+                offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+                await commit_offsets(consumer, offsets, what="ml commit", health=health, stop=stop)
+            except Exception as error:
+                if stop.is_set() and isinstance(error, KafkaError | TimeoutError | OSError):
+                    # stopped while the broker is away: the batch is read again on restart
+                    log.warning(
+                        "ml stops without committing its last batch: %s",
+                        kafka_problem(error, settings.kafka_bootstrap_servers),
+                        extra=batch_coordinates(batch),
+                    )
+                    return
+                log.exception(
+                    "ml batch failed; stopping without commit", extra=batch_coordinates(batch)
+                )
+                raise
             BATCH_SECONDS.observe(time.perf_counter() - began)
             UNSCORED.inc(out.unscored)
             DEAD_LETTERS.inc(len(outputs[settings.ml_dead_letter_topic]))
@@ -383,6 +422,13 @@ async def run_refits(
             except NotEnoughFirms as reason:
                 log.info("refit skipped: %s", reason)
                 due[name] = time.monotonic() + 300
+            except (KafkaError, TimeoutError) as error:  # the broker is away: next time
+                log.warning(
+                    "refit of %s put off for 5 minutes: %s",
+                    name,
+                    kafka_problem(error, settings.kafka_bootstrap_servers),
+                )
+                due[name] = time.monotonic() + 300
             except Exception:
                 log.exception("refit failed", extra={"model": name})
                 due[name] = time.monotonic() + 300
@@ -395,9 +441,17 @@ async def run_refits(
 
 
 def http_app(
-    control: ControlRegistry, registry: ModelRegistry, server: ModelServer
+    control: ControlRegistry,
+    registry: ModelRegistry,
+    server: ModelServer,
+    *,
+    health: KafkaHealth | None = None,
+    scoring: asyncio.Event | None = None,
 ) -> web.Application:
-    """``GET /v1/models``: the model cards (with aliases) the caller may see; health routes."""
+    """``GET /v1/models``: the model cards (with aliases) the caller may see; health routes.
+
+    Ready once ``scoring`` is set (when given), while ``health`` finds the broker answering
+    and the loop progressing, and the registries are current."""
 
     async def list_models(request: web.Request) -> web.Response:
         reader = authenticated_tenant(request).tenant
@@ -419,7 +473,10 @@ def http_app(
         return json_response({"models": cards})
 
     async def ready() -> str | None:
-        return control.problem() or server.problem()
+        if scoring is not None and not scoring.is_set():
+            return "starting"
+        kafka = health.problem() if health is not None else None
+        return kafka or control.problem() or server.problem()
 
     app = web.Application(middlewares=[require_api_key()])
     app[REGISTRY_KEY] = control
@@ -433,10 +490,25 @@ def _aliases(registry: ModelRegistry, card: ModelCard) -> list[str]:
 
 
 async def run_ml(settings: MlSettings, stop: asyncio.Event) -> None:
-    """The whole service: registries, HTTP, scoring loop and refits, until ``stop``."""
+    """The whole service: registries, HTTP, scoring loop and refits, until ``stop``. A broker
+    not there yet is waited for; readiness follows the broker (:class:`KafkaHealth`)."""
+    health = KafkaHealth.of(settings)
+    async with health.watching(settings):
+        await retrying(
+            lambda: ensure_topics(settings, [settings.ml_source_topic]),
+            what="waiting for Kafka",
+            health=health,
+            stop=stop,
+        )
+        await _serve(settings, stop, health)
+
+
+async def _serve(settings: MlSettings, stop: asyncio.Event, health: KafkaHealth) -> None:
     async with ControlRegistry(settings) as control, ModelRegistry(settings) as registry:
         server = ModelServer(registry, new_scorer(settings))
-        runner = web.AppRunner(http_app(control, registry, server), access_log=None)
+        scoring = asyncio.Event()
+        app = http_app(control, registry, server, health=health, scoring=scoring)
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, settings.http_host, settings.ml_http_port).start()
         refits = (
@@ -445,7 +517,7 @@ async def run_ml(settings: MlSettings, stop: asyncio.Event) -> None:
             else None
         )
         try:
-            await run_scoring(settings, stop, server)
+            await run_scoring(settings, stop, server, ready=scoring, health=health)
         finally:
             if refits is not None:
                 refits.cancel()

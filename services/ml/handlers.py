@@ -194,6 +194,13 @@ class Scorer:
     def __post_init__(self) -> None:
         self.demand = DemandState(self.demand_window_seconds)
 
+    def forget(self) -> None:
+        """Drop the feature state and drift windows (before a replay rebuilds them); the
+        models served stay."""
+        self.supply = SupplyState()
+        self.demand = DemandState(self.demand_window_seconds)
+        self.drift_windows = {}
+
     def observe(self, event: MlEvent) -> list[Subject]:
         """Update the state with one event; return what it asks to predict."""
         if event.type == SUPPLIER_DELAY.trigger_event_type:

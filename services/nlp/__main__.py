@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 
+from aiokafka.errors import KafkaError
+
 from services.nlp.app import NlpStatus, run_nlp
 from services.nlp.handlers import SERVICE
 from services.nlp.settings import load_nlp_settings
-from shared.kafka import stop_on_signals
+from shared.kafka import kafka_problem, stop_on_signals
 from shared.logs import configure_logging
 from shared.observability import serve_health
 
@@ -35,4 +37,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (KafkaError, TimeoutError, ConnectionError) as error:  # told to stop while away
+        bootstrap = load_nlp_settings().kafka_bootstrap_servers
+        raise SystemExit(f"nlp: {kafka_problem(error, bootstrap)}") from None

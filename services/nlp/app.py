@@ -33,6 +33,13 @@ without being published again, so each text's insight appears once unless the wo
 between the acknowledgement and the commit (then it appears again with the same insight id). A
 window's summary has a deterministic id, so one re-emitted after such a crash is the same
 insight. Dead letters are at-least-once. An unexpected error stops the worker without committing.
+
+When the broker goes away the service waits for it and carries on by itself: a batch's outputs
+are sent again until the broker acknowledged all of them (only what it had not acknowledged:
+:func:`shared.kafka.deliver`; a producer whose idempotence state broke is replaced), a commit
+and the read of the commit points on assignment are tried again, and ``/readyz`` says so within
+``kafka_unready_after_seconds`` (:class:`shared.kafka.KafkaHealth`). Failures are logged in one
+line, repeats collapsed.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Histogram
 
@@ -59,10 +66,16 @@ from services.nlp.training import bootstrap
 from services.nlp.windows import PartitionTexts
 from shared.kafka import (
     BatchPublisher,
+    KafkaHealth,
+    batch_coordinates,
+    commit_offsets,
     connection_config,
     create_consumer,
-    create_producer,
+    deliver,
     ensure_topics,
+    kafka_problem,
+    publishing,
+    retrying,
     started,
 )
 from shared.models import ModelRegistry
@@ -95,11 +108,12 @@ class NlpStatus:
     batches: int = 0
     models: dict[str, int] = field(default_factory=dict)
     registry_problem: str | None = None
+    health: KafkaHealth | None = None
 
     def problem(self) -> str | None:
         if not self.started:
             return "starting"
-        return None
+        return self.health.problem() if self.health is not None else None
 
 
 async def load_models(
@@ -149,9 +163,19 @@ class _Restore(ConsumerRebalanceListener):  # type: ignore[misc]
         if not assigned:
             return
         service = self.service
-        committed = await service.admin.list_consumer_group_offsets(
-            service.group, partitions=list(assigned)
-        )
+        try:
+            committed = await retrying(
+                lambda: service.admin.list_consumer_group_offsets(
+                    service.group, partitions=list(assigned)
+                ),
+                what="reading the nlp commit points",
+                health=service.status.health,
+            )
+        except asyncio.CancelledError:  # the consumer is stopping
+            raise
+        except BaseException as error:  # aiokafka only logs listener errors: stop the loop
+            service.failure = error
+            raise
         for tp in assigned:
             found = committed.get(tp)
             metadata = found.metadata if found is not None and found.offset >= 0 else None
@@ -188,19 +212,37 @@ class NlpService:
         )
         self.windows: dict[int, PartitionTexts] = {}
         self.status = status
+        self.failure: BaseException | None = None
+        """Why the commit points of assigned partitions could not be read (stops the loop)."""
         self.idle = asyncio.Event()
         self.idle.set()
         self._registry_seen = registry.version
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
+        health = self.status.health
         while not stop.is_set():
             batch = await self.consumer.getmany(
                 timeout_ms=settings.kafka_fetch_timeout_ms,
                 max_records=settings.kafka_fetch_max_records,
             )
+            if self.failure is not None:
+                raise RuntimeError("the nlp commit points could not be read") from self.failure
             if batch:
-                await self.handle(batch)
+                try:
+                    await self.handle(batch, stop)
+                except (KafkaError, TimeoutError, OSError) as error:
+                    if not stop.is_set():
+                        raise
+                    # stopped while the broker is away: the batch is read again on restart
+                    log.warning(
+                        "nlp stops without committing its last batch: %s",
+                        kafka_problem(error, settings.kafka_bootstrap_servers),
+                        extra=batch_coordinates(batch),
+                    )
+                    return
+            elif health is not None:
+                health.progress()
             await self._follow_registry()
 
     async def _follow_registry(self) -> None:
@@ -216,8 +258,11 @@ class NlpService:
         self.models.classifiers = loaded
         self.status.models = {model_name(*k): c.version or 0 for k, c in loaded.items()}
 
-    async def handle(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        """Analyse one batch, publish everything, await all acks, then commit."""
+    async def handle(
+        self, batch: dict[TopicPartition, list[Any]], stop: asyncio.Event | None = None
+    ) -> None:
+        """Analyse one batch, publish everything, await all acks, then commit (each tried
+        again while the broker is away; given up only once ``stop`` is set)."""
         started_at = time.perf_counter()
         ready = {tp: records for tp, records in batch.items() if tp.partition in self.windows}
         if not ready:
@@ -235,12 +280,16 @@ class NlpService:
             )
             self.idle.clear()
             try:
-                await self.publisher.publish_many(
+                await deliver(
+                    self.publisher,
                     {
                         s.nlp_insights_topic: result.insights,
                         s.nlp_summary_topic: result.summaries,
                         dlq(self.source): result.dead,
-                    }
+                    },
+                    what="nlp batch",
+                    health=self.status.health,
+                    stop=stop,
                 )
                 offsets: dict[TopicPartition, OffsetAndMetadata] = {}
                 for tp, records in ready.items():
@@ -252,17 +301,19 @@ class NlpService:
                         offsets[tp] = OffsetAndMetadata(point[0], point[1])
             finally:
                 self.idle.set()
-        except Exception:
-            coordinates = {
-                f"{tp.topic}[{tp.partition}]": [records[0].offset, records[-1].offset]
-                for tp, records in ready.items()
-            }
-            log.exception("nlp batch failed; stopping without commit", extra={"batch": coordinates})
+        except Exception as error:
+            if not (
+                stop is not None
+                and stop.is_set()
+                and isinstance(error, KafkaError | TimeoutError | OSError)
+            ):
+                log.exception(
+                    "nlp batch failed; stopping without commit", extra=batch_coordinates(ready)
+                )
             raise
-        try:
-            await self.consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as error:
-            log.warning("commit refused after a rebalance", extra={"error": str(error)})
+        await commit_offsets(
+            self.consumer, offsets, what="nlp commit", health=self.status.health, stop=stop
+        )
         status = self.status
         status.documents += result.documents
         status.insights += len(result.insights)
@@ -291,13 +342,29 @@ async def run_nlp(
     if not isinstance(settings, NlpSettings):
         settings = load_nlp_settings(**settings.model_dump())
     status = status if status is not None else NlpStatus()
+    health = status.health = status.health or KafkaHealth.of(settings)
+    async with health.watching(settings):
+        return await _run(settings, stop, status, registry)
+
+
+async def _run(
+    settings: NlpSettings,
+    stop: asyncio.Event,
+    status: NlpStatus,
+    registry: ModelRegistry | None,
+) -> NlpStatus:
     network_key = settings.network_key()
     load_jieba()  # the dictionary once per process, before the first batch
     source = settings.nlp_source_topic
-    await ensure_topics(settings, [source])
-    await ensure_topics(
-        settings, [settings.nlp_insights_topic, settings.nlp_summary_topic, dlq(source)]
-    )
+
+    async def create_topics() -> None:
+        await ensure_topics(settings, [source])
+        await ensure_topics(
+            settings, [settings.nlp_insights_topic, settings.nlp_summary_topic, dlq(source)]
+        )
+
+    # a broker not there yet is waited for
+    await retrying(create_topics, what="creating the nlp topics", health=status.health, stop=stop)
     async with registry if registry is not None else ModelRegistry(settings) as registry:
         classifiers = await load_models(registry, settings, network_key)
         status.models = {model_name(*k): c.version or 0 for k, c in classifiers.items()}
@@ -305,13 +372,13 @@ async def run_nlp(
         await admin.start()
         try:
             async with (
-                started(create_producer(settings)) as producer,
+                publishing(settings) as publisher,
                 started(create_consumer(settings, settings.nlp_group_id)) as consumer,
             ):
                 service = NlpService(
                     settings,
                     consumer=consumer,
-                    publisher=BatchPublisher(producer),
+                    publisher=publisher,
                     admin=admin,
                     registry=registry,
                     models=Models(classifiers),

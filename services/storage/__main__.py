@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
+from aiokafka.errors import KafkaError
 
 from services.storage.app import create_app
 from services.storage.handlers import SERVICE
 from services.storage.settings import load_storage_settings
-from shared.kafka import stop_on_signals
+from shared.kafka import kafka_problem, stop_on_signals
 from shared.logs import configure_logging
 
 
@@ -23,7 +24,7 @@ async def main() -> None:
     settings.link_key()  # refuse to start without a secret to sign links with
     stop = asyncio.Event()
     stop_on_signals(stop)
-    runner = web.AppRunner(create_app(settings), access_log=None)
+    runner = web.AppRunner(create_app(settings, stop=stop), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.http_host, settings.storage_http_port).start()
@@ -33,4 +34,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (KafkaError, TimeoutError, ConnectionError) as error:  # told to stop while away
+        bootstrap = load_storage_settings().kafka_bootstrap_servers
+        raise SystemExit(f"storage: {kafka_problem(error, bootstrap)}") from None

@@ -20,6 +20,10 @@ Serves partners on ``XIETONG_STORAGE_HTTP_PORT`` (8085), each route but the heal
 signed link needing a tenant key: ``/v1/insights/history`` (:mod:`~services.storage.history`),
 ``/v1/files...`` (:mod:`~services.storage.files`), ``/v1/links`` (:mod:`~services.storage.links`),
 ``/v1/catalog`` (:mod:`~services.storage.catalog`); ``/healthz``, ``/readyz``, ``/metrics``.
+
+A broker not there at start is waited for (the port opens once it answers); one that goes away
+later is waited out by the archive loop (:mod:`services.storage.archive`), ``/readyz`` says so
+within ``kafka_unready_after_seconds`` and the history answers 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -46,26 +50,38 @@ from services.storage.settings import StorageSettings
 from services.storage.stores import open_stores
 from shared.control import ControlRegistry
 from shared.httpauth import REGISTRY_KEY, require_api_key
-from shared.kafka import BatchPublisher, connection_config, create_producer, ensure_topics, started
+from shared.kafka import KafkaHealth, connection_config, ensure_topics, publishing, retrying
 from shared.observability import add_health_routes
 
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = web.AppKey("settings", StorageSettings)
 STATUS_KEY = web.AppKey("archive_status", ArchiveStatus)
+STOP_KEY = web.AppKey("stop", asyncio.Event)
+"""The process's stop (SIGTERM): a start still waiting for the broker gives up on it."""
 
 
 async def storage_clients(app: web.Application) -> AsyncIterator[None]:
     """Own the stores, the registry, the producer, the archive loop and the upload sweeper."""
     settings = app[SETTINGS_KEY]
+    status = app[STATUS_KEY]
     policy = Policy.load(settings.storage_policy_file)
     topics = list(settings.storage_topics)
-    await ensure_topics(settings, [*topics, *(dlq(t) for t in topics)])
+    health = status.health = status.health or KafkaHealth.of(
+        settings, loops=settings.storage_archive
+    )
     stop = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(health.watching(settings))
+        await retrying(  # a broker not there yet is waited for
+            lambda: ensure_topics(settings, [*topics, *(dlq(t) for t in topics)]),
+            what="creating the storage topics",
+            health=health,
+            stop=app.get(STOP_KEY),
+        )
         stores = await stack.enter_async_context(open_stores(settings))
         registry = await stack.enter_async_context(ControlRegistry(settings))
-        producer = await stack.enter_async_context(started(create_producer(settings)))
+        publisher = await stack.enter_async_context(publishing(settings))
         admin = AIOKafkaAdminClient(**connection_config(settings))
         await admin.start()
         stack.push_async_callback(admin.close)
@@ -86,15 +102,15 @@ async def storage_clients(app: web.Application) -> AsyncIterator[None]:
                         stores,
                         policy,
                         stop,
-                        status=app[STATUS_KEY],
-                        publisher=BatchPublisher(producer),
+                        status=status,
+                        publisher=publisher,
                     ),
                     name="storage-archive",
                 )
             )
-            tasks[-1].add_done_callback(lambda task: _report(task, app[STATUS_KEY]))
+            tasks[-1].add_done_callback(lambda task: _report(task, status))
         else:
-            app[STATUS_KEY].started = True
+            status.started = True
         try:
             yield
         finally:
@@ -130,13 +146,20 @@ async def _sweep(files: FileStore, stop: asyncio.Event) -> None:
             log.exception("expiring abandoned uploads failed")
 
 
-def create_app(settings: StorageSettings, status: ArchiveStatus | None = None) -> web.Application:
+def create_app(
+    settings: StorageSettings,
+    status: ArchiveStatus | None = None,
+    *,
+    stop: asyncio.Event | None = None,
+) -> web.Application:
     app = web.Application(
         middlewares=[file_errors, require_api_key(public_prefixes=[LINK_PREFIX])],
         client_max_size=1024**2,
     )
     app[SETTINGS_KEY] = settings
     app[STATUS_KEY] = status if status is not None else ArchiveStatus()
+    if stop is not None:
+        app[STOP_KEY] = stop
     app.cleanup_ctx.append(storage_clients)
 
     async def ready() -> str | None:

@@ -11,6 +11,13 @@ Delivery: **exactly once into the archive**, with size- and time-based flushing
 carries the metadata that lets a restart skip what is written and rewrite under the same name
 what was written but not committed. Offsets are committed only after the objects (and the dead
 letters) of everything below them are durable. Dead letters are at-least-once.
+
+When the broker goes away the loop waits for it and carries on by itself: dead letters are sent
+again until acknowledged (:func:`shared.kafka.deliver`), a commit and the read of the commit
+points on assignment are tried again (a commit refused after a rebalance is safe: what was
+written is skipped or rewritten under the same names), and readiness says so within
+``kafka_unready_after_seconds`` (:class:`shared.kafka.KafkaHealth`). Failures are logged in one
+line, repeats collapsed.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Histogram
 
 from schemas.topics import dlq
@@ -37,7 +44,17 @@ from services.storage.settings import StorageSettings
 from services.storage.stores import Store
 from shared.codec import encode
 from shared.deadletter import dead_letter_record, record_dead_letter
-from shared.kafka import BatchPublisher, OutRecord, connection_config, create_consumer
+from shared.kafka import (
+    BatchPublisher,
+    KafkaHealth,
+    OutRecord,
+    commit_offsets,
+    connection_config,
+    create_consumer,
+    deliver,
+    kafka_problem,
+    retrying,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +78,14 @@ class ArchiveStatus:
     skipped: int = 0
     assigned: set[TopicPartition] = field(default_factory=set)
     failure: str | None = None
+    health: KafkaHealth | None = None
 
     def problem(self) -> str | None:
         if self.failure is not None:
             return self.failure
-        return None if self.started else "archive starting"
+        if not self.started:
+            return "archive starting"
+        return self.health.problem() if self.health is not None else None
 
 
 def labeller_of(settings: StorageSettings) -> Labeller:
@@ -95,6 +115,10 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer, self.admin, self.publisher = consumer, admin, publisher
         self.status, self.group = status, group
         self.states: dict[TopicPartition, PartitionSegments] = {}
+        self.stop: asyncio.Event | None = None
+        """Set once the loop is to stop: Kafka work in hand is given up then, not retried."""
+        self.failure: BaseException | None = None
+        """Why the commit points of assigned partitions could not be read (stops the loop)."""
         self._lock = asyncio.Lock()
         self._writes = asyncio.Semaphore(16)
 
@@ -112,9 +136,19 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         if not assigned:
             return
-        committed = await self.admin.list_consumer_group_offsets(
-            self.group, partitions=list(assigned)
-        )
+        try:
+            committed = await retrying(
+                lambda: self.admin.list_consumer_group_offsets(
+                    self.group, partitions=list(assigned)
+                ),
+                what="reading the archive's commit points",
+                health=self.status.health,
+            )
+        except asyncio.CancelledError:  # the consumer is stopping
+            raise
+        except BaseException as error:  # aiokafka only logs listener errors: stop the loop
+            self.failure = error
+            raise
         s = self.settings
         for tp in assigned:
             found = committed.get(tp)
@@ -133,17 +167,35 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
+        self.stop = stop
         self.status.started = True
+        health = self.status.health
         timeout_ms = int(min(s.storage_flush_check_seconds, s.kafka_fetch_timeout_ms / 1000) * 1000)
-        while not stop.is_set():
-            batch = await self.consumer.getmany(
-                timeout_ms=max(timeout_ms, 1), max_records=s.kafka_fetch_max_records
-            )
+        try:
+            while not stop.is_set():
+                batch = await self.consumer.getmany(
+                    timeout_ms=max(timeout_ms, 1), max_records=s.kafka_fetch_max_records
+                )
+                if self.failure is not None:
+                    raise RuntimeError("the archive's commit points could not be read") from (
+                        self.failure
+                    )
+                async with self._lock:
+                    await self.handle(batch)
+                if health is not None:
+                    health.progress()
             async with self._lock:
-                await self.handle(batch)
-        async with self._lock:
-            await self._flush(list(self.states), everything=True)
-            await self._commit(list(self.states))
+                await self._flush(list(self.states), everything=True)
+                await self._commit(list(self.states))
+        except (KafkaError, TimeoutError, OSError) as error:
+            if not stop.is_set():
+                raise
+            # stopped while the broker is away: what is not committed is read again on restart
+            # and rewritten under the same names
+            log.warning(
+                "the archive stops without its last commit: %s",
+                kafka_problem(error, s.kafka_bootstrap_servers),
+            )
 
     async def handle(self, batch: dict[TopicPartition, list[Any]]) -> None:
         """Add a batch to its segments; write what is full or due; commit what is durable."""
@@ -173,7 +225,7 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]
                     full.append(segment)
         due = [segment for state in self.states.values() for segment in state.due(now)]
         if dead:
-            await self.publisher.publish_many(dead)
+            await self._dead_letters(dead)
             self.status.dead_letters += sum(len(v) for v in dead.values())
             DEAD.inc(sum(len(v) for v in dead.values()))
         if full or due:
@@ -234,7 +286,7 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]
                     dead.setdefault(dlq(segment.topic), []).append(dead_letter_record(letter))  # type: ignore[attr-defined]
         await asyncio.gather(*jobs)
         if dead:
-            await self.publisher.publish_many(dead)
+            await self._dead_letters(dead)
             count = sum(len(v) for v in dead.values())
             self.status.dead_letters += count
             DEAD.inc(count)
@@ -256,14 +308,20 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]
             point = state.commit_point()
             if point is not None:
                 points[tp] = point
-        if not points:
-            return
-        try:
-            await self.consumer.commit(points)
-        except (CommitFailedError, IllegalStateError) as error:
-            # The partition moved on: its next owner restores from the last commit, which is
-            # safe (what was written is skipped or rewritten under the same names).
-            log.warning("archive commit refused after a rebalance", extra={"error": str(error)})
+        # A commit refused after a rebalance is safe: the partition's next owner restores from
+        # the last commit (what was written is skipped or rewritten under the same names).
+        await commit_offsets(
+            self.consumer, points, what="archive commit", health=self.status.health, stop=self.stop
+        )
+
+    async def _dead_letters(self, dead: dict[str, Sequence[OutRecord]]) -> None:
+        await deliver(
+            self.publisher,
+            dead,
+            what="archive dead letters",
+            health=self.status.health,
+            stop=self.stop,
+        )
 
 
 @dataclass(frozen=True)
@@ -289,7 +347,9 @@ async def run_archive(
     status: ArchiveStatus | None = None,
     publisher: BatchPublisher,
 ) -> ArchiveStatus:
-    """Archive ``topics`` until ``stop`` is set; everything open is flushed and committed then."""
+    """Archive ``topics`` until ``stop`` is set; everything open is flushed and committed then.
+
+    ``status.health`` (optional) hears how the loop fares with the broker."""
     status = status if status is not None else ArchiveStatus()
     group = group_id or settings.storage_group_id
     consumer = create_consumer(settings, group)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +25,7 @@ import orjson
 from aiohttp import web
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from schemas.control import Grant
 from schemas.insights import INSIGHT_MODELS, NETWORK_TENANT
@@ -31,9 +33,12 @@ from services.storage.files import FileError
 from services.storage.reader import ArchiveReader, in_range, parse_moment
 from services.storage.segments import ArchivedRecord, describe
 from services.storage.settings import StorageSettings
+from shared.codec import json_response
 from shared.control import may_read, now
 from shared.httpauth import REGISTRY_KEY, authenticated_tenant
-from shared.kafka import create_consumer
+from shared.kafka import create_consumer, kafka_problem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -229,7 +234,16 @@ async def insight_history(request: web.Request) -> web.Response:
         raise FileError(400, str(error)) from None
     registry = request.app[REGISTRY_KEY]
     grants = registry.grants_to(reader)
-    values, cursor = await history.page(reader, grants, query)
+    try:
+        values, cursor = await history.page(reader, grants, query)
+    except (KafkaError, TimeoutError) as error:  # the live tail needs the broker
+        problem = kafka_problem(error, history.settings.kafka_bootstrap_servers)
+        log.warning("insight history not served: %s", problem)
+        return json_response(
+            {"error": "cannot read the recent history right now; retry shortly", "reason": problem},
+            status=503,
+            headers={"Retry-After": "5"},
+        )
     body = (
         b'{"count":%d,"next_cursor":%s,"insights":[' % (len(values), orjson.dumps(cursor))
         + b",".join(values)
