@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -39,6 +39,18 @@ from tests.processes import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60) -> None:
+    """Poll ``check`` until it holds; fail after ``timeout`` seconds (a bound, not a measure)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if await check():
+                    return
+                await asyncio.sleep(0.5)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout:.0f} s: {what}") from None
 
 
 def report(line: str) -> None:
@@ -302,7 +314,7 @@ class Tally:
         )
 
 
-async def _read_all(settings: XietongSettings, topics: list[str]) -> list[Any]:
+async def read_all(settings: XietongSettings, topics: list[str]) -> list[Any]:
     """Every record of ``topics`` up to their current ends."""
     records: list[Any] = []
     async with (
@@ -334,12 +346,12 @@ async def tally(net: Network, load: Load, *, settle: float = 120.0) -> Tally:
     deadline = asyncio.get_running_loop().time() + settle
     while True:
         net.check_running()
-        records = await _read_all(net.settings, [EVENTS_CLEAN])
+        records = await read_all(net.settings, [EVENTS_CLEAN])
         seen = Counter(orjson.loads(r.value)["event_id"] for r in records if r.value)
         if wanted <= seen.keys() or asyncio.get_running_loop().time() > deadline:
             break
         await asyncio.sleep(3)
-    insights = await _read_all(net.settings, list(INSIGHT_TOPICS.values()))
+    insights = await read_all(net.settings, list(INSIGHT_TOPICS.values()))
     contents: dict[str, set[bytes]] = defaultdict(set)
     for record in insights:
         if record.value:

@@ -10,27 +10,14 @@ the terminal (``[crash] ...``) whatever pytest's capture.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.crash.harness import Load, Network, network, report, tally
+from tests.crash.harness import Load, Network, eventually, network, report, tally
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 OUTAGE_SECONDS = 70.0
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60) -> None:
-    """Poll ``check`` until it holds; fail after ``timeout`` seconds (a bound, not a measure)."""
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                if await check():
-                    return
-                await asyncio.sleep(0.5)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout:.0f} s: {what}") from None
 
 
 async def readiness_is(net: Network, status: int) -> None:
