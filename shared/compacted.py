@@ -32,7 +32,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
+from shared.kafka import kafka_problem
 from shared.settings import XietongSettings
 
 log = logging.getLogger(__name__)
@@ -121,7 +123,15 @@ class CompactedView:
                 raise
             except Exception as error:  # anything: the view goes stale and says why
                 self._failure = f"{self.what} cannot follow its topics: {error!r}"
-                log.error(self._failure, exc_info=error)
+                if isinstance(error, KafkaError | OSError | TimeoutError):
+                    # the broker away: one line (repeats collapsed), not a traceback each time
+                    log.warning(
+                        "%s cannot follow its topics: %s",
+                        self.what,
+                        kafka_problem(error, self.settings.kafka_bootstrap_servers),
+                    )
+                else:
+                    log.error(self._failure, exc_info=error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 

@@ -30,7 +30,14 @@ from schemas.insights import NETWORK_TENANT
 from schemas.topics import CONTROL_GRANTS, CONTROL_KEYS, CONTROL_TENANTS
 from shared.codec import decode, encode
 from shared.compacted import CompactedView, Where
-from shared.kafka import BatchPublisher, OutRecord, create_consumer, create_producer, ensure_topics
+from shared.kafka import (
+    BatchPublisher,
+    OutRecord,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+    stop_consumer,
+)
 from shared.settings import XietongSettings
 
 log = logging.getLogger(__name__)
@@ -213,13 +220,13 @@ class ControlRegistry(CompactedView):
         try:
             await self.follow(consumer)
         except BaseException:
-            await consumer.stop()
+            await stop_consumer(consumer)
             raise
 
     async def stop(self) -> None:
         await self.stop_following()
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)
 
     async def __aenter__(self) -> ControlRegistry:
         await self.start()

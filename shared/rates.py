@@ -35,7 +35,14 @@ from schemas.reference import FxRate
 from schemas.topics import REFERENCE_FX_RATES
 from shared.codec import decode, encode
 from shared.compacted import CompactedView, Where
-from shared.kafka import BatchPublisher, OutRecord, create_consumer, create_producer, ensure_topics
+from shared.kafka import (
+    BatchPublisher,
+    OutRecord,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+    stop_consumer,
+)
 from shared.settings import XietongSettings
 
 log = logging.getLogger(__name__)
@@ -182,13 +189,13 @@ class RatesReader(CompactedView):
         try:
             await self.follow(consumer)
         except BaseException:
-            await consumer.stop()
+            await stop_consumer(consumer)
             raise
 
     async def stop(self) -> None:
         await self.stop_following()
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)
 
     def take(self, record: ConsumerRecord[bytes, bytes], key: str, where: Where) -> None:
         if record.value is None:

@@ -44,7 +44,7 @@ from schemas.insights import (
 from schemas.topics import INSIGHT_TOPICS
 from shared.codec import DecodeError, decode, encode
 from shared.control import ControlRegistry, now, reading_grants
-from shared.kafka import create_consumer, ensure_topics
+from shared.kafka import create_consumer, ensure_topics, stop_consumer
 from shared.pseudonyms import as_read
 from shared.settings import XietongSettings
 
@@ -474,7 +474,7 @@ class Subscriber:
         if self._consumer is not None:
             if self._handed_out:
                 await self.commit()
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)
             self._consumer = None
         await self._stop_registry()
 

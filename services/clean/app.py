@@ -97,6 +97,7 @@ from shared.kafka import (
     ensure_topics,
     is_broken_producer_error,
     retrying,
+    stop_consumer,
     stop_quietly,
 )
 from shared.rates import RatesReader
@@ -583,11 +584,11 @@ async def _run_hop(
                     await hop.run(stop)
             finally:
                 try:
-                    await consumer.stop()
+                    await stop_consumer(consumer)
                 finally:
                     hop.state.close()
         finally:
-            await restorer.stop()
+            await stop_consumer(restorer)
     finally:
         current = hop.producer if hop is not None else producer
         if current is not producer:

@@ -41,7 +41,7 @@ from schemas.topics import EVENTS_RAW, dlq
 from services.ingest.insights import INSIGHTS_KEY
 from shared.codec import DecodeError, decode, json_response
 from shared.httpauth import authenticated_tenant
-from shared.kafka import create_consumer, ensure_topics
+from shared.kafka import create_consumer, ensure_topics, stop_consumer
 from shared.settings import XietongSettings
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class PublishingTally:
                     floor = max(begin[tp], end[tp] - self.recent_per_partition)
                     consumer.seek(tp, max(first, floor))
             except BaseException:
-                await consumer.stop()
+                await stop_consumer(consumer)
                 raise
             self._consumer, self._partitions = consumer, partitions
             self._task = asyncio.create_task(self._tail(), name="publishing-tally")
@@ -168,7 +168,7 @@ class PublishingTally:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)
 
     async def _tail(self) -> None:
         assert self._consumer is not None

@@ -67,7 +67,7 @@ from shared.codec import DecodeError, decode, encode, json_response
 from shared.control import ControlRegistry, ControlWriter, new_id, now, reading_grants
 from shared.deadletter import field_errors
 from shared.httpauth import REGISTRY_KEY, api_key_of, authenticated_tenant
-from shared.kafka import create_consumer, ensure_topics
+from shared.kafka import create_consumer, ensure_topics, stop_consumer
 from shared.pseudonyms import as_read
 from shared.sdk import InsightFilter
 from shared.settings import XietongSettings
@@ -281,7 +281,7 @@ class InsightCache:
                 start = max(begin[tp], end[tp] - self.recent_per_partition)
                 consumer.seek(tp, start)
         except BaseException:
-            await consumer.stop()
+            await stop_consumer(consumer)
             raise
         self._task = asyncio.create_task(self._tail(), name="insight-cache-tail")
         self._task.add_done_callback(_report_crash)
@@ -294,7 +294,7 @@ class InsightCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)
 
     async def _tail(self) -> None:
         assert self._consumer is not None

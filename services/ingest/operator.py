@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.codec import json_response
 from shared.httpauth import REGISTRY_KEY, Handler
-from shared.kafka import connection_config, create_consumer
+from shared.kafka import connection_config, create_consumer, stop_consumer
 
 PREFIX = "/v1/operator/"
 SCRAPE_TIMEOUT = 2.0
@@ -108,7 +108,7 @@ class BrokerView:
 
     async def close(self) -> None:
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)
         if self._admin is not None:
             await self._admin.close()
 

@@ -54,6 +54,7 @@ from shared.kafka import (
     deliver,
     kafka_problem,
     retrying,
+    stop_consumer,
 )
 
 log = logging.getLogger(__name__)
@@ -362,7 +363,7 @@ async def run_archive(
         try:
             await archiver.run(stop)
         finally:
-            await consumer.stop()
+            await stop_consumer(consumer)
     finally:
         await admin.close()
     return status

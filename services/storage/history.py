@@ -36,7 +36,7 @@ from services.storage.settings import StorageSettings
 from shared.codec import json_response
 from shared.control import may_read, now
 from shared.httpauth import REGISTRY_KEY, authenticated_tenant
-from shared.kafka import create_consumer, kafka_problem
+from shared.kafka import create_consumer, kafka_problem, stop_consumer
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ async def live_tail(
                         remaining.discard(tp)
         return out
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 @dataclass
