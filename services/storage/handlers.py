@@ -3,9 +3,10 @@ build its object and manifest — or say why it cannot be stored (a dead letter)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import attrgetter
 
 from schemas.insights import INSIGHT_MODELS
 from services.storage.objects import Manifest, build_object
@@ -13,6 +14,8 @@ from services.storage.placement import PlacementError, Policy
 from services.storage.segments import ArchivedRecord, Segment
 
 SERVICE = "storage"
+_LABELLED = attrgetter("tenant", "kind", "visibility")
+"""What a record's labels depend on."""
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,16 @@ class Labeller:
             "kind": kind,
         }
 
-    def labels_of_group(self, records: list[ArchivedRecord]) -> dict[str, str]:
-        """One object's labels: the most sensitive of its records' (it holds them all)."""
+    def labels_of_group(self, triples: Iterable[tuple[str, str, str]]) -> dict[str, str]:
+        """One object's labels: the most sensitive of its records' (it holds them all), from
+        the distinct ``(tenant, kind, visibility)`` of its records in the order of their first
+        record (records that share them share labels: the most sensitive found first is the
+        same as over every record)."""
         order = {"public": 0, "internal": 1, "confidential": 2, "personal": 3}
-        found = [self.labels(r.tenant, r.kind, r.visibility) for r in records]
+        triples = list(triples)
+        found = [self.labels(*triple) for triple in triples]
         most = max(found, key=lambda labels: order.get(labels["sensitivity"], 3))
-        kinds = sorted({r.kind for r in records})
+        kinds = sorted({kind for _, kind, _ in triples})
         return {**most, "kind": kinds[0] if len(kinds) == 1 else most["kind"]}
 
 
@@ -65,8 +72,8 @@ def plan_segment(
     does not carry a whole group's other kinds to the private store (or the reverse)."""
     planned = Planned()
     for (_tenant, _date), records in segment.groups().items():
-        for part in _split_by_placement(records, labeller):
-            labels = labeller.labels_of_group(part)
+        for part, triples in _split_by_placement(records, labeller):
+            labels = labeller.labels_of_group(triples)
             subject = f"{segment.topic}/{part[0].tenant}/{part[0].date}/{part[0].offset}"
             try:
                 decision = policy.decide(labels, subject=subject)
@@ -89,11 +96,20 @@ def plan_segment(
 
 def _split_by_placement(
     records: list[ArchivedRecord], labeller: Labeller
-) -> list[list[ArchivedRecord]]:
-    """Records of one group split by sensitivity; each part keeps offset order and is named by
-    its own first offset (deterministic, so a re-flush names them the same)."""
+) -> list[tuple[list[ArchivedRecord], dict[tuple[str, str, str], None]]]:
+    """Records of one group split by sensitivity, each part with its distinct ``(tenant, kind,
+    visibility)`` in order; each part keeps offset order and is named by its own first offset
+    (deterministic, so a re-flush names them the same)."""
+    # records that share what labels depend on share labels: label each such triple once
+    triples = dict.fromkeys(map(_LABELLED, records))
+    sensitivity_of = {triple: labeller.labels(*triple)["sensitivity"] for triple in triples}
+    if len(set(sensitivity_of.values())) == 1:
+        return [(records, triples)]
     parts: dict[str, list[ArchivedRecord]] = {}
     for record in records:
-        sensitivity = labeller.labels(record.tenant, record.kind, record.visibility)["sensitivity"]
+        sensitivity = sensitivity_of[(record.tenant, record.kind, record.visibility)]
         parts.setdefault(sensitivity, []).append(record)
-    return sorted(parts.values(), key=lambda part: part[0].offset)
+    return [
+        (part, dict.fromkeys(map(_LABELLED, part)))
+        for part in sorted(parts.values(), key=lambda part: part[0].offset)
+    ]
