@@ -217,6 +217,9 @@ class FirmWindows:
     """The network watermark last reported per partition (None: idle). A partition restored
     but not yet reported says its watermark even if it did not move: the previous owner may
     have reported it idle."""
+    unrestored: dict[TopicPartition, int] = field(default_factory=dict)
+    """Partitions the last :meth:`process` left alone for want of a restored state (a batch
+    fetched during a rebalance), with the offset their records started at: read them again."""
 
     def restore(self, tp: TopicPartition, metadata: str | None, offset: int | None = None) -> None:
         """Fresh state of ``tp`` from its commit's metadata; ``offset`` is the committed offset
@@ -434,12 +437,16 @@ class FirmWindows:
         s = self.settings
         out: dict[str, list[OutRecord]] = defaultdict(list)
         closed: list[Window] = []
+        self.unrestored = {}
         for tp, records in batch.items():
             state = self.states.get(tp)
-            if state is None:  # not restored by the listener: start from the committed offset
-                log.warning("partition without restored state", extra={"partition": tp.partition})
-                self.restore(tp, None)
-                state = self.states[tp]
+            if state is None:
+                # Fetched while a rebalance is under way (revoked, not yet assigned again): its
+                # state comes from the commit once the listener restores it, and these records
+                # are read again from there. Starting it afresh here would drop the committed
+                # firm watermarks and windows of everything before these records.
+                self.unrestored[tp] = records[0].offset
+                continue
             heard = self.heard_at.setdefault(tp, {})
             now = time.monotonic()
             heard_now: set[str] = set()
@@ -571,6 +578,13 @@ async def run_firm_windows(
                     continue
                 try:
                     out = worker.process(batch, datetime.now(UTC))
+                    for tp, offset in worker.unrestored.items():
+                        log.info(
+                            "records of a partition being handed over read again once restored",
+                            extra={"partition": tp.partition},
+                        )
+                        if tp in consumer.assignment():
+                            consumer.seek(tp, offset)
                     await publish(dict(out.items()), "firm window batch")
                     worker.confirm()
                 except Exception:
