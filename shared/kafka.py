@@ -546,6 +546,33 @@ async def deliver(
     )
 
 
+async def committed_points(
+    admin: AIOKafkaAdminClient,
+    group: str,
+    partitions: Iterable[TopicPartition],
+    *,
+    what: str,
+    health: KafkaHealth | None = None,
+) -> dict[TopicPartition, tuple[int, str] | None]:
+    """``group``'s committed ``(offset, metadata)`` of each partition (None: never committed),
+    read as a rebalance listener restoring its state does: waiting out an outage
+    (:func:`retrying`)."""
+    wanted = list(partitions)
+    committed = await retrying(
+        lambda: admin.list_consumer_group_offsets(group, partitions=wanted),
+        what=what,
+        health=health,
+    )
+    points: dict[TopicPartition, tuple[int, str] | None] = {}
+    for tp in wanted:
+        found = committed.get(tp)
+        if found is None or found.offset < 0:
+            points[tp] = None
+        else:
+            points[tp] = (found.offset, found.metadata)
+    return points
+
+
 async def commit_offsets(
     consumer: AIOKafkaConsumer,
     offsets: Mapping[TopicPartition, Any],

@@ -98,6 +98,8 @@ from shared.kafka import (
     BatchPublisher,
     KafkaHealth,
     OutRecord,
+    commit_offsets,
+    committed_points,
     connection_config,
     create_consumer,
     ensure_topics,
@@ -507,14 +509,12 @@ class _RestoreWindows(ConsumerRebalanceListener):  # type: ignore[misc]
         if not assigned:
             return
         self.worker.partitions = max(self.worker.partitions, *(tp.partition + 1 for tp in assigned))
-        committed = await retrying(
-            lambda: self.admin.list_consumer_group_offsets(self.group, partitions=list(assigned)),
-            what="reading the firm windows' commit points",
+        committed = await committed_points(
+            self.admin, self.group, assigned, what="reading the firm windows' commit points"
         )
-        for tp in assigned:
-            found = committed.get(tp)
-            if found is not None and found.offset >= 0:
-                self.worker.restore(tp, found.metadata, found.offset)
+        for tp, point in committed.items():
+            if point is not None:
+                self.worker.restore(tp, point[1], point[0])
             else:
                 self.worker.restore(tp, None)
         log.info(
@@ -540,9 +540,9 @@ async def run_firm_windows(
         )
 
     async def commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, Any]) -> None:
-        await retrying(
-            lambda: _commit(consumer, offsets), what="firm window commit", health=health, stop=stop
-        )
+        # a commit refused after a rebalance: the new owner re-reads from the last commit and
+        # re-publishes the same (idempotent) insights
+        await commit_offsets(consumer, offsets, what="firm window commit", health=health, stop=stop)
 
     store = RestatementStore(Path(settings.state_dir) / "analytics-restatements")
     worker = FirmWindows(settings, source, origin, store=store)
@@ -596,17 +596,6 @@ async def run_firm_windows(
     finally:
         await admin.close()
         store.close()
-
-
-async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, Any]) -> None:
-    if not offsets:
-        return
-    try:
-        await consumer.commit(offsets)
-    except (CommitFailedError, IllegalStateError) as error:
-        # A rebalance took partitions away mid-batch: their new owner re-reads from the last
-        # commit and re-publishes the same (idempotent) insights.
-        log.warning("commit refused during a rebalance", extra={"error": str(error)})
 
 
 def _where(batch: Batch) -> dict[str, Any]:
@@ -697,14 +686,13 @@ class _ReplayNetwork(ConsumerRebalanceListener):  # type: ignore[misc]
         if not assigned:
             return
         self.network.fresh()
-        committed = await retrying(
-            lambda: self.admin.list_consumer_group_offsets(self.group, partitions=list(assigned)),
-            what="reading the network's commit point",
+        committed = await committed_points(
+            self.admin, self.group, assigned, what="reading the network's commit point"
         )
         settings = self.network.settings
         for tp in sorted(assigned):
-            found = committed.get(tp)
-            upto = found.offset if found is not None and found.offset > 0 else 0
+            point = committed[tp]
+            upto = point[0] if point is not None else 0
             if upto == 0:
                 continue
             replayed = 0

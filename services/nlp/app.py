@@ -69,6 +69,7 @@ from shared.kafka import (
     KafkaHealth,
     batch_coordinates,
     commit_offsets,
+    committed_points,
     connection_config,
     create_consumer,
     deliver,
@@ -164,10 +165,10 @@ class _Restore(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         service = self.service
         try:
-            committed = await retrying(
-                lambda: service.admin.list_consumer_group_offsets(
-                    service.group, partitions=list(assigned)
-                ),
+            committed = await committed_points(
+                service.admin,
+                service.group,
+                assigned,
                 what="reading the nlp commit points",
                 health=service.status.health,
             )
@@ -176,13 +177,11 @@ class _Restore(ConsumerRebalanceListener):  # type: ignore[misc]
         except BaseException as error:  # aiokafka only logs listener errors: stop the loop
             service.failure = error
             raise
-        for tp in assigned:
-            found = committed.get(tp)
-            metadata = found.metadata if found is not None and found.offset >= 0 else None
+        for tp, point in committed.items():
             service.windows[tp.partition] = PartitionTexts.restore(
                 service.settings.nlp_window_seconds,
                 service.settings.nlp_grace_seconds * 1000,
-                metadata,
+                point[1] if point else None,
             )
 
 

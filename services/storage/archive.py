@@ -49,11 +49,11 @@ from shared.kafka import (
     KafkaHealth,
     OutRecord,
     commit_offsets,
+    committed_points,
     connection_config,
     create_consumer,
     deliver,
     kafka_problem,
-    retrying,
     stop_consumer,
 )
 
@@ -138,10 +138,10 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]
         if not assigned:
             return
         try:
-            committed = await retrying(
-                lambda: self.admin.list_consumer_group_offsets(
-                    self.group, partitions=list(assigned)
-                ),
+            committed = await committed_points(
+                self.admin,
+                self.group,
+                assigned,
                 what="reading the archive's commit points",
                 health=self.status.health,
             )
@@ -151,13 +151,11 @@ class Archiver(ConsumerRebalanceListener):  # type: ignore[misc]
             self.failure = error
             raise
         s = self.settings
-        for tp in assigned:
-            found = committed.get(tp)
-            metadata = found.metadata if found is not None and found.offset >= 0 else None
+        for tp, point in committed.items():
             self.states[tp] = PartitionSegments.restore(
                 tp.topic,
                 tp.partition,
-                metadata,
+                point[1] if point else None,
                 max_bytes=s.storage_segment_max_bytes,
                 max_seconds=s.storage_segment_max_seconds,
                 late_max_seconds=s.storage_late_max_seconds,
