@@ -4,11 +4,6 @@ through a gateway run as ``python -m services.ingest`` (stopped with SIGTERM).""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,11 +14,13 @@ import orjson
 import pytest
 from click.testing import CliRunner, Result
 
+from deploy.local.infra import free_port
 from schemas.topics import EVENTS_RAW, dlq
 from shared.control import ControlRegistry, new_id
 from shared.settings import XietongSettings
 from tests.factories import sales_event
 from tests.ingest.test_gateway import read_topic
+from tests.processes import gateway_process
 from xietong.cli import main
 
 pytestmark = pytest.mark.integration
@@ -127,52 +124,16 @@ def test_tenants_and_keys_are_added_listed_issued_and_revoked(settings: XietongS
 # --------------------------------------------------------------------------- publish
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
-def gateway_url(settings: XietongSettings) -> Iterator[str]:
+def gateway_url(settings: XietongSettings, tmp_path: Path) -> Iterator[str]:
     """``python -m services.ingest`` on a free port; stopped with SIGTERM, which must be clean."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "XIETONG_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "XIETONG_KAFKA_PARTITIONS": "3",
-        "XIETONG_INGEST_HTTP_PORT": str(port),
-        "XIETONG_INGEST_METRICS_PORT": str(free_port()),
-        "XIETONG_INGEST_WITH_INSIGHTS": "false",
-        "XIETONG_LOG_FORMAT": "text",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.ingest"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            assert time.monotonic() < deadline, "the gateway did not become ready"
-            time.sleep(0.2)
+    with gateway_process(
+        settings,
+        tmp_path / "gateway.log",
+        XIETONG_KAFKA_PARTITIONS="3",
+        XIETONG_INGEST_WITH_INSIGHTS="false",
+    ) as url:
         yield url
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 CSV = """occurred_at,record_id,order_id,customer_id,product_sku,quantity,unit_price

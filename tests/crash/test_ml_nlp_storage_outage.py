@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ import orjson
 import pytest
 
 from deploy.local import infra
-from schemas.control import Grant
 from schemas.topics import EVENTS_CLEAN, INSIGHTS_PREDICTIONS, INSIGHTS_TEXT
 from services.ml.app import train_and_register
 from services.ml.settings import MlSettings, load_ml_settings
@@ -38,10 +37,11 @@ from services.storage.reader import ArchiveReader
 from services.storage.settings import StorageSettings, load_storage_settings
 from services.storage.stores import open_stores
 from shared.codec import encode
-from shared.control import MODEL_TRAINING, ControlRegistry, ControlWriter, new_id
+from shared.control import ControlRegistry, ControlWriter
 from shared.kafka import BatchPublisher, OutRecord, create_producer, ensure_topics, started
 from shared.models import ModelRegistry
 from tests.conftest import S3Endpoint
+from tests.control_helpers import consent_to_training
 from tests.crash.harness import ROOT, Service, eventually, read_all, report
 from tests.ml.conftest import supply_envelopes
 
@@ -107,20 +107,7 @@ async def train_champion(settings: MlSettings, history: list[dict[str, Any]]) ->
         ControlRegistry(settings) as control,
         ModelRegistry(settings) as registry,
     ):
-        for firm in firms[:5]:
-            await writer.put_grant(
-                Grant(
-                    grant_id=new_id(),
-                    owner=firm,
-                    grantee="network",
-                    insight_types=[MODEL_TRAINING],
-                    purpose="train the network's models",
-                    created_at=datetime.now(UTC) - timedelta(minutes=1),
-                )
-            )
-        async with asyncio.timeout(30):
-            while len(control.grants) < 5:
-                await control.wait_changed(control.version, 1)
+        await consent_to_training(control, writer, firms[:5])
         await train_and_register(
             settings,
             registry,

@@ -13,8 +13,6 @@ still refused, for reasons JSON Schema cannot say (a CSV header that does not fi
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local.infra import free_port
 from schemas.control import Tenant
 from shared.control import ControlWriter, issue_api_key, new_id
 from shared.settings import XietongSettings
+from tests.processes import gateway_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,44 +39,16 @@ MAX_EXAMPLES = 5
 @pytest.fixture
 def gateway(settings: XietongSettings, tmp_path: Path) -> Iterator[str]:
     """The real gateway process, insight and sharing routes included."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "XIETONG_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "XIETONG_INGEST_HTTP_PORT": str(port),
-        "XIETONG_INGEST_METRICS_PORT": str(free_port()),
-        "XIETONG_INGEST_WITH_INSIGHTS": "true",
+    with gateway_process(
+        settings,
+        tmp_path / "gateway.log",
+        XIETONG_INGEST_WITH_INSIGHTS="true",
         # the operator view on, so its routes answer as documented (401 without the token)
-        "XIETONG_OPERATOR_TOKEN": "schemathesis-operator-token",
-        "XIETONG_STATE_DIR": str(tmp_path / "state"),
-        "XIETONG_LOG_LEVEL": "WARNING",
-        "XIETONG_LOG_FORMAT": "text",
-    }
-    log = (tmp_path / "gateway.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.ingest"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, (tmp_path / "gateway.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:  # not listening yet, or not answering yet
-                pass
-            assert time.monotonic() < deadline, "the gateway did not become ready"
-            time.sleep(0.2)
+        XIETONG_OPERATOR_TOKEN="schemathesis-operator-token",
+        XIETONG_STATE_DIR=str(tmp_path / "state"),
+        XIETONG_LOG_LEVEL="WARNING",
+    ) as url:
         yield url
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 async def tenant_key(settings: XietongSettings) -> str:

@@ -8,14 +8,14 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import TopicPartition
 
-from schemas.control import Grant, Tenant
+from schemas.control import Tenant
 from schemas.insights import Prediction
 from schemas.topics import INSIGHT_TOPICS
 from services.ml.app import (
@@ -29,7 +29,7 @@ from services.ml.handlers import Scorer
 from services.ml.settings import MlSettings
 from services.ml.training import NotEnoughFirms
 from shared.codec import decode, encode
-from shared.control import MODEL_TRAINING, ControlRegistry, ControlWriter, issue_api_key, new_id
+from shared.control import ControlRegistry, ControlWriter, issue_api_key, new_id
 from shared.kafka import (
     BatchPublisher,
     OutRecord,
@@ -40,6 +40,7 @@ from shared.kafka import (
 )
 from shared.models import ModelRegistry
 from shared.s3 import s3_client
+from tests.control_helpers import consent_to_training
 from tests.ml.conftest import supply_envelopes
 
 pytestmark = pytest.mark.integration
@@ -95,23 +96,6 @@ async def readers(settings: MlSettings, *topics: str) -> AsyncIterator[list[Read
             await reader.consumer.stop()
 
 
-async def consent(control: ControlRegistry, writer: ControlWriter, firms: list[str]) -> None:
-    for firm in firms:
-        await writer.put_grant(
-            Grant(
-                grant_id=new_id(),
-                owner=firm,
-                grantee="network",
-                insight_types=[MODEL_TRAINING],
-                purpose="train the network's models",
-                created_at=NOW - timedelta(minutes=1),
-            )
-        )
-    async with asyncio.timeout(20):
-        while not all(any(g.owner == f for g in control.grants.values()) for f in firms):
-            await control.wait_changed(control.version, 1)
-
-
 def new_orders(template: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
     """Fresh purchase orders (new ids) shaped like ``template``'s last ones."""
     orders = [e for e in template if e["type"] == "purchase_order"][-5:]
@@ -146,12 +130,12 @@ async def test_train_register_score_promote_rollback_and_a_corrupt_artifact(
         open_registry() as registry,
     ):
         # four firms allow training: fewer than k=5, nothing is published
-        await consent(control, writer, firms[:4])
+        await consent_to_training(control, writer, firms[:4])
         with pytest.raises(NotEnoughFirms):
             await train_and_register(
                 settings, registry, control, "supplier-delay", "sklearn-rf", params=small_rf
             )
-        await consent(control, writer, firms[4:5])  # the sixth never consents
+        await consent_to_training(control, writer, firms[4:5])  # the sixth never consents
         forest = await train_and_register(
             settings, registry, control, "supplier-delay", "sklearn-rf", params=small_rf
         )
