@@ -6,7 +6,6 @@ import argparse
 import logging
 import shlex
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from bench.harness import README, Options, run
@@ -26,19 +25,14 @@ def main(argv: list[str] | None = None) -> int:
         help="do not rewrite the table in bench/README.md and README.md",
     )
     args = parser.parse_args(argv)
-    options = Options.quick() if args.quick else Options()
-    overrides = {
-        name: value
-        for name, value in (
-            ("events", args.events),
-            ("repeats", args.repeats),
-            ("warmup", args.warmup),
-            ("output", args.output),
-        )
-        if value is not None
-    }
     command = shlex.join(["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])])
-    options = replace(options, **overrides, command=command)
+    options = (Options.quick() if args.quick else Options()).overridden(
+        events=args.events,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        output=args.output,
+        command=command,
+    )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     document = run(options)
     if not args.no_readme:

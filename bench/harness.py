@@ -57,6 +57,10 @@ class Options:
     def quick(cls, **overrides: Any) -> Options:
         return replace(cls(events=3000, repeats=2, warmup=1, file_mib=8), **overrides)
 
+    def overridden(self, **values: Any) -> Options:
+        """These options with each of ``values`` that is not None (a command line's flags)."""
+        return replace(self, **{name: v for name, v in values.items() if v is not None})
+
 
 @dataclass
 class Progress:
@@ -331,9 +335,14 @@ def _local_broker_version(libs: Path) -> str:
     return f"Apache Kafka {jars[0].stem.removeprefix('kafka_2.13-')}" if jars else "unknown"
 
 
-def run(options: Options, *, bootstrap: str | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Measure every row; print the table; write ``options.output``. Returns the results."""
-    say = Progress(quiet=quiet)
+def measure(
+    options: Options,
+    rows_of: Callable[[XietongSettings, Options, Progress], Coroutine[Any, Any, list[Row]]],
+    say: Progress,
+    bootstrap: str | None = None,
+) -> tuple[list[Row], str]:
+    """``rows_of`` measured on the broker named (else ``XIETONG_BENCH_KAFKA_BOOTSTRAP``, else a
+    fresh local one); the rows and the broker's version."""
     bootstrap = bootstrap or os.environ.get("XIETONG_BENCH_KAFKA_BOOTSTRAP")
     with broker(bootstrap, say) as (servers, version):
         settings = load_settings(
@@ -342,7 +351,13 @@ def run(options: Options, *, bootstrap: str | None = None, quiet: bool = False) 
             log_format="text",
             log_level="WARNING",
         )
-        rows = asyncio.run(run_rows(settings, options, say))
+        return asyncio.run(rows_of(settings, options, say)), version
+
+
+def run(options: Options, *, bootstrap: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Measure every row; print the table; write ``options.output``. Returns the results."""
+    say = Progress(quiet=quiet)
+    rows, version = measure(options, run_rows, say, bootstrap)
     document = results_document(
         environment(version, options.events, options.repeats, options.warmup), rows
     )

@@ -37,7 +37,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -544,9 +544,8 @@ async def storage_rows(settings: XietongSettings, options: Options, say: Progres
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.harness import Options, Progress, broker
+    from bench.harness import Options, Progress, measure
     from bench.results import table
-    from shared.settings import load_settings
 
     parser = argparse.ArgumentParser(prog="python -m bench.storage", description=__doc__)
     parser.add_argument("--events", type=int, help="records archived and replayed (30000)")
@@ -555,30 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="warm-up rounds thrown away (1)")
     parser.add_argument("--quick", action="store_true", help="as python -m bench --quick")
     args = parser.parse_args(argv)
-    options = Options.quick() if args.quick else Options()
-    options = replace(
-        options,
-        **{
-            name: value
-            for name, value in (
-                ("events", args.events),
-                ("file_mib", args.file_mib),
-                ("repeats", args.repeats),
-                ("warmup", args.warmup),
-            )
-            if value is not None
-        },
+    options = (Options.quick() if args.quick else Options()).overridden(
+        events=args.events, file_mib=args.file_mib, repeats=args.repeats, warmup=args.warmup
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    say = Progress()
-    with broker(os.environ.get("XIETONG_BENCH_KAFKA_BOOTSTRAP"), say) as (servers, _):
-        settings = load_settings(
-            kafka_bootstrap_servers=servers,
-            kafka_partitions=options.partitions,
-            log_format="text",
-            log_level="WARNING",
-        )
-        rows = asyncio.run(storage_rows(settings, options, say))
+    rows, _ = measure(options, storage_rows, Progress())
     print()
     print(table(rows))
     return 0
