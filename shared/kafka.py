@@ -72,6 +72,49 @@ class OutRecord(NamedTuple):
     key: bytes | None
     value: Text
     headers: Sequence[tuple[str, bytes]] = ()
+    timestamp_ms: int | None = None
+    """Its Kafka timestamp (a replay keeps the original's); None: as the sender decides."""
+
+
+async def send_to_partition(
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    records: Sequence[OutRecord],
+    timestamp_ms: int | None = None,
+    *,
+    sent: list[tuple[asyncio.Future[Any], int]] | None = None,
+) -> list[tuple[asyncio.Future[Any], int]]:
+    """Append ``records`` to producer batches for one explicit partition and hand each batch
+    over; return each batch's future (its result's ``offset`` is the batch's first offset) and
+    record count, in order. A record's own ``timestamp_ms`` wins over ``timestamp_ms``.
+
+    :class:`BatchPublisher` partitions by key; this is for a partition the caller decides (the
+    clean topic mirrors its source, a replay keeps the original's, :func:`deliver` re-sends one
+    partition's rest). ``sent`` (given) receives each batch as it is handed over, so a caller
+    whose send fails midway knows what is already in flight.
+    """
+    sent = [] if sent is None else sent
+
+    async def ship(builder: Any) -> None:
+        count = builder.record_count()
+        sent.append((await producer.send_batch(builder, topic, partition=partition), count))
+
+    builder = producer.create_batch()
+    for record in records:
+        headers = list(record.headers) if record.headers else NO_HEADERS
+        key, value = record.key, record.value
+        at = timestamp_ms if record.timestamp_ms is None else record.timestamp_ms
+        if builder.append(key=key, value=value, timestamp=at, headers=headers) is None:
+            if not builder.record_count():
+                raise ValueError(f"record of {len(value)} bytes exceeds the batch size")
+            await ship(builder)
+            builder = producer.create_batch()
+            if builder.append(key=key, value=value, timestamp=at, headers=headers) is None:
+                raise ValueError(f"record of {len(value)} bytes exceeds the batch size")
+    if builder.record_count():
+        await ship(builder)
+    return sent
 
 
 Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
@@ -491,31 +534,18 @@ async def deliver(
                     pending.setdefault((topic, partition), []).append(record)
         sent: list[tuple[asyncio.Future[Any], tuple[str, int], int, int]] = []
         failure: BaseException | None = None
-        try:
-            producer = publisher.producer
-            for (topic, partition), records in pending.items():
-                builder, first = producer.create_batch(), 0
-                for i, record in enumerate(records):
-                    headers = list(record.headers) if record.headers else NO_HEADERS
-                    key, value = record.key, record.value
-                    appended = builder.append(key=key, value=value, timestamp=None, headers=headers)
-                    if appended is not None:
-                        continue
-                    if not builder.record_count():
-                        raise ValueError(f"record of {len(value)} bytes exceeds the batch size")
-                    future = await producer.send_batch(builder, topic, partition=partition)
-                    sent.append((future, (topic, partition), first, i))
-                    builder, first = producer.create_batch(), i
-                    if (
-                        builder.append(key=key, value=value, timestamp=None, headers=headers)
-                        is None
-                    ):
-                        raise ValueError(f"record of {len(value)} bytes exceeds the batch size")
-                if builder.record_count():
-                    future = await producer.send_batch(builder, topic, partition=partition)
-                    sent.append((future, (topic, partition), first, len(records)))
-        except (KafkaError, TimeoutError, OSError) as error:
-            failure = error  # what was handed over is still in flight: settle it first
+        for where, records in pending.items():
+            handed: list[tuple[asyncio.Future[Any], int]] = []
+            try:
+                await send_to_partition(publisher.producer, *where, records, sent=handed)
+            except (KafkaError, TimeoutError, OSError) as error:
+                failure = error  # what was handed over is still in flight: settle it first
+            first = 0
+            for future, count in handed:  # each batch's span of ``records``
+                sent.append((future, where, first, first + count))
+                first += count
+            if failure is not None:
+                break
         results = await asyncio.gather(*(future for future, *_ in sent), return_exceptions=True)
         acknowledged: dict[tuple[str, int], list[tuple[int, int]]] = {}
         for (_, where, first, end), result in zip(sent, results, strict=True):

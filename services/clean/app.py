@@ -87,16 +87,15 @@ from services.clean.settings import CleanSettings, load_clean_settings
 from services.clean.store import digest
 from shared.codec import decode
 from shared.kafka import (
-    NO_HEADERS,
     BatchPublisher,
     KafkaHealth,
-    OutRecord,
     batch_coordinates,
     create_consumer,
     create_producer,
     ensure_topics,
     is_broken_producer_error,
     retrying,
+    send_to_partition,
     stop_consumer,
     stop_quietly,
 )
@@ -153,42 +152,6 @@ class HopStatus:
         if self.restoring:
             return f"restoring partitions {sorted(self.restoring)}"
         return None
-
-
-async def send_to_partition(
-    producer: AIOKafkaProducer,
-    topic: str,
-    partition: int,
-    records: Sequence[OutRecord],
-    timestamp_ms: int | None = None,
-) -> list[tuple[asyncio.Future[Any], int]]:
-    """Append ``records`` to producer batches for one explicit partition; return each batch's
-    future (its result's ``offset`` is the batch's first offset) and record count.
-
-    :class:`shared.kafka.BatchPublisher` partitions by key; the clean topic mirrors the source
-    partition instead, and a re-routed raw record goes to the partition clean computed for it.
-    """
-    sent: list[tuple[asyncio.Future[Any], int]] = []
-
-    async def ship(builder: Any) -> None:
-        count = builder.record_count()
-        sent.append((await producer.send_batch(builder, topic, partition=partition), count))
-
-    builder = producer.create_batch()
-    for record in records:
-        headers = list(record.headers) if record.headers else NO_HEADERS
-        key, value = record.key, record.value
-        if builder.append(key=key, value=value, timestamp=timestamp_ms, headers=headers) is None:
-            await ship(builder)
-            builder = producer.create_batch()
-            if (
-                builder.append(key=key, value=value, timestamp=timestamp_ms, headers=headers)
-                is None
-            ):
-                raise ValueError(f"record of {len(record.value)} bytes exceeds the batch size")
-    if builder.record_count():
-        await ship(builder)
-    return sent
 
 
 class CleanHop(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -32,7 +32,7 @@ from services.storage.reader import ArchiveReader, in_range
 from services.storage.segments import ArchivedRecord
 from services.storage.stores import Store
 from shared.control import may_read, now
-from shared.kafka import NO_HEADERS, create_producer, ensure_topics, started
+from shared.kafka import OutRecord, create_producer, ensure_topics, send_to_partition, started
 from shared.settings import XietongSettings
 
 
@@ -162,25 +162,13 @@ async def _produce(
                 f"{target} has {target_count} partitions and {source} {source_count}: a replay "
                 "keeps each record's partition, so the counts must be equal"
             )
-        futures: list[asyncio.Future[Any]] = []
+        sent: list[tuple[asyncio.Future[Any], int]] = []
         for partition, records in by_partition.items():
             if partition >= target_count:
                 raise ValueError(f"{target} has no partition {partition}")
-            builder = producer.create_batch()
-            for r in records:
-                value = project(r.value, fields)
-                headers = list(r.headers) if r.headers else NO_HEADERS
-                if (
-                    builder.append(
-                        key=r.key, value=value, timestamp=r.timestamp_ms, headers=headers
-                    )
-                    is None
-                ):
-                    futures.append(await producer.send_batch(builder, target, partition=partition))
-                    builder = producer.create_batch()
-                    builder.append(
-                        key=r.key, value=value, timestamp=r.timestamp_ms, headers=headers
-                    )
-            if builder.record_count():
-                futures.append(await producer.send_batch(builder, target, partition=partition))
-        await asyncio.gather(*futures)
+            out = [
+                OutRecord(r.key, project(r.value, fields), r.headers, r.timestamp_ms)
+                for r in records
+            ]
+            await send_to_partition(producer, target, partition, out, sent=sent)
+        await asyncio.gather(*(future for future, _ in sent))
