@@ -34,7 +34,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from shared.kafka import kafka_problem
+from shared.kafka import kafka_problem, topic_partitions
 from shared.settings import XietongSettings
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,7 @@ class CompactedView:
         """Load everything written so far with ``consumer`` (started, no group), then tail."""
         self._consumer = consumer
         self._partitions = [
-            TopicPartition(topic, p)
-            for topic in self.topics
-            for p in sorted(await self._partitions_of(consumer, topic))
+            tp for topic in self.topics for tp in await topic_partitions(consumer, topic)
         ]
         consumer.assign(self._partitions)
         await consumer.seek_to_beginning(*self._partitions)
@@ -103,15 +101,6 @@ class CompactedView:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-    async def _partitions_of(self, consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-        for _ in range(50):
-            found = consumer.partitions_for_topic(topic)
-            if found:
-                return set(found)
-            await consumer._client.force_metadata_update()  # new topic: metadata lags a moment
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"{self.what} topic {topic} has no partitions")
 
     async def _tail(self) -> None:
         """Follow the topics for ever; a failure is logged, reported and retried, never final."""

@@ -687,6 +687,18 @@ async def _wait_until_led(
             await asyncio.sleep(0.05)
 
 
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """``topic``'s partitions, in order, as ``consumer`` sees them; a topic just created is
+    waited for (its metadata lags a moment; about 5 s at most, then ``RuntimeError``)."""
+    for _ in range(50):
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return [TopicPartition(topic, p) for p in sorted(found)]
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"topic {topic} has no partitions")
+
+
 async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
     """Stop ``consumer``, also while the broker is away: aiokafka's ``stop()`` then re-raises
     the cancellation of its own fetch waiting out a back-off (a ``CancelledError`` that is not

@@ -67,7 +67,7 @@ from shared.codec import DecodeError, decode, encode, json_response
 from shared.control import ControlRegistry, ControlWriter, new_id, now, reading_grants
 from shared.deadletter import field_errors
 from shared.httpauth import REGISTRY_KEY, api_key_of, authenticated_tenant
-from shared.kafka import create_consumer, ensure_topics, stop_consumer
+from shared.kafka import create_consumer, ensure_topics, stop_consumer, topic_partitions
 from shared.pseudonyms import as_read
 from shared.sdk import InsightFilter
 from shared.settings import XietongSettings
@@ -269,9 +269,7 @@ class InsightCache:
         self._consumer = consumer
         try:
             partitions = [
-                TopicPartition(topic, p)
-                for topic in self.topics
-                for p in sorted(await _partitions(consumer, topic))
+                tp for topic in self.topics for tp in await topic_partitions(consumer, topic)
             ]
             consumer.assign(partitions)
             self._partitions = partitions
@@ -449,16 +447,6 @@ def _report_crash(task: asyncio.Task[None]) -> None:
         log.error(
             "insight cache stopped reading: streams get nothing new", exc_info=task.exception()
         )
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    for _ in range(50):
-        found = consumer.partitions_for_topic(topic)
-        if found:
-            return set(found)
-        await consumer._client.force_metadata_update()  # a new topic: metadata lags a moment
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"insight topic {topic} has no partitions")
 
 
 # --------------------------------------------------------------------------- app wiring

@@ -49,7 +49,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Histogram
 
@@ -76,6 +75,7 @@ from shared.kafka import (
     publishing,
     retrying,
     started,
+    topic_partitions,
 )
 from shared.models import ArtifactError, ModelRegistry
 from shared.observability import add_health_routes
@@ -200,7 +200,7 @@ async def replay_state(settings: MlSettings, scorer: Scorer) -> int:
     (or the end when the group has none: it will start from the earliest record then anyway)."""
     consumer = create_consumer(settings, settings.ml_group_id)
     async with started(consumer):
-        partitions = await _partitions(consumer, settings.ml_source_topic)
+        partitions = await topic_partitions(consumer, settings.ml_source_topic)
         committed = {tp: await consumer.committed(tp) for tp in partitions}
     targets = {tp: offset for tp, offset in committed.items() if offset}
     if not targets:
@@ -231,16 +231,6 @@ async def replay_state(settings: MlSettings, scorer: Scorer) -> int:
                 if await reader.position(tp) >= remaining[tp]:
                     del remaining[tp]
     return count
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    for _ in range(50):
-        found = consumer.partitions_for_topic(topic)
-        if found:
-            return [TopicPartition(topic, p) for p in sorted(found)]
-        await consumer._client.force_metadata_update()
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"topic {topic} has no partitions")
 
 
 async def run_scoring(
@@ -330,7 +320,7 @@ async def read_events(
     events: list[MlEvent] = []
     reader = create_consumer(settings, None)
     async with started(reader):
-        partitions = await _partitions(reader, topic)
+        partitions = await topic_partitions(reader, topic)
         reader.assign(partitions)
         end = await reader.end_offsets(partitions)
         found = await reader.offsets_for_times(dict.fromkeys(partitions, int(since * 1000)))
